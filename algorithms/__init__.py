@@ -1,0 +1,49 @@
+"""Federated algorithms as pure JAX functions: one ``Algorithm`` serves simulator and runtime."""
+
+from nordfl.algorithms.aggregators import AGGREGATORS as AGGREGATORS
+from nordfl.algorithms.aggregators import Aggregator as Aggregator
+from nordfl.algorithms.aggregators import aggregator as aggregator
+from nordfl.algorithms.aggregators import coordinate_median as coordinate_median
+from nordfl.algorithms.aggregators import trimmed_mean as trimmed_mean
+from nordfl.algorithms.aggregators import weighted_mean as weighted_mean
+from nordfl.algorithms.base import Aggregate as Aggregate
+from nordfl.algorithms.base import Algorithm as Algorithm
+from nordfl.algorithms.base import ClientData as ClientData
+from nordfl.algorithms.base import ClientMetrics as ClientMetrics
+from nordfl.algorithms.base import ClientOutput as ClientOutput
+from nordfl.algorithms.base import EmptyState as EmptyState
+from nordfl.algorithms.base import LossFn as LossFn
+from nordfl.algorithms.base import Params as Params
+from nordfl.algorithms.base import ServerMetrics as ServerMetrics
+from nordfl.algorithms.fedavg import ModelDelta as ModelDelta
+from nordfl.algorithms.fedavg import ModelMessage as ModelMessage
+from nordfl.algorithms.fedavg import ServerState as ServerState
+from nordfl.algorithms.fedavg import fedavg as fedavg
+from nordfl.algorithms.fedprox import fedprox as fedprox
+from nordfl.algorithms.local import epoch_permutation as epoch_permutation
+from nordfl.algorithms.local import local_sgd as local_sgd
+from nordfl.algorithms.local import steps_per_epoch as steps_per_epoch
+from nordfl.algorithms.registry import ALGORITHM_NAMES as ALGORITHM_NAMES
+from nordfl.algorithms.registry import make_algorithm as make_algorithm
+from nordfl.algorithms.scaffold import ScaffoldClientState as ScaffoldClientState
+from nordfl.algorithms.scaffold import ScaffoldMessage as ScaffoldMessage
+from nordfl.algorithms.scaffold import ScaffoldServerState as ScaffoldServerState
+from nordfl.algorithms.scaffold import ScaffoldUpdate as ScaffoldUpdate
+from nordfl.algorithms.scaffold import scaffold as scaffold
+from nordfl.algorithms.server_optimizers import SERVER_OPTIMIZERS as SERVER_OPTIMIZERS
+from nordfl.algorithms.server_optimizers import fedadagrad as fedadagrad
+from nordfl.algorithms.server_optimizers import fedadam as fedadam
+from nordfl.algorithms.server_optimizers import fedavg_server as fedavg_server
+from nordfl.algorithms.server_optimizers import fedavgm as fedavgm
+from nordfl.algorithms.server_optimizers import fedyogi as fedyogi
+from nordfl.algorithms.server_optimizers import server_optimizer as server_optimizer
+
+__all__ = [
+    "AGGREGATORS", "ALGORITHM_NAMES", "Aggregate", "Aggregator", "Algorithm", "ClientData",
+    "ClientMetrics", "ClientOutput", "EmptyState", "LossFn", "ModelDelta", "ModelMessage",
+    "Params", "SERVER_OPTIMIZERS", "ScaffoldClientState", "ScaffoldMessage", "ScaffoldServerState",
+    "ScaffoldUpdate", "ServerMetrics", "ServerState", "aggregator", "coordinate_median",
+    "epoch_permutation", "fedadagrad", "fedadam", "fedavg", "fedavg_server", "fedavgm",
+    "fedprox", "fedyogi", "local_sgd", "make_algorithm", "scaffold", "server_optimizer",
+    "steps_per_epoch", "trimmed_mean", "weighted_mean",
+]

@@ -1,0 +1,103 @@
+"""Aggregators: how the cohort's updates become one ``Aggregate``.
+
+``weighted_mean`` (default) is a weighted SUM divided once by the total weight, so it stays
+compatible with secure aggregation. The robust ones (Yin et al., "Byzantine-Robust
+Distributed Learning", ICML 2018) work coordinate-wise over the clients with non-zero
+weight, unweighted: ``coordinate_median`` and ``trimmed_mean(beta)``, which drops the
+``floor(beta * m)`` largest and smallest of the m values of each coordinate.
+
+Every aggregator is ``(updates, weights) -> Aggregate``: ``updates`` is a pytree whose
+leaves are stacked over clients on axis 0, ``weights`` is float32 [clients]. Clients of
+weight 0 (padding, no data, dropped) contribute nothing; with none left, the mean is 0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from nordfl.algorithms import _checks
+from nordfl.algorithms.base import Aggregate, Update
+
+Aggregator = Callable[[Update, jax.Array], Aggregate]
+
+
+def _per_client(values: jax.Array, leaf: jax.Array) -> jax.Array:
+    """Reshapes a [clients] vector to broadcast against a [clients, ...] leaf."""
+    return values.reshape(values.shape + (1,) * (leaf.ndim - 1))
+
+
+def _num_clients(weights: jax.Array) -> jax.Array:
+    return jnp.sum(weights > 0).astype(jnp.float32)
+
+
+def weighted_mean(updates: Update, weights: jax.Array) -> Aggregate:
+    """``sum_i w_i u_i / sum_i w_i``; 0 when the weights sum to 0."""
+    total = jnp.sum(weights)
+    safe_total = jnp.where(total > 0, total, 1.0)
+
+    def leaf_mean(u):
+        w = _per_client(weights, u)
+        return jnp.sum(jnp.where(w > 0, w * u, 0.0), axis=0) / safe_total
+
+    return Aggregate(jax.tree_util.tree_map(leaf_mean, updates), total, _num_clients(weights))
+
+
+def _sorted_valid(u: jax.Array, weights: jax.Array) -> jax.Array:
+    """Sorts each coordinate over clients, clients of weight 0 last (as +inf)."""
+    return jnp.sort(jnp.where(_per_client(weights > 0, u), u, jnp.inf), axis=0)
+
+
+def coordinate_median(updates: Update, weights: jax.Array) -> Aggregate:
+    """Coordinate-wise median over the clients of non-zero weight (mean of the middle two if even)."""
+    m = jnp.sum(weights > 0).astype(jnp.int32)
+
+    def leaf_median(u):
+        s = _sorted_valid(u, weights)
+        low = jax.lax.dynamic_index_in_dim(s, jnp.maximum((m - 1) // 2, 0), axis=0, keepdims=False)
+        high = jax.lax.dynamic_index_in_dim(s, m // 2, axis=0, keepdims=False)
+        return jnp.where(m > 0, 0.5 * (low + high), 0.0)
+
+    return Aggregate(jax.tree_util.tree_map(leaf_median, updates), jnp.sum(weights), _num_clients(weights))
+
+
+def trimmed_mean(beta: float = 0.1) -> Aggregator:
+    """Coordinate-wise beta-trimmed mean over the clients of non-zero weight.
+
+    Args:
+      beta: fraction trimmed from EACH end, 0 <= beta < 0.5.
+    """
+    _checks.check_nonnegative("trimmed_mean", "beta", beta)
+    if not beta < 0.5:
+        raise ValueError(f"trimmed_mean: beta must be < 0.5 (it trims from both ends), got {beta!r}")
+
+    def aggregate(updates: Update, weights: jax.Array) -> Aggregate:
+        m = jnp.sum(weights > 0).astype(jnp.int32)
+        k = jnp.floor(beta * m.astype(jnp.float32)).astype(jnp.int32)
+        kept = m - 2 * k
+
+        def leaf_trimmed(u):
+            s = _sorted_valid(u, weights)
+            pos = _per_client(jnp.arange(u.shape[0]), u)
+            keep = (pos >= k) & (pos < m - k)
+            total = jnp.sum(jnp.where(keep, s, 0.0), axis=0)
+            return jnp.where(kept > 0, total / jnp.maximum(kept, 1).astype(u.dtype), 0.0)
+
+        return Aggregate(jax.tree_util.tree_map(leaf_trimmed, updates), jnp.sum(weights), _num_clients(weights))
+
+    return aggregate
+
+
+AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
+    "weighted_mean": lambda: weighted_mean,
+    "median": lambda: coordinate_median,
+    "trimmed_mean": trimmed_mean,
+}
+
+
+def aggregator(name: str, **hyperparameters) -> Aggregator:
+    """Builds an aggregator by name: ``weighted_mean``, ``median`` or ``trimmed_mean(beta=...)``."""
+    _checks.check_choice("aggregator", "name", name, AGGREGATORS)
+    return AGGREGATORS[name](**hyperparameters)

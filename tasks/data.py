@@ -1,0 +1,111 @@
+"""Federated datasets as plain NumPy: what each client holds, split into train and test."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+
+class Examples(NamedTuple):
+    """Labelled examples: ``x`` float32 [n, ...features], ``y`` int32 [n]."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSplit:
+    """One client's (site's) data."""
+
+    name: str
+    train: Examples
+    test: Examples
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedDataset:
+    """Clients' data plus what a model needs to know about it."""
+
+    name: str
+    clients: tuple[ClientSplit, ...]
+    num_classes: int
+    feature_names: Optional[tuple[str, ...]] = None
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return self.clients[0].train.x.shape[1:]
+
+    def train_sizes(self) -> list[int]:
+        return [len(c.train.y) for c in self.clients]
+
+    def test_sizes(self) -> list[int]:
+        return [len(c.test.y) for c in self.clients]
+
+    def pooled_test(self) -> Examples:
+        """All clients' test sets concatenated."""
+        return Examples(
+            np.concatenate([c.test.x for c in self.clients]),
+            np.concatenate([c.test.y for c in self.clients]),
+        )
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified train/test split of row indices.
+
+    The test set has ``ceil(test_fraction * n)`` rows, shared among classes in proportion
+    to their counts (largest remainders get the leftover rows), as scikit-learn does.
+
+    Returns:
+      (train_indices, test_indices), each sorted.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"stratified_split: test_fraction must be in (0, 1), got {test_fraction!r}")
+    n = len(labels)
+    n_test = math.ceil(test_fraction * n)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n_test / n
+    per_class = np.floor(exact).astype(int)
+    leftover = n_test - per_class.sum()
+    order = np.argsort(-(exact - per_class), kind="stable")
+    per_class[order[:leftover]] += 1
+    test = []
+    for cls, k in zip(classes, per_class):
+        rows = np.flatnonzero(labels == cls)
+        test.append(rng.permutation(rows)[:k])
+    test = np.sort(np.concatenate(test))
+    train = np.setdiff1d(np.arange(n), test)
+    return train, test
+
+
+def build_federated(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    parts: Sequence[np.ndarray],
+    *,
+    num_classes: int,
+    test_fraction: float,
+    seed: int,
+    client_names: Optional[Sequence[str]] = None,
+) -> FederatedDataset:
+    """Turns a partition (one index array per client) into a ``FederatedDataset``.
+
+    Each client's rows are split train/test with ``stratified_split`` (a client whose
+    rows are too few to split keeps them all for training).
+    """
+    rng = np.random.default_rng(seed)
+    names = client_names or [f"client_{i}" for i in range(len(parts))]
+    clients = []
+    for client_name, rows in zip(names, parts):
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) >= 2:
+            train, test = stratified_split(y[rows], test_fraction, rng)
+        else:
+            train, test = np.arange(len(rows)), np.arange(0)
+        clients.append(
+            ClientSplit(client_name, Examples(x[rows[train]], y[rows[train]]), Examples(x[rows[test]], y[rows[test]]))
+        )
+    return FederatedDataset(name, tuple(clients), num_classes)
