@@ -1,0 +1,62 @@
+"""Aggregators against NumPy, including a client of weight 0 that must not count."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from nordfl.algorithms import aggregator, coordinate_median, trimmed_mean, weighted_mean
+
+RNG = np.random.default_rng(0)
+UPDATES = {"a": RNG.normal(size=(7, 3, 2)).astype(np.float32), "b": RNG.normal(size=(7,)).astype(np.float32)}
+WEIGHTS = np.array([3.0, 0.0, 1.0, 5.0, 2.0, 0.5, 4.0], np.float32)  # client 1 has weight 0
+UPDATES["a"][1] = 1e6  # garbage from the zero-weight client must not leak in
+VALID = WEIGHTS > 0
+
+
+def _jax(tree):
+    return {k: jnp.asarray(v) for k, v in tree.items()}
+
+
+def test_weighted_mean():
+    agg = weighted_mean(_jax(UPDATES), jnp.asarray(WEIGHTS))
+    for k, u in UPDATES.items():
+        want = np.tensordot(WEIGHTS[VALID], u[VALID].astype(np.float64), axes=1) / WEIGHTS.sum()
+        np.testing.assert_allclose(agg.mean[k], want, rtol=1e-5)
+    assert float(agg.total_weight) == pytest.approx(WEIGHTS.sum())
+    assert float(agg.num_clients) == 6
+
+
+@pytest.mark.parametrize("num_valid", [6, 5])  # even and odd number of participating clients
+def test_coordinate_median(num_valid):
+    weights = WEIGHTS.copy()
+    if num_valid == 5:
+        weights[4] = 0.0
+    valid = weights > 0
+    agg = coordinate_median(_jax(UPDATES), jnp.asarray(weights))
+    for k, u in UPDATES.items():
+        np.testing.assert_allclose(agg.mean[k], np.median(u[valid], axis=0), rtol=1e-6)
+    assert float(agg.num_clients) == num_valid
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.2, 0.34, 0.49])
+def test_trimmed_mean(beta):
+    agg = trimmed_mean(beta)(_jax(UPDATES), jnp.asarray(WEIGHTS))
+    for k, u in UPDATES.items():
+        np.testing.assert_allclose(agg.mean[k], stats.trim_mean(u[VALID], beta, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_no_participant_gives_zero():
+    zero = jnp.zeros(7, jnp.float32)
+    for agg in (weighted_mean, coordinate_median, trimmed_mean(0.2)):
+        out = agg(_jax(UPDATES), zero)
+        np.testing.assert_array_equal(out.mean["a"], 0.0)
+        assert float(out.num_clients) == 0
+
+
+def test_bad_aggregator_settings():
+    with pytest.raises(ValueError, match="trimmed_mean: beta must be < 0.5"):
+        trimmed_mean(0.5)
+    with pytest.raises(ValueError, match="aggregator: unknown name 'mean'; expected one of median, trimmed_mean, weighted_mean"):
+        aggregator("mean")
+    assert aggregator("trimmed_mean", beta=0.2) is not None

@@ -1,0 +1,32 @@
+"""Algorithms by name, and the errors a user sees for bad names and values."""
+
+import pytest
+
+from nordfl.algorithms import ALGORITHM_NAMES, Algorithm, make_algorithm
+
+LOSS = lambda params, batch, mask: 0.0  # noqa: E731 (never called: construction only)
+
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_every_name_builds(name):
+    extra = {"scaffold": {"num_clients": 4}, "fedprox": {"mu": 0.01}}.get(name, {})
+    assert isinstance(make_algorithm(name, LOSS, client_lr=0.1, **extra), Algorithm)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("fedsgd", {"client_lr": 0.1}, "algorithm: unknown name 'fedsgd'; expected one of fedadagrad, fedadam, fedavg"),
+        ("fedprox", {"client_lr": 0.1, "mu": -0.5}, "fedprox: mu must be a number >= 0, got -0.5"),
+        ("fedavg", {"client_lr": -0.1}, "fedavg: client_lr must be a number > 0, got -0.1"),
+        ("fedavg", {"client_lr": 0.1, "num_epochs": 0}, "fedavg: num_epochs must be an integer >= 1, got 0"),
+        ("fedavg", {"client_lr": 0.1, "mu": 0.1}, "fedavg: unknown hyperparameter 'mu'; expected one of client_lr"),
+        ("scaffold", {"client_lr": 0.1, "num_clients": 0}, "scaffold: num_clients must be an integer >= 1, got 0"),
+        ("fedavg", {"client_lr": 0.1, "weighting": "size"}, "fedavg: unknown weighting 'size'; expected one of num_examples, uniform"),
+        ("fedadam", {"client_lr": 0.1, "server": {"lr": 0.1}}, "fedadam.server: unknown hyperparameter 'lr'; expected one of learning_rate"),
+        ("fedadam", {"client_lr": 0.1, "server": {"name": "fedyogi"}}, "fedadam: server.name must be 'fedadam' or absent"),
+    ],
+)
+def test_bad_input_names_the_field_and_value(name, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        make_algorithm(name, LOSS, **kwargs)

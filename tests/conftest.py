@@ -1,0 +1,32 @@
+"""Shared fixtures. JAX runs with strict dtype and rank promotion, so silent upcasts and
+accidental broadcasts in library code fail the tests (the equinox habit)."""
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+from nordfl.tasks import Examples, logistic_regression, softmax_cross_entropy  # noqa: E402
+
+from tests.reference import NUM_CLASSES, NUM_FEATURES  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def softmax_model():
+    """A small multinomial logistic regression with non-trivial initial params."""
+    model = logistic_regression(NUM_FEATURES, NUM_CLASSES, seed=1)
+    rng = np.random.default_rng(7)
+    params = {
+        "linear": {
+            "kernel": rng.normal(0, 0.5, (NUM_FEATURES, NUM_CLASSES)).astype(np.float32),
+            "bias": rng.normal(0, 0.5, NUM_CLASSES).astype(np.float32),
+        }
+    }
+    params = jax.tree_util.tree_map(jax.numpy.asarray, params)
+
+    def loss_fn(p, batch: Examples, mask):
+        return softmax_cross_entropy(model.apply(p, batch.x), batch.y, mask)
+
+    return model, params, loss_fn
