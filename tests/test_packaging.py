@@ -1,0 +1,56 @@
+"""Every module of the source tree imports from a regular (non-editable) install, and the
+data files ship: a subpackage missing from ``packages`` or a file missing from
+``package-data`` fails here, not on a user's machine."""
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP_LEVEL = ("algorithms", "tasks", "sim", "runtime", "conf")
+
+
+def _source_modules() -> list[str]:
+    modules = []
+    for top in TOP_LEVEL:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules.append(".".join(("nordfl", *parts)))
+    return modules
+
+
+@pytest.mark.slow
+def test_regular_install_imports_every_module(tmp_path):
+    source, target = tmp_path / "source", tmp_path / "site"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for top in TOP_LEVEL:
+        shutil.copytree(ROOT / top, source / top, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(source)],
+        check=True, cwd=tmp_path,
+    )
+    script = textwrap.dedent(
+        f"""
+        import importlib, sys
+        sys.path.insert(0, {str(target)!r})
+        for name in {_source_modules()!r}:
+            module = importlib.import_module(name)
+            where = getattr(module, "__file__", None) or list(module.__path__)[0]
+            assert where.startswith({str(target)!r}), (name, where)
+        from nordfl.tasks import heart
+        assert heart().train_sizes() == [199, 172, 30, 85]
+        print("imported", len({_source_modules()!r}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"imported {len(_source_modules())}" in out.stdout
