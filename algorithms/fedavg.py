@@ -28,7 +28,7 @@ from nordfl.algorithms.base import (
     PRNGKey,
     ServerMetrics,
 )
-from nordfl.algorithms.local import WEIGHTINGS, client_weight, local_sgd
+from nordfl.algorithms.local import WEIGHTINGS, client_weight, local_schedule, local_sgd
 from nordfl.algorithms.server_optimizers import server_step
 
 LocalObjective = Callable[[LossFn, Params], LossFn]
@@ -96,7 +96,8 @@ def fedavg(
       >>> state = alg.server_init(params)
       >>> out = alg.client_update(alg.broadcast(state), alg.client_init(params), data, key)
     """
-    check_local_hyperparameters(name, client_lr, num_epochs, batch_size, weighting)
+    schedule = local_schedule(name, client_lr, num_epochs, batch_size, drop_remainder)
+    _checks.check_choice(name, "weighting", weighting, WEIGHTINGS)
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
 
     def server_init(params: Params) -> ServerState:
@@ -117,17 +118,8 @@ def fedavg(
         num_epochs_to_run: Optional[jax.Array] = None,
     ) -> ClientOutput:
         objective = local_objective(loss_fn, message.params)
-        params, metrics = local_sgd(
-            jax.value_and_grad(objective),
-            message.params,
-            data,
-            key,
-            learning_rate=client_lr,
-            num_epochs=num_epochs,
-            batch_size=batch_size,
-            drop_remainder=drop_remainder,
-            epochs_to_run=num_epochs_to_run,
-        )
+        grad_fn = jax.value_and_grad(objective)
+        params, metrics = local_sgd(grad_fn, message.params, data, key, schedule, num_epochs_to_run)
         delta = ModelDelta(otu.tree_sub(params, message.params))
         weight = client_weight(data.num_examples, metrics.num_steps, weighting)
         return ClientOutput(delta, weight, client_state, metrics)
@@ -142,10 +134,3 @@ def fedavg(
 
     return Algorithm(server_init, client_init, broadcast, client_update, server_update)
 
-
-def check_local_hyperparameters(name: str, client_lr, num_epochs, batch_size, weighting) -> None:
-    """Validates the local-training hyperparameters every algorithm shares."""
-    _checks.check_positive(name, "client_lr", client_lr)
-    _checks.check_positive_int(name, "num_epochs", num_epochs)
-    _checks.check_positive_int(name, "batch_size", batch_size)
-    _checks.check_choice(name, "weighting", weighting, WEIGHTINGS)

@@ -9,16 +9,39 @@ client padded to ``n_max`` rows inside a vmapped cohort trains exactly as it wou
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from nordfl.algorithms import _checks
 from nordfl.algorithms.base import ClientData, ClientMetrics, Params, PRNGKey, PyTree
 
 GradFn = Callable[[Params, PyTree, jax.Array], tuple[jax.Array, Params]]
 """``grad_fn(params, batch, mask) -> (loss, grads)``."""
+
+
+WEIGHTINGS = ("num_examples", "uniform")
+"""How a client's update is weighted in the cohort mean: by its examples (FedAvg, McMahan
+et al. 2017) or equally (SCAFFOLD, Karimireddy et al. 2020)."""
+
+
+class LocalSchedule(NamedTuple):
+    """Static hyperparameters of a client's local SGD."""
+
+    learning_rate: float
+    num_epochs: int
+    batch_size: int
+    drop_remainder: bool = False
+
+
+def local_schedule(owner: str, client_lr, num_epochs, batch_size, drop_remainder: bool = False) -> LocalSchedule:
+    """Validates the local hyperparameters every algorithm shares; errors name ``owner``."""
+    _checks.check_positive(owner, "client_lr", client_lr)
+    _checks.check_positive_int(owner, "num_epochs", num_epochs)
+    _checks.check_positive_int(owner, "batch_size", batch_size)
+    return LocalSchedule(client_lr, num_epochs, batch_size, bool(drop_remainder))
 
 
 def steps_per_epoch(num_examples, batch_size: int, drop_remainder: bool):
@@ -48,14 +71,10 @@ def local_sgd(
     params: Params,
     data: ClientData,
     key: PRNGKey,
-    *,
-    learning_rate: float,
-    num_epochs: int,
-    batch_size: int,
-    drop_remainder: bool = False,
+    schedule: LocalSchedule,
     epochs_to_run: Optional[jax.Array] = None,
 ) -> tuple[Params, ClientMetrics]:
-    """Runs ``num_epochs`` epochs of plain SGD (or only ``epochs_to_run`` of them).
+    """Runs ``schedule.num_epochs`` epochs of plain SGD (or only ``epochs_to_run`` of them).
 
     Args:
       grad_fn: ``(params, batch, mask) -> (loss, grads)``; algorithms put their local
@@ -63,10 +82,7 @@ def local_sgd(
       params: starting parameters.
       data: the client's examples, possibly padded.
       key: the client's PRNG key for this round.
-      learning_rate: client step size.
-      num_epochs: scheduled epochs (static).
-      batch_size: minibatch size (static).
-      drop_remainder: drop the last partial minibatch of each epoch.
+      schedule: step size, epochs, batch size, whether to drop each epoch's last partial batch.
       epochs_to_run: int scalar <= num_epochs for partial work; ``None`` runs all.
 
     Returns:
@@ -74,6 +90,7 @@ def local_sgd(
       their number). A client with no data, or asked for no work, returns ``params``
       unchanged with ``num_steps == 0``.
     """
+    learning_rate, num_epochs, batch_size, drop_remainder = schedule
     num_rows = jax.tree_util.tree_leaves(data.examples)[0].shape[0]
     max_steps = steps_per_epoch(num_rows, batch_size, drop_remainder)
     own_steps = steps_per_epoch(data.num_examples, batch_size, drop_remainder)
@@ -106,11 +123,6 @@ def local_sgd(
     (params, loss_sum, num_steps), _ = jax.lax.scan(run_epoch, init, jnp.arange(num_epochs))
     mean_loss = loss_sum / jnp.maximum(num_steps, 1).astype(jnp.float32)
     return params, ClientMetrics(train_loss=mean_loss, num_steps=num_steps)
-
-
-WEIGHTINGS = ("num_examples", "uniform")
-"""How a client's update is weighted in the cohort mean: by its examples (FedAvg, McMahan
-et al. 2017) or equally (SCAFFOLD, Karimireddy et al. 2020)."""
 
 
 def client_weight(num_examples: jax.Array, num_steps: jax.Array, weighting: str) -> jax.Array:

@@ -30,8 +30,7 @@ from nordfl.algorithms.base import (
     PRNGKey,
     ServerMetrics,
 )
-from nordfl.algorithms.fedavg import check_local_hyperparameters
-from nordfl.algorithms.local import client_weight, local_sgd
+from nordfl.algorithms.local import WEIGHTINGS, client_weight, local_schedule, local_sgd
 from nordfl.algorithms.server_optimizers import server_step
 
 
@@ -90,7 +89,8 @@ def scaffold(
     Returns:
       An ``Algorithm``; ``client_init`` gives c_i = 0.
     """
-    check_local_hyperparameters("scaffold", client_lr, num_epochs, batch_size, weighting)
+    schedule = local_schedule("scaffold", client_lr, num_epochs, batch_size, drop_remainder)
+    _checks.check_choice("scaffold", "weighting", weighting, WEIGHTINGS)
     _checks.check_positive_int("scaffold", "num_clients", num_clients)
     _checks.check_positive("scaffold", "server_lr", server_lr)
     server_optimizer = optax.sgd(server_lr) if server_optimizer is None else server_optimizer
@@ -119,17 +119,7 @@ def scaffold(
             loss, grads = value_and_grad(params, batch, mask)
             return loss, otu.tree_add(grads, correction)
 
-        params, metrics = local_sgd(
-            corrected_grad,
-            message.params,
-            data,
-            key,
-            learning_rate=client_lr,
-            num_epochs=num_epochs,
-            batch_size=batch_size,
-            drop_remainder=drop_remainder,
-            epochs_to_run=num_epochs_to_run,
-        )
+        params, metrics = local_sgd(corrected_grad, message.params, data, key, schedule, num_epochs_to_run)
         trained = metrics.num_steps > 0
         scale = 1.0 / (jnp.maximum(metrics.num_steps, 1).astype(jnp.float32) * client_lr)
         drift = otu.tree_scale(scale, otu.tree_sub(message.params, params))  # (x - y) / (K lr)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nordfl.algorithms import ClientData, epoch_permutation, local_sgd, steps_per_epoch
+from nordfl.algorithms.local import LocalSchedule
 from nordfl.sim.packing import pack_clients
 from nordfl.tasks import Examples
 from tests import reference as ref
@@ -27,9 +28,10 @@ def test_epoch_permutation_puts_real_rows_first_and_ignores_padding():
     assert not np.array_equal(alone, other_epoch)
 
 
-def _sgd(loss_fn, params, data, key, **kw):
+def _sgd(loss_fn, params, data, key, num_epochs, batch_size, epochs_to_run=None):
     grad_fn = jax.value_and_grad(loss_fn)
-    return jax.jit(lambda p, d, k: local_sgd(grad_fn, p, d, k, learning_rate=0.1, **kw))(params, data, key)
+    schedule = LocalSchedule(0.1, num_epochs, batch_size)
+    return jax.jit(lambda p, d, k: local_sgd(grad_fn, p, d, k, schedule, epochs_to_run))(params, data, key)
 
 
 @pytest.mark.parametrize("batch_size", [3, 32])
