@@ -1,0 +1,266 @@
+"""The vectorised simulator: a whole round, every sampled client and every local step, as
+ONE jitted XLA program.
+
+A round gathers the cohort's data and client state, runs ``jax.vmap(client_update)``
+(``lax.scan`` over local steps inside), aggregates, applies ``server_update`` and scatters
+client state back. Clients are grouped into size buckets (see ``packing``), each bucket's
+share of the cohort padded to a fixed capacity so shapes never change and the program
+compiles once. The client axis is sharded over the given devices; cohorts too large for
+memory run in chunks of ``chunk_size`` clients (a ``lax.map`` over chunks). Cost per round
+follows the cohort, not the number of registered clients: only client states, a few bytes
+each for FedAvg, scale with the latter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax.tree_utils as otu
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nordfl.algorithms import Algorithm, weighted_mean
+from nordfl.algorithms.aggregators import Aggregator
+from nordfl.sim.cohort import RoundPlan, plan_round
+from nordfl.sim.packing import BucketSpec, ClientPool, bucket_specs, gather_clients, plan_buckets, pool_clients
+from nordfl.tasks import EvalMetrics, Examples, Task
+
+
+class SimState(NamedTuple):
+    """Everything a run needs to continue: server state, every client's state stacked [N, ...], rounds done."""
+
+    server: Any
+    clients: Any
+    round: int
+
+
+class RoundMetrics(NamedTuple):
+    """A round's training loss (mean over contributing clients, weighted by examples), contributors, update norm."""
+
+    client_loss: jax.Array
+    num_clients: jax.Array
+    update_norm: jax.Array
+
+
+class Slots(NamedTuple):
+    """A bucket's share of the cohort, padded to the bucket's capacity with invalid slots."""
+
+    client_ids: np.ndarray  # int32 [capacity]
+    valid: np.ndarray  # bool
+    epochs: np.ndarray  # int32
+    contributes: np.ndarray  # bool
+
+
+class Evaluation(NamedTuple):
+    """The global model scored: train loss over all clients (weighted by examples), pooled and per-site test."""
+
+    train_loss: float
+    pooled: EvalMetrics
+    sites: EvalMetrics  # each field [num_clients]; NaN for a site without test rows
+
+
+class SimulatorOptions(NamedTuple):
+    """How the simulator runs (not what it computes: results do not depend on these except the seeded plan)."""
+
+    num_epochs: int
+    batch_size: int
+    drop_remainder: bool = False
+    cohort_size: Optional[int] = None
+    straggler_fraction: float = 0.0
+    keep_stragglers: bool = True
+    dropout_fraction: float = 0.0
+    chunk_size: Optional[int] = None
+    max_buckets: int = 4
+    data_on_host: bool = False
+    eval_chunk_size: int = 256
+
+
+def _stack_clients(tree, num_clients: int):
+    return jax.tree_util.tree_map(lambda leaf: jnp.broadcast_to(leaf, (num_clients, *leaf.shape)).copy(), tree)
+
+
+class Simulator:
+    """Runs an ``Algorithm`` over many simulated clients.
+
+    Example:
+      >>> sim = Simulator(alg, task, SimulatorOptions(num_epochs=2, batch_size=16), seed=0)
+      >>> state = sim.init(task.model.init_params)
+      >>> state, metrics = sim.run_round(state)
+      >>> sim.evaluate(state.server.params).pooled.accuracy
+    """
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        task: Task,
+        options: SimulatorOptions,
+        *,
+        seed: int = 0,
+        aggregate: Aggregator = weighted_mean,
+        devices: Optional[Sequence[jax.Device]] = None,
+    ):
+        self.algorithm, self.task, self.options, self.seed = algorithm, task, options, seed
+        self.aggregate = aggregate
+        clients = task.data.clients
+        self.num_clients = len(clients)
+        cohort = self.num_clients if options.cohort_size is None else options.cohort_size
+        if not 1 <= cohort <= self.num_clients:
+            raise ValueError(f"sim.cohort_size: must be in [1, {self.num_clients}] (the number of clients), got {cohort}")
+        self.cohort_size = cohort
+        self.devices = list(devices or jax.devices())
+        self.mesh = Mesh(np.asarray(self.devices), ("clients",))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        train_sizes = [len(c.train.y) for c in clients]
+        plan = plan_buckets(
+            train_sizes, batch_size=options.batch_size, drop_remainder=options.drop_remainder,
+            cohort_size=cohort, max_buckets=options.max_buckets,
+        )
+        self.buckets: list[BucketSpec] = bucket_specs(train_sizes, plan)
+        self._bucket_of = np.empty(self.num_clients, np.int32)
+        for b, spec in enumerate(self.buckets):
+            self._bucket_of[spec.client_ids] = b
+        self._chunks = [self._chunking(min(cohort, len(spec.client_ids))) for spec in self.buckets]
+
+        host_pool = pool_clients([c.train for c in clients])
+        self._host_pool = host_pool
+        self._train_pool = None if options.data_on_host else jax.device_put(host_pool, self._replicated)
+        test_sizes = [len(c.test.y) for c in clients]
+        self._test_pool = pool_clients([c.test for c in clients])
+        self._test_buckets = bucket_specs(test_sizes, plan_buckets(test_sizes, batch_size=1, max_buckets=options.max_buckets))
+        self._train_eval_buckets = bucket_specs(train_sizes, plan_buckets(train_sizes, batch_size=1, max_buckets=options.max_buckets))
+        self._pooled_test = task.data.pooled_test()
+
+        self._round = jax.jit(self._round_program, static_argnames=("gather_on_device",), donate_argnums=(1,))
+        self._evaluate_bucket = jax.jit(self._evaluate_bucket_program, static_argnames=("n_max",))
+        self._evaluate_pooled = jax.jit(task.evaluate)
+
+    # ----------------------------------------------------------------- set-up helpers
+    def _chunking(self, slots_needed: int) -> tuple[int, int]:
+        """(number of chunks, chunk size): chunk a multiple of the device count, capacity >= slots_needed."""
+        width = len(self.devices)
+        chunk = self.options.chunk_size or slots_needed
+        chunk = math.ceil(min(chunk, slots_needed) / width) * width
+        return math.ceil(slots_needed / chunk), chunk
+
+    def init(self, params) -> SimState:
+        """Round-0 state: the server's and every client's initial state."""
+        server = self.algorithm.server_init(params)
+        clients = _stack_clients(self.algorithm.client_init(params), self.num_clients)
+        return SimState(jax.device_put(server, self._replicated), jax.device_put(clients, self._replicated), 0)
+
+    # ----------------------------------------------------------------- one round
+    def plan(self, round_index: int) -> RoundPlan:
+        """The seeded cohort, epochs and contributions of round ``round_index`` (0-based)."""
+        o = self.options
+        return plan_round(
+            self.seed, round_index, num_clients=self.num_clients, cohort_size=self.cohort_size,
+            num_epochs=o.num_epochs, straggler_fraction=o.straggler_fraction,
+            keep_stragglers=o.keep_stragglers, dropout_fraction=o.dropout_fraction,
+        )
+
+    def _slots(self, plan: RoundPlan) -> list[Slots]:
+        """Splits the cohort by bucket, each padded to the bucket's fixed capacity."""
+        slots = []
+        member_bucket = self._bucket_of[plan.cohort]
+        for b, (num_chunks, chunk) in enumerate(self._chunks):
+            mine = np.flatnonzero(member_bucket == b)
+            capacity = num_chunks * chunk
+            pad = capacity - len(mine)
+            slots.append(Slots(
+                client_ids=np.concatenate([plan.cohort[mine], np.zeros(pad, np.int32)]).astype(np.int32),
+                valid=np.concatenate([np.ones(len(mine), bool), np.zeros(pad, bool)]),
+                epochs=np.concatenate([plan.epochs[mine], np.ones(pad, np.int32)]).astype(np.int32),
+                contributes=np.concatenate([plan.contributes[mine], np.zeros(pad, bool)]),
+            ))
+        return slots
+
+    def padding_overhead(self, plan: RoundPlan) -> float:
+        """Fraction of the rows a round processes that are padding (bucketing keeps it low)."""
+        real = int(self._host_pool.sizes[plan.cohort].sum())
+        padded = sum(n * c * spec.n_max for (n, c), spec in zip(self._chunks, self.buckets))
+        return 1.0 - real / padded
+
+    def run_round(self, state: SimState) -> tuple[SimState, RoundMetrics]:
+        """Runs round ``state.round`` and returns the next state and the round's metrics."""
+        slots = self._slots(self.plan(state.round))
+        if self.options.data_on_host:
+            source = tuple(
+                gather_clients(self._host_pool, s.client_ids, s.valid, spec.n_max) for s, spec in zip(slots, self.buckets)
+            )
+        else:
+            source = self._train_pool
+        key = jax.random.fold_in(jax.random.key(self.seed), state.round)
+        server, clients, metrics = self._round(
+            state.server, state.clients, source, tuple(slots), key, gather_on_device=not self.options.data_on_host
+        )
+        return SimState(server, clients, state.round + 1), metrics
+
+    def _run_clients(self, message, states, data, keys, epochs, num_chunks: int, chunk: int):
+        """``vmap(client_update)`` over a chunk, ``lax.map`` over chunks, the chunk axis sharded over devices."""
+        sharded = NamedSharding(self.mesh, PartitionSpec("clients"))
+        update = jax.vmap(self.algorithm.client_update, in_axes=(None, 0, 0, 0, 0))
+
+        def one_chunk(inputs):
+            inputs = jax.lax.with_sharding_constraint(inputs, sharded)
+            return update(message, *inputs)
+
+        inputs = jax.tree_util.tree_map(lambda a: a.reshape(num_chunks, chunk, *a.shape[1:]), (states, data, keys, epochs))
+        outputs = jax.lax.map(one_chunk, inputs)
+        return jax.tree_util.tree_map(lambda a: a.reshape(num_chunks * chunk, *a.shape[2:]), outputs)
+
+    def _round_program(self, server, clients, source, slots: tuple[Slots, ...], key, *, gather_on_device: bool):
+        message = self.algorithm.broadcast(server)
+        updates, weights, losses, sizes = [], [], [], []
+        for b, (spec, s, (num_chunks, chunk)) in enumerate(zip(self.buckets, slots, self._chunks)):
+            data = gather_clients(source, s.client_ids, s.valid, spec.n_max) if gather_on_device else source[b]
+            states = jax.tree_util.tree_map(lambda a: a[s.client_ids], clients)
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(s.client_ids)
+            out = self._run_clients(message, states, data, keys, s.epochs, num_chunks, chunk)
+            counts = s.valid & s.contributes
+            new_states = jax.vmap(otu.tree_where)(counts, out.client_state, states)
+            scatter_to = jnp.where(s.valid, s.client_ids, self.num_clients)  # invalid slots fall off the end
+            clients = jax.tree_util.tree_map(lambda a, new: a.at[scatter_to].set(new, mode="drop"), clients, new_states)
+            updates.append(out.update)
+            weights.append(jnp.where(counts, out.weight, 0.0))
+            losses.append(out.metrics.train_loss)
+            sizes.append(jnp.where(counts & (out.metrics.num_steps > 0), data.num_examples, 0).astype(jnp.float32))
+        concat = lambda *parts: jnp.concatenate(parts, axis=0)  # noqa: E731
+        update = jax.tree_util.tree_map(concat, *updates)
+        weight, loss, size = concat(*weights), concat(*losses), concat(*sizes)
+        server, server_metrics = self.algorithm.server_update(server, self.aggregate(update, weight))
+        client_loss = jnp.sum(loss * size) / jnp.maximum(jnp.sum(size), 1.0)
+        return server, clients, RoundMetrics(client_loss, server_metrics.num_clients, server_metrics.update_norm)
+
+    # ----------------------------------------------------------------- evaluation
+    def _evaluate_bucket_program(self, params, data, *, n_max: int) -> EvalMetrics:
+        def one(client_data):
+            mask = jnp.arange(n_max) < client_data.num_examples
+            return self.task.evaluate(params, client_data.examples, mask)
+
+        return jax.lax.map(one, data, batch_size=self.options.eval_chunk_size)
+
+    def _per_client(self, params, pool: ClientPool, buckets: list[BucketSpec]) -> EvalMetrics:
+        """Metrics of ``params`` on every client's rows of ``pool``, in client order."""
+        out = [np.full(self.num_clients, np.nan, np.float32) for _ in EvalMetrics._fields]
+        for spec in buckets:
+            data = gather_clients(pool, spec.client_ids, np.ones(len(spec.client_ids), bool), spec.n_max)
+            metrics = self._evaluate_bucket(params, data, n_max=spec.n_max)
+            for field, values in zip(out, metrics):
+                field[spec.client_ids] = np.asarray(values)
+        sizes = pool.sizes
+        result = EvalMetrics(*out)
+        return result._replace(**{f: np.where(sizes > 0, getattr(result, f), np.nan) for f in EvalMetrics._fields})
+
+    def evaluate(self, params) -> Evaluation:
+        """Scores ``params`` on every client's training data and on the pooled and per-site test sets."""
+        train = self._per_client(params, self._host_pool, self._train_eval_buckets)
+        sizes = self._host_pool.sizes.astype(np.float64)
+        train_loss = float(np.nansum(train.loss * sizes) / max(sizes.sum(), 1.0))
+        sites = self._per_client(params, self._test_pool, self._test_buckets)
+        pooled_test: Examples = self._pooled_test
+        pooled = self._evaluate_pooled(params, pooled_test, np.ones(len(pooled_test.y), bool))
+        return Evaluation(train_loss, EvalMetrics(*(float(v) for v in pooled)), sites)
