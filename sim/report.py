@@ -287,8 +287,8 @@ def make_table(summaries: Sequence[ConfigSummary], metrics: Sequence[str] = FINA
     columns = table_metrics(summaries, metrics)
     unfinished = not all(s.finished for s in summaries)
     table = Table(title="Final metrics, mean ± std over seeds", caption=UNFINISHED_NOTE if unfinished else None)
-    for i, name in enumerate(_header(columns)):
-        table.add_column(name, justify="left" if i == 0 or name == "worst site" else "right")
+    for i, name in enumerate(_header(columns)):  # folded, not cut with "…": cells stay whole in a narrow terminal
+        table.add_column(name, justify="left" if i == 0 or name == "worst site" else "right", overflow="fold")
     for row in _text_rows(summaries, columns):
         table.add_row(*row)
     return table
