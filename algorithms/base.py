@@ -93,8 +93,8 @@ class Algorithm(NamedTuple):
       server_init: ``(params) -> server_state``, on the coordinator.
       client_init: ``(params) -> client_state``, once per site.
       broadcast: ``(server_state) -> message`` sent to the cohort.
-      client_update: ``(message, client_state, data, key, num_epochs=None) -> ClientOutput``.
-        ``num_epochs`` (int scalar, optional) asks for partial work: fewer local epochs than
+      client_update: ``(message, client_state, data, key, num_epochs_to_run=None) -> ClientOutput``.
+        ``num_epochs_to_run`` (int scalar, optional) asks for partial work: fewer local epochs than
         the algorithm was configured with (a straggler); ``None`` runs all of them.
       server_update: ``(server_state, aggregate) -> (server_state, ServerMetrics)``.
     """

@@ -26,10 +26,17 @@ ALGORITHM_NAMES = tuple(ALGORITHMS) + FEDOPT_ALGORITHMS
 
 
 def _check_keywords(owner: str, factory: Callable, given: Mapping[str, Any]) -> None:
-    accepted = [p for p in inspect.signature(factory).parameters if p not in ("loss_fn", "local_objective", "name")]
+    """Unknown or missing keyword arguments as ValueErrors naming them (not Python's TypeError)."""
+    parameters = {
+        name: p for name, p in inspect.signature(factory).parameters.items()
+        if name not in ("loss_fn", "local_objective", "name")
+    }
     for key in given:
-        if key not in accepted:
-            raise ValueError(f"{owner}: unknown hyperparameter {key!r}; expected one of {', '.join(accepted)}")
+        if key not in parameters:
+            raise ValueError(f"{owner}: unknown hyperparameter {key!r}; expected one of {', '.join(parameters)}")
+    for name, p in parameters.items():
+        if p.default is inspect.Parameter.empty and name not in given:
+            raise ValueError(f"{owner}: missing hyperparameter {name!r}")
 
 
 def make_algorithm(
@@ -53,6 +60,8 @@ def make_algorithm(
     """
     _checks.check_choice("algorithm", "name", name, ALGORITHM_NAMES)
     server = dict(server or {})
+    if server and "server_optimizer" in hyperparameters:
+        raise ValueError(f"{name}: give the server optimiser either as server_optimizer or as server, not both")
     if name in FEDOPT_ALGORITHMS:
         server.setdefault("name", name)
         if server["name"] != name:
@@ -66,4 +75,6 @@ def make_algorithm(
         _check_keywords(f"{name}.server", SERVER_OPTIMIZERS[opt_name], server)
         hyperparameters["server_optimizer"] = server_optimizer(opt_name, **server)
     _check_keywords(name, factory, hyperparameters)
+    if factory is fedavg:
+        hyperparameters["name"] = name  # errors say "fedadam: ...", not "fedavg: ..."
     return factory(loss_fn, **hyperparameters)

@@ -1,9 +1,11 @@
 """Partitioners: turn a centralised dataset into heterogeneous clients.
 
 Each returns one index array per client; together they hold every row exactly once
-(``feature_shift`` keeps an IID partition and perturbs features instead). All are seeded
-through a ``numpy.random.Generator``. A client left with no rows is an error unless
-``allow_empty=True``, since an empty site is usually a configuration mistake.
+(``feature_shift`` keeps a given partition and perturbs features instead). All are seeded
+through a ``numpy.random.Generator``. A client left with no rows is an error (an empty
+site is usually a configuration mistake) unless asked for: ``allow_empty=True`` for
+``iid`` and ``dirichlet_label_skew``, ``min_size=0`` for ``quantity_skew``;
+``k_classes_per_client`` never leaves a client empty.
 
 References: Dirichlet label skew (Hsu et al. 2019), k classes per client (McMahan et al.
 2017, "pathological non-IID"), quantity and feature skew (Li et al., "Federated Learning
@@ -29,7 +31,7 @@ def _check_nonempty(owner: str, parts: list[np.ndarray], allow_empty: bool) -> l
     if empty and not allow_empty:
         raise ValueError(
             f"{owner}: clients {empty[:10]} got no rows ({len(empty)} of {len(parts)} empty); "
-            "use fewer clients, a larger alpha / min_size, or allow_empty=True"
+            "use fewer clients or allow empty clients"
         )
     return [np.sort(p).astype(np.int64) for p in parts]
 
@@ -53,11 +55,14 @@ def dirichlet_label_skew(
     """Each class's rows are spread over clients by proportions drawn from Dir(alpha).
 
     Small alpha gives each client few classes; large alpha approaches IID. Draws are
-    repeated (up to ``max_tries``) until every client has ``min_size`` rows.
+    repeated (up to ``max_tries``) until every client has ``min_size`` rows (any number,
+    zero included, with ``allow_empty``).
     """
     _check_clients("dirichlet_label_skew", num_clients, len(labels))
     if not alpha > 0:
         raise ValueError(f"dirichlet_label_skew: alpha must be > 0, got {alpha!r}")
+    if not min_size >= 0 or not max_tries >= 1:
+        raise ValueError(f"dirichlet_label_skew: need min_size >= 0 and max_tries >= 1, got {min_size!r}, {max_tries!r}")
     classes = np.unique(labels)
     smallest = 0
     for _ in range(max_tries):
@@ -70,7 +75,7 @@ def dirichlet_label_skew(
                 parts[client].append(share)
         merged = [np.concatenate(p) for p in parts]
         smallest = min(len(p) for p in merged)
-        if allow_empty or smallest >= min_size:
+        if smallest >= (0 if allow_empty else max(min_size, 1)):
             return _check_nonempty("dirichlet_label_skew", merged, allow_empty)
     raise ValueError(
         f"dirichlet_label_skew: no draw in {max_tries} tries gave every client min_size={min_size} rows "
@@ -180,5 +185,3 @@ def natural(site_column: Sequence) -> tuple[list[str], list[np.ndarray]]:
     names = sorted(set(values.tolist()))
     return [str(n) for n in names], [np.flatnonzero(values == n) for n in names]
 
-
-PARTITIONERS = ("iid", "dirichlet", "k_classes", "quantity_skew", "feature_shift", "natural")

@@ -27,7 +27,7 @@ def _check(num_devices, alpha, beta) -> None:
     if not isinstance(num_devices, (int, np.integer)) or num_devices < 1:
         raise ValueError(f"synthetic: num_devices must be an integer >= 1, got {num_devices!r}")
     for field, value in (("alpha", alpha), ("beta", beta)):
-        if not value >= 0:
+        if not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"synthetic: {field} must be >= 0, got {value!r}")
 
 

@@ -79,6 +79,8 @@ def make_task(name: str, *, model: str = "logistic_regression", model_seed: int 
     data = DATASETS[name](**data_kwargs)
     shape = data.feature_shape
     if model == "cnn":
+        if len(shape) != 3:
+            raise ValueError(f"task.model: cnn needs image features [H, W, C]; task {name} has feature shape {shape}")
         built = MODELS[model](shape, data.num_classes, seed=model_seed, **(model_kwargs or {}))
     else:
         built = MODELS[model](math.prod(shape), data.num_classes, seed=model_seed, **(model_kwargs or {}))

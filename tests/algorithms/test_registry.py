@@ -30,3 +30,12 @@ def test_every_name_builds(name):
 def test_bad_input_names_the_field_and_value(name, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         make_algorithm(name, LOSS, **kwargs)
+
+
+def test_fedopt_errors_name_the_algorithm_and_required_fields_are_named():
+    with pytest.raises(ValueError, match="fedadam: client_lr must be a number > 0, got -1"):
+        make_algorithm("fedadam", LOSS, client_lr=-1)
+    with pytest.raises(ValueError, match="scaffold: missing hyperparameter 'num_clients'"):
+        make_algorithm("scaffold", LOSS, client_lr=0.1)
+    with pytest.raises(ValueError, match="fedavg: missing hyperparameter 'client_lr'"):
+        make_algorithm("fedavg", LOSS)

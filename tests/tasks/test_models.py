@@ -39,3 +39,5 @@ def test_make_task_rejects_unknown_names():
         make_task("mnist")
     with pytest.raises(ValueError, match="task.model: unknown name 'resnet'"):
         make_task("heart", model="resnet")
+    with pytest.raises(ValueError, match=r"task.model: cnn needs image features \[H, W, C\]; task heart has feature shape \(13,\)"):
+        make_task("heart", model="cnn")
