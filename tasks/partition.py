@@ -14,9 +14,12 @@ on Non-IID Data Silos: An Experimental Study", ICDE 2022).
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Optional, Sequence
 
 import numpy as np
+
+from nordfl.tasks.data import FederatedDataset, build_federated
 
 
 def _check_clients(owner: str, num_clients: int, num_rows: int) -> None:
@@ -185,3 +188,57 @@ def natural(site_column: Sequence) -> tuple[list[str], list[np.ndarray]]:
     names = sorted(set(values.tolist()))
     return [str(n) for n in names], [np.flatnonzero(values == n) for n in names]
 
+
+
+PARTITIONERS = ("natural", "iid", "dirichlet", "k_classes", "quantity_skew", "feature_shift")
+
+
+def repartition(
+    dataset: FederatedDataset,
+    name: str,
+    *,
+    num_clients: Optional[int] = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    alpha: float = 0.5,
+    k: int = 2,
+    distribution: str = "lognormal",
+    sigma: float = 1.0,
+    exponent: float = 1.5,
+    noise: float = 0.5,
+    min_size: int = 1,
+    allow_empty: bool = False,
+) -> FederatedDataset:
+    """Re-splits a federated dataset's pooled rows (train and test) into new clients.
+
+    ``natural`` keeps the dataset's own clients (hospitals, devices). The others pool every
+    row, partition them with the named partitioner, and split each new client's rows into
+    train and test (stratified, ``test_fraction``), so a client's test set follows its own
+    distribution. ``feature_shift`` partitions IID, then adds client-dependent noise.
+    """
+    if name not in PARTITIONERS:
+        raise ValueError(f"partition.name: unknown partitioner {name!r}; expected one of {', '.join(PARTITIONERS)}")
+    if name == "natural":
+        return dataset
+    if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+        raise ValueError(f"partition.num_clients: must be an integer >= 1 for partitioner {name!r}, got {num_clients!r}")
+    x = np.concatenate([c.train.x for c in dataset.clients] + [c.test.x for c in dataset.clients])
+    y = np.concatenate([c.train.y for c in dataset.clients] + [c.test.y for c in dataset.clients])
+    rng = np.random.default_rng(seed)
+    if name == "iid" or name == "feature_shift":
+        parts = iid(len(y), num_clients, rng, allow_empty=allow_empty)
+        if name == "feature_shift":
+            x = feature_shift(x, parts, noise, rng)
+    elif name == "dirichlet":
+        parts = dirichlet_label_skew(y, num_clients, alpha, rng, min_size=min_size, allow_empty=allow_empty)
+    elif name == "k_classes":
+        parts = k_classes_per_client(y, num_clients, k, rng)
+    else:
+        parts = quantity_skew(
+            len(y), num_clients, rng, distribution=distribution, sigma=sigma, exponent=exponent,
+            min_size=0 if allow_empty else min_size,
+        )
+    federated = build_federated(
+        f"{dataset.name}/{name}", x, y, parts, num_classes=dataset.num_classes, test_fraction=test_fraction, seed=seed
+    )
+    return dataclasses.replace(federated, feature_names=dataset.feature_names)

@@ -103,3 +103,20 @@ def test_bad_client_count_is_named():
         partition.iid(10, 0, np.random.default_rng(0))
     with pytest.raises(ValueError, match=r"iid: clients \[10, 11\] got no rows"):
         partition.iid(10, 12, np.random.default_rng(0))
+
+
+def test_repartition_keeps_every_row_and_applies_the_partitioner():
+    from nordfl.tasks import synthetic
+
+    data = synthetic(1.0, 1.0, num_devices=5, seed=0)
+    total = sum(data.train_sizes()) + sum(data.test_sizes())
+    assert partition.repartition(data, "natural") is data
+    split = partition.repartition(data, "k_classes", num_clients=6, k=2, seed=1)
+    assert len(split.clients) == 6
+    assert sum(split.train_sizes()) + sum(split.test_sizes()) == total
+    for c in split.clients:
+        assert len(np.unique(np.concatenate([c.train.y, c.test.y]))) == 2
+    with pytest.raises(ValueError, match="partition.name: unknown partitioner 'shards'; expected one of natural, iid"):
+        partition.repartition(data, "shards", num_clients=3)
+    with pytest.raises(ValueError, match="partition.num_clients: must be an integer >= 1 for partitioner 'iid', got None"):
+        partition.repartition(data, "iid")

@@ -1,0 +1,69 @@
+"""Bad configs fail before training, naming the key, the value and what is allowed."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from nordfl.sim.config import ConfigError, build, register
+
+register()
+
+
+def _compose(*overrides):
+    with initialize_config_module("nordfl.conf", version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def test_default_config_is_fedavg_on_the_four_hospitals():
+    experiment = build(_compose())
+    assert [c.name for c in experiment.task.data.clients] == ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+    assert experiment.options.cohort_size is None and experiment.options.num_epochs == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm.client_lr=-0.1"], "algorithm: fedavg: client_lr must be a number > 0, got -0.1"),
+        (["algorithm=fedprox", "algorithm.mu=-1"], "algorithm: fedprox: mu must be a number >= 0, got -1.0"),
+        (["algorithm.name=fedsgd"], "algorithm: algorithm: unknown name 'fedsgd'; expected one of"),
+        (["sim.cohort_size=10"], r"sim.cohort_size: must be in \[1, 4\] \(the number of clients\) or null for all, got 10"),
+        (["sim.straggler_fraction=1.5"], r"sim.straggler_fraction: must be in \[0, 1\), got 1.5"),
+        (["sim.stragglers=ignore"], "sim.stragglers: must be keep or drop, got 'ignore'"),
+        (["algorithm.num_epochs=1", "sim.straggler_fraction=0.5"], "needs algorithm.num_epochs >= 2"),
+        (["partition=dirichlet", "partition.num_clients=0"], "partition.num_clients: must be an integer >= 1"),
+        (["algorithm.aggregator.name=trimmed_mean", "algorithm.aggregator.beta=0.7"], "trimmed_mean: beta must be < 0.5"),
+        (["task.name=mnist"], "task: unknown name 'mnist'"),
+    ],
+)
+def test_bad_values_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build(_compose(*overrides))
+
+
+def test_every_algorithm_and_partition_group_composes_and_builds():
+    for algorithm in ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad"):
+        assert build(_compose(f"algorithm={algorithm}")).algorithm is not None
+    for partition in ("iid", "dirichlet", "k_classes", "quantity_skew", "feature_shift"):
+        experiment = build(_compose("task=synthetic", f"partition={partition}", "partition.num_clients=20"))
+        assert len(experiment.task.data.clients) == 20
+
+
+def test_cli_config_error_exits_2_with_the_message(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "nordfl.sim.app", "sim.cohort_size=99", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert "config error" in out.stderr and "sim.cohort_size" in out.stderr and "got 99" in out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()  # failed before training
+
+
+def test_unknown_group_option_lists_the_choices(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "nordfl.sim.app", "algorithm=fedsgd", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert out.returncode != 0
+    assert "fedsgd" in out.stderr and "fedprox" in out.stderr and "scaffold" in out.stderr
