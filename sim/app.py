@@ -162,7 +162,7 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = run(cfg, run_dir, console)
-    except ConfigError as e:
+    except (ConfigError, checkpoint.CheckpointMismatch) as e:
         Console(stderr=True).print(f"[red]nordfl-sim: config error:[/red] {e}", highlight=False)
         sys.exit(2)
     console.print(final_table(result))

@@ -21,6 +21,10 @@ from nordfl.sim.engine import SimState
 FILENAME = "checkpoint.npz"
 
 
+class CheckpointMismatch(ValueError):
+    """The checkpoint on disk cannot continue this run (another configuration or model shape)."""
+
+
 def _leaves(state: SimState) -> list:
     return jax.tree_util.tree_leaves((state.server, state.clients))
 
@@ -45,7 +49,7 @@ def load(directory: Path, template: SimState, fingerprint: str) -> Optional[SimS
     """Reads the checkpoint in ``directory`` into the structure of ``template``; None if there is none.
 
     Raises:
-      ValueError: the checkpoint belongs to another configuration or another model shape.
+      CheckpointMismatch: the checkpoint belongs to another configuration or another model shape.
     """
     path = Path(directory) / FILENAME
     if not path.exists():
@@ -53,7 +57,7 @@ def load(directory: Path, template: SimState, fingerprint: str) -> Optional[SimS
     with np.load(path) as archive:
         meta = json.loads(str(archive["__meta__"]))
         if meta["fingerprint"] != fingerprint:
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"resume: {path} was written by a different configuration (fingerprint {meta['fingerprint']}, "
                 f"this run {fingerprint}); resume in a fresh folder or with the original overrides"
             )
@@ -61,9 +65,9 @@ def load(directory: Path, template: SimState, fingerprint: str) -> Optional[SimS
     reference = _leaves(template)
     for i, (got, want) in enumerate(zip(leaves, reference)):
         if got.shape != want.shape or got.dtype != want.dtype:
-            raise ValueError(f"resume: {path} array {i} is {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}")
+            raise CheckpointMismatch(f"resume: {path} array {i} is {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}")
     if len(leaves) != len(reference):
-        raise ValueError(f"resume: {path} holds {len(leaves)} arrays, expected {len(reference)}")
+        raise CheckpointMismatch(f"resume: {path} holds {len(leaves)} arrays, expected {len(reference)}")
     treedef = jax.tree_util.tree_structure((template.server, template.clients))
     placed = [jax.device_put(leaf, ref.sharding) for leaf, ref in zip(leaves, reference)]
     server, clients = jax.tree_util.tree_unflatten(treedef, placed)

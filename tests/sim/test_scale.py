@@ -1,0 +1,63 @@
+"""The same run on 1 and 2 devices, and chunked or not, gives the same result; cost follows the cohort."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path, name, devices, chunk=None):
+    out = tmp_path / f"{name}.npz"
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    args = [sys.executable, "-m", "tests.sim.run_uneven", str(out)] + ([str(chunk)] if chunk else [])
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with np.load(out) as archive:
+        return int(archive["devices"]), [archive[f"arr_{i}"] for i in range(len(archive.files) - 1)]
+
+
+@pytest.mark.slow
+def test_one_and_two_devices_and_chunks_agree(tmp_path):
+    n1, one = _run(tmp_path, "one", devices=1)
+    n2, two = _run(tmp_path, "two", devices=2)
+    n2c, chunked = _run(tmp_path, "two_chunked", devices=2, chunk=2)
+    assert (n1, n2, n2c) == (1, 2, 2)
+    for a, b, c in zip(one, two, chunked):  # float sums in another order: equal to ~1 ulp of the inputs
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_equals_unchunked_in_process():
+    import jax
+
+    from nordfl.algorithms import make_algorithm
+    from nordfl.sim.engine import Simulator, SimulatorOptions
+    from tests.sim.helpers import uneven_task
+
+    task = uneven_task()
+    alg = make_algorithm("fedprox", task.loss_fn, client_lr=0.05, num_epochs=2, batch_size=8, mu=0.1)
+    results = []
+    for chunk, on_host in ((None, False), (1, False), (3, True)):
+        options = SimulatorOptions(num_epochs=2, batch_size=8, cohort_size=5, chunk_size=chunk, data_on_host=on_host)
+        sim = Simulator(alg, task, options, seed=2)
+        state = sim.init(task.model.init_params)
+        for _ in range(3):
+            state, _ = sim.run_round(state)
+        results.append(state.server.params)
+    for other in results[1:]:
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7), results[0], other)
+
+
+def test_round_cost_follows_the_cohort_not_the_registered_clients():
+    from nordfl.sim.packing import plan_buckets
+
+    sizes = np.random.default_rng(0).integers(50, 60, 10_000)
+    for cohort in (10, 100):
+        plan = plan_buckets(sizes, batch_size=10, cohort_size=cohort)
+        slots = sum(min(cohort, len(ids)) for ids in plan)
+        assert slots == cohort * len(plan) and len(plan) == 1  # one bucket of `cohort` slots, whatever N is
