@@ -167,13 +167,22 @@ def load_runs(folders: Sequence[Union[str, Path]]) -> list[Run]:
             if run_folder.resolve() not in runs:  # a sweep and one of its runs may both be passed
                 runs[run_folder.resolve()] = load_run(run_folder)
     by_key: dict[tuple[str, int], Run] = {}
-    for run in runs.values():
+    for run in _without_shared_overrides(list(runs.values())):
         other = by_key.setdefault((run.label, run.seed), run)
         if other is not run:
             raise ReportError(
                 f"runs {other.folder} and {run.folder} are both configuration '{run.label}' with seed {run.seed}; pass only one"
             )
-    return list(runs.values())
+    return list(by_key.values())
+
+
+def _without_shared_overrides(runs: list[Run]) -> list[Run]:
+    """Drops overrides every run shares (``sim.rounds=3`` on a whole sweep): labels show what differs."""
+    items = [run.label.split(" ") for run in runs]
+    shared = set.intersection(*map(set, items)) if len(runs) > 1 else set()
+    if not shared or any(not set(i) - shared for i in items):
+        return runs
+    return [run._replace(label=" ".join(i for i in parts if i not in shared)) for run, parts in zip(runs, items)]
 
 
 # ---------------------------------------------------------------------------- averaging
