@@ -143,12 +143,17 @@ def heart(
     With the defaults, train/test sizes are Cleveland 199/104, Hungary 172/89,
     Switzerland 30/16 and VA Long Beach 85/45.
     """
-    rng = np.random.default_rng(seed)
-    clients = []
-    for site, examples in load_sites(path, sha256=sha256).items():
-        if len(examples.y) < 2:
-            raise ValueError(f"heart: site {site} has {len(examples.y)} complete rows; at least 2 are needed to split")
-        train, test = stratified_split(examples.y, test_fraction, rng)
-        x_train, x_test = standardise(examples.x[train], examples.x[test])
-        clients.append(ClientSplit(site, Examples(x_train, examples.y[train]), Examples(x_test, examples.y[test])))
-    return FederatedDataset("heart", tuple(clients), num_classes=2, feature_names=FEATURES)
+    sites = load_sites(path, sha256=sha256)
+    clients = tuple(prepare_site(site, examples, seed=seed, test_fraction=test_fraction) for site, examples in sites.items())
+    return FederatedDataset("heart", clients, num_classes=2, feature_names=FEATURES)
+
+
+def prepare_site(site: str, examples: Examples, *, seed: int = 0, test_fraction: float = 0.34) -> ClientSplit:
+    """One site's split and standardisation, from its own rows and a seed: what a hospital
+    computes locally in the runtime, and exactly what the simulator uses for that site."""
+    if len(examples.y) < 2:
+        raise ValueError(f"heart: site {site} has {len(examples.y)} complete rows; at least 2 are needed to split")
+    site_key = int.from_bytes(hashlib.sha256(site.encode()).digest()[:4], "little")
+    train, test = stratified_split(examples.y, test_fraction, np.random.default_rng([seed, site_key]))
+    x_train, x_test = standardise(examples.x[train], examples.x[test])
+    return ClientSplit(site, Examples(x_train, examples.y[train]), Examples(x_test, examples.y[test]))
