@@ -1,0 +1,124 @@
+"""Config schema shared by the simulator and the runtime: the ``algorithm``, ``task`` and
+``partition`` groups, and the builders that turn them into checked NordFL objects.
+
+Both apps compose these groups from the same YAML files, so what is validated in the
+simulator is what is deployed. Types are enforced by OmegaConf when Hydra composes the
+config; values are checked by the builders, and every error names the key and the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from nordfl.algorithms import Algorithm, aggregator, make_algorithm
+from nordfl.algorithms.aggregators import Aggregator
+from nordfl.tasks import Task, classification_task, make_task
+from nordfl.tasks.partition import repartition
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the value."""
+
+
+@dataclass
+class ServerConfig:
+    """Server optimiser; ``None`` fields take the optimiser's defaults (see algorithms.server_optimizers)."""
+
+    name: Optional[str] = None
+    learning_rate: Optional[float] = None
+    momentum: Optional[float] = None
+    b1: Optional[float] = None
+    b2: Optional[float] = None
+    tau: Optional[float] = None
+
+
+@dataclass
+class AggregatorConfig:
+    name: str = "weighted_mean"
+    beta: Optional[float] = None  # trimmed_mean only
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "fedavg"
+    client_lr: float = 0.05
+    num_epochs: int = 2
+    batch_size: int = 16
+    drop_remainder: bool = False
+    weighting: Optional[str] = None
+    mu: Optional[float] = None  # fedprox
+    server_lr: Optional[float] = None  # scaffold's global step size
+    server: ServerConfig = field(default_factory=ServerConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "heart"
+    model: str = "logistic_regression"
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # mlp only
+    data_seed: int = 0
+    alpha: float = 1.0  # synthetic only
+    beta: float = 1.0  # synthetic only
+    num_devices: int = 30  # synthetic only
+
+
+@dataclass
+class PartitionConfig:
+    name: str = "natural"
+    num_clients: Optional[int] = None
+    alpha: float = 0.5
+    k: int = 2
+    distribution: str = "lognormal"
+    sigma: float = 1.0
+    exponent: float = 1.5
+    noise: float = 0.5
+    min_size: int = 1
+    allow_empty: bool = False
+    test_fraction: float = 0.2
+
+
+def present(node: Any) -> dict:
+    """The non-None fields of a config node, as a plain dict."""
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if v is not None}
+
+
+def fail(key: str, value, expected: str):
+    raise ConfigError(f"{key}: {expected}, got {value!r}")
+
+
+def build_task(cfg: DictConfig) -> Task:
+    t, p = cfg.task, cfg.partition
+    data_kwargs: dict[str, Any] = {"seed": t.data_seed}
+    if t.name.startswith("synthetic"):
+        data_kwargs["num_devices"] = t.num_devices
+        if t.name == "synthetic":
+            data_kwargs |= {"alpha": t.alpha, "beta": t.beta}
+    model_kwargs = {"hidden": tuple(t.hidden)} if t.model == "mlp" else None
+    try:
+        task = make_task(t.name, model=t.model, model_seed=cfg.seed, model_kwargs=model_kwargs, **data_kwargs)
+        options = {k: v for k, v in present(p).items() if k != "name"}
+        data = repartition(task.data, p.name, seed=t.data_seed, **options)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return task if data is task.data else classification_task(task.name, data, task.model)
+
+
+def build_algorithm(cfg: DictConfig, loss_fn, num_clients: int) -> tuple[Algorithm, Aggregator]:
+    a = cfg.algorithm
+    hyper = {k: v for k, v in present(a).items() if k not in ("name", "server", "aggregator")}
+    if a.name == "scaffold":
+        hyper["num_clients"] = num_clients
+    try:
+        algorithm = make_algorithm(a.name, loss_fn, server=present(a.server), **hyper)
+    except ValueError as e:
+        raise ConfigError(f"algorithm: {e}") from None
+    agg = present(a.aggregator)
+    try:
+        aggregate = aggregator(agg.pop("name"), **agg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"algorithm.aggregator: {e}") from None
+    return algorithm, aggregate
