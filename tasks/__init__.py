@@ -19,11 +19,14 @@ from nordfl.tasks.synthetic import synthetic as synthetic
 from nordfl.tasks.task import EvalMetrics as EvalMetrics
 from nordfl.tasks.task import Task as Task
 from nordfl.tasks.task import classification_task as classification_task
+from nordfl.tasks.task import TaskFns as TaskFns
+from nordfl.tasks.task import classification_fns as classification_fns
+from nordfl.tasks.task import make_model as make_model
 from nordfl.tasks.task import make_task as make_task
 
 __all__ = [
     "ClientSplit", "EvalMetrics", "Examples", "FederatedDataset", "Model", "Task", "accuracy",
-    "build_federated", "classification_task", "cnn", "heart", "logistic_regression", "make_task",
+    "TaskFns", "build_federated", "classification_fns", "classification_task", "make_model", "cnn", "heart", "logistic_regression", "make_task",
     "mlp", "partition", "roc_auc", "softmax_cross_entropy", "split_model", "stratified_split",
     "synthetic",
 ]

@@ -11,8 +11,11 @@ import jax.numpy as jnp
 
 from nordfl.tasks import metrics as M
 from nordfl.tasks.data import Examples, FederatedDataset
+from nordfl.tasks.heart import FEATURES as HEART_FEATURES
 from nordfl.tasks.heart import heart
 from nordfl.tasks.models import MODELS, Model
+from nordfl.tasks.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
+from nordfl.tasks.synthetic import NUM_FEATURES as SYNTHETIC_FEATURES
 from nordfl.tasks.synthetic import synthetic
 
 Params = Any
@@ -40,15 +43,22 @@ class Task(NamedTuple):
     evaluate: Callable[[Params, Examples, jax.Array], EvalMetrics]
 
 
-def classification_task(name: str, data: FederatedDataset, model: Model) -> Task:
-    """Cross-entropy training and loss/accuracy/AUC evaluation for ``model`` on ``data``."""
+class TaskFns(NamedTuple):
+    """A model's training loss and evaluation, without any data: all a site or coordinator needs."""
+
+    loss_fn: Callable[[Params, Examples, jax.Array], jax.Array]
+    evaluate: Callable[[Params, Examples, jax.Array], EvalMetrics]
+
+
+def classification_fns(model: Model, num_classes: int) -> TaskFns:
+    """Cross-entropy training and loss/accuracy/AUC (binary only) evaluation for ``model``."""
 
     def loss_fn(params, batch: Examples, mask):
         return M.softmax_cross_entropy(model.apply(params, batch.x), batch.y, mask)
 
     def evaluate(params, examples: Examples, mask) -> EvalMetrics:
         logits = model.apply(params, examples.x)
-        if data.num_classes == 2:
+        if num_classes == 2:
             auc = M.roc_auc(logits[:, 1] - logits[:, 0], examples.y, mask)
         else:
             auc = jnp.full((), jnp.nan, jnp.float32)
@@ -56,7 +66,13 @@ def classification_task(name: str, data: FederatedDataset, model: Model) -> Task
             M.softmax_cross_entropy(logits, examples.y, mask), M.accuracy(logits, examples.y, mask), auc
         )
 
-    return Task(name, data, model, loss_fn, evaluate)
+    return TaskFns(loss_fn, evaluate)
+
+
+def classification_task(name: str, data: FederatedDataset, model: Model) -> Task:
+    """Cross-entropy training and loss/accuracy/AUC evaluation for ``model`` on ``data``."""
+    fns = classification_fns(model, data.num_classes)
+    return Task(name, data, model, fns.loss_fn, fns.evaluate)
 
 
 DATASETS: dict[str, Callable[..., FederatedDataset]] = {
@@ -64,6 +80,26 @@ DATASETS: dict[str, Callable[..., FederatedDataset]] = {
     "synthetic": synthetic,
     "synthetic_iid": lambda **kw: synthetic(iid=True, **kw),
 }
+SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "heart": ((len(HEART_FEATURES),), 2),
+    "synthetic": ((SYNTHETIC_FEATURES,), SYNTHETIC_CLASSES),
+    "synthetic_iid": ((SYNTHETIC_FEATURES,), SYNTHETIC_CLASSES),
+}
+"""Feature shape and number of classes of each task, known without loading its data."""
+
+
+def make_model(task_name: str, model: str = "logistic_regression", *, seed: int = 0, model_kwargs=None) -> Model:
+    """The named model sized for the named task (no data is read)."""
+    if task_name not in SHAPES:
+        raise ValueError(f"task: unknown name {task_name!r}; expected one of {', '.join(sorted(SHAPES))}")
+    if model not in MODELS:
+        raise ValueError(f"task.model: unknown name {model!r}; expected one of {', '.join(sorted(MODELS))}")
+    shape, num_classes = SHAPES[task_name]
+    if model == "cnn":
+        if len(shape) != 3:
+            raise ValueError(f"task.model: cnn needs image features [H, W, C]; task {task_name} has feature shape {shape}")
+        return MODELS[model](shape, num_classes, seed=seed, **(model_kwargs or {}))
+    return MODELS[model](math.prod(shape), num_classes, seed=seed, **(model_kwargs or {}))
 
 
 def make_task(name: str, *, model: str = "logistic_regression", model_seed: int = 0, model_kwargs=None, **data_kwargs) -> Task:
@@ -72,16 +108,5 @@ def make_task(name: str, *, model: str = "logistic_regression", model_seed: int 
     Example:
       >>> task = make_task("synthetic", alpha=1.0, beta=1.0, num_devices=30, seed=0)
     """
-    if name not in DATASETS:
-        raise ValueError(f"task: unknown name {name!r}; expected one of {', '.join(sorted(DATASETS))}")
-    if model not in MODELS:
-        raise ValueError(f"task.model: unknown name {model!r}; expected one of {', '.join(sorted(MODELS))}")
-    data = DATASETS[name](**data_kwargs)
-    shape = data.feature_shape
-    if model == "cnn":
-        if len(shape) != 3:
-            raise ValueError(f"task.model: cnn needs image features [H, W, C]; task {name} has feature shape {shape}")
-        built = MODELS[model](shape, data.num_classes, seed=model_seed, **(model_kwargs or {}))
-    else:
-        built = MODELS[model](math.prod(shape), data.num_classes, seed=model_seed, **(model_kwargs or {}))
-    return classification_task(name, data, built)
+    built = make_model(name, model, seed=model_seed, model_kwargs=model_kwargs)
+    return classification_task(name, DATASETS[name](**data_kwargs), built)
