@@ -1,0 +1,252 @@
+"""Append-only, hash-chained audit log (JSONL) for the coordinator and every site.
+
+Data-protection officers need to know exactly what left each site: connections, rounds,
+the SHA-256 of every update sent or received, and each accept/reject with its reason.
+Every line is one JSON object that carries the hash of the line before it, so editing,
+removing or reordering an entry breaks the chain at that point and `verify` names the
+first broken line. The chain shows tampering; it cannot stop someone who rewrites the
+whole file from the edited line on (ship or countersign the last hash for that).
+
+Line format, keys in this order: seq (1-based), time (UTC, ms, 'Z'), actor, event, the
+caller's fields, prev (previous hash, 64 zeros for the first), hash = SHA-256 hex of
+json.dumps(entry_without_hash, sort_keys=True, separators=(",", ":"), ensure_ascii=False).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock, so one writer per file is up to the deployment
+    fcntl = None
+
+__all__ = ["GENESIS", "RESERVED", "AuditError", "AuditLog", "VerifyReport", "sha256_hex", "verify", "verify_main"]
+
+GENESIS = "0" * 64
+RESERVED = ("seq", "time", "actor", "event", "prev", "hash")
+
+
+class AuditError(ValueError):
+    """The log cannot be appended to safely (damaged tail, second writer, failed write)."""
+
+
+class VerifyReport(NamedTuple):
+    """Result of `verify`. On failure `entries` counts the intact entries before the bad line."""
+
+    ok: bool
+    entries: int
+    first_bad_line: Optional[int]
+    reason: str
+
+
+def sha256_hex(data: bytes) -> str:
+    """Digest of an update's bytes, to record what was sent or received without the data itself."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _entry_hash(entry: dict) -> str:
+    """Hash of the canonical form, so key order and whitespace in the file do not matter."""
+    canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return sha256_hex(canonical.encode("utf-8"))
+
+
+class _BadJSON(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    # A duplicate key would let a reader see one value while the hash covers another.
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _BadJSON(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name):
+    raise _BadJSON(f"{name} is not valid JSON")
+
+
+def _parse_line(raw: bytes) -> tuple[Optional[dict], str]:
+    """Parse and self-check one line: (entry, "") or (None, why). Chain links are checked by the caller."""
+    if not raw.endswith(b"\n"):
+        return None, "truncated entry (no newline at end; interrupted write?)"
+    try:
+        entry = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except _BadJSON as e:
+        return None, f"not valid JSON ({e})"
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None, "not valid JSON"
+    if not isinstance(entry, dict):
+        return None, "not a JSON object"
+    missing = [key for key in RESERVED if key not in entry]
+    if missing:
+        return None, f"missing key(s): {', '.join(missing)}"
+    if type(entry["seq"]) is not int:
+        return None, f"seq must be an integer, got {entry['seq']!r}"
+    for key in ("time", "actor", "event", "prev", "hash"):
+        if not isinstance(entry[key], str):
+            return None, f"{key} must be a string, got {entry[key]!r}"
+    stored = entry.pop("hash")
+    if _entry_hash(entry) != stored:
+        return None, "hash mismatch (entry edited)"
+    entry["hash"] = stored
+    return entry, ""
+
+
+def _last_line(path: Path) -> tuple[int, bytes]:
+    """(number of lines, last line) without holding the whole file in memory."""
+    count, last = 0, b""
+    with open(path, "rb") as f:
+        for count, last in enumerate(f, 1):
+            pass
+    return count, last
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class AuditLog:
+    """Appends hash-chained entries to `path`, continuing an existing chain.
+
+    Opening refuses a file whose last line is damaged: appending after it would fork the
+    chain and hide where it broke. Each entry is one write of the whole line followed by
+    fsync, so a crash leaves the whole entry or none (a torn tail is then refused, not
+    papered over). Thread-safe; on POSIX an exclusive lock also keeps a second writer
+    (process or AuditLog) off the same file.
+    """
+
+    def __init__(self, path, actor: str):
+        if not isinstance(actor, str) or not actor:
+            raise ValueError(f"actor must be a non-empty string, got {actor!r}")
+        self.path = Path(path)
+        self.actor = actor
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._prev = GENESIS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise AuditError(f"{self.path}: already open for writing by another AuditLog or process") from None
+            lines, last = _last_line(self.path)
+            if lines:
+                entry, why = _parse_line(last)
+                if entry is None:
+                    raise AuditError(
+                        f"{self.path}: line {lines}: {why}; refusing to append (it would fork the chain). "
+                        f"Run `nordfl audit verify {self.path}` and repair or archive the file."
+                    )
+                self._seq, self._prev = entry["seq"], entry["hash"]
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            raise
+
+    @property
+    def seq(self) -> int:
+        """Seq of the last entry in the file (0 if none)."""
+        return self._seq
+
+    @property
+    def last_hash(self) -> str:
+        """Hash of the last entry (64 zeros if none): countersign or ship it to pin the log."""
+        return self._prev
+
+    def record(self, event: str, **fields) -> dict:
+        """Append one entry and return it (with its hash) once it is on disk."""
+        if not isinstance(event, str) or not event:
+            raise ValueError(f"event must be a non-empty string, got {event!r}")
+        clash = sorted(set(fields) & set(RESERVED))
+        if clash:
+            raise ValueError(f"field name(s) {', '.join(clash)} are reserved by the audit log: {', '.join(RESERVED)}")
+        try:
+            # Round-trip so the hash is over exactly what `verify` will read back (tuples, int keys...).
+            fields = json.loads(json.dumps(fields, ensure_ascii=False, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"audit fields must be JSON-serialisable (use sha256_hex for bytes): {e}") from None
+        with self._lock:
+            if self._fd is None:
+                raise AuditError(f"{self.path}: audit log is closed")
+            entry = {"seq": self._seq + 1, "time": _now(), "actor": self.actor, "event": event, **fields, "prev": self._prev}
+            entry["hash"] = _entry_hash(entry)
+            line = (json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+            try:
+                written = os.write(self._fd, line)
+                if written != len(line):
+                    raise OSError(f"short write ({written} of {len(line)} bytes)")
+                os.fsync(self._fd)
+            except OSError as e:
+                # The tail may now be torn; further appends would build on it. Stop here.
+                os.close(self._fd)
+                self._fd = None
+                raise AuditError(f"{self.path}: write failed, log closed: {e}") from e
+            self._seq, self._prev = entry["seq"], entry["hash"]
+        return entry
+
+    def close(self) -> None:
+        """Release the file (and its lock). Safe to call twice."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> "AuditLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _verify(path) -> tuple[VerifyReport, str]:
+    """`verify` plus the last hash, which `verify_main` prints."""
+    path = Path(path)
+    prev, entries = GENESIS, 0
+    try:
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                entry, why = _parse_line(raw)
+                if entry is None:
+                    return VerifyReport(False, entries, line_no, why), prev
+                if entry["prev"] != prev:
+                    if line_no == 1:
+                        why = "prev is not 64 zeros (earlier entries removed?)"
+                    else:
+                        why = f"prev does not match line {line_no - 1}'s hash (entry removed or reordered)"
+                    return VerifyReport(False, entries, line_no, why), prev
+                if entry["seq"] != line_no:
+                    return VerifyReport(False, entries, line_no, f"seq {entry['seq']}, expected {line_no}"), prev
+                prev, entries = entry["hash"], line_no
+    except OSError as e:
+        return VerifyReport(False, 0, None, f"cannot read {path}: {e.strerror or e}"), prev
+    return VerifyReport(True, entries, None, "chain intact" if entries else "empty log"), prev
+
+
+def verify(path) -> VerifyReport:
+    """Check every hash, prev link and seq from line 1; report the first broken line and why."""
+    return _verify(path)[0]
+
+
+def verify_main(path) -> int:
+    """One-line result for `nordfl audit verify LOG`; exit code 0 if the chain is intact, else 1."""
+    report, last_hash = _verify(path)
+    if report.ok:
+        print(f"OK: {report.entries} entries, chain intact, last hash {last_hash}")
+        return 0
+    if report.first_bad_line is None:
+        print(f"ERROR: {report.reason}")
+    else:
+        print(f"BROKEN at line {report.first_bad_line}: {report.reason}")
+    return 1
