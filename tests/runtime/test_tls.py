@@ -1,0 +1,347 @@
+"""nordfl.runtime.tls: provisioning on disk, membership, and real mutual-TLS gRPC calls on loopback."""
+
+import contextlib
+import ipaddress
+import json
+import os
+import stat
+from concurrent import futures
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from nordfl.runtime import tls
+
+SITES = ["hospital-a", "hospital_b.2", "C"]
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    """One federation shared by the read-only tests (tests that revoke provision their own)."""
+    return tls.provision(tmp_path_factory.mktemp("fed") / "federation", SITES)
+
+
+@pytest.fixture(scope="module")
+def other_fed(tmp_path_factory):
+    """A second, separately provisioned federation: same site names, different CA."""
+    return tls.provision(tmp_path_factory.mktemp("other") / "federation", SITES)
+
+
+def _cert(path):
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _cn(cert):
+    return cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# provision
+
+
+def test_provision_layout_and_permissions(fed):
+    expected = {"federation.json", "ca/ca.pem", "ca/ca.key",
+                "coordinator/cert.pem", "coordinator/key.pem", "coordinator/ca.pem"}
+    for site in SITES:
+        expected |= {f"sites/{site}/cert.pem", f"sites/{site}/key.pem", f"sites/{site}/ca.pem"}
+    written = {str(p.relative_to(fed)) for p in fed.rglob("*") if p.is_file()}
+    assert written == expected
+
+    keys = [fed / "ca/ca.key", fed / "coordinator/key.pem"] + [fed / "sites" / s / "key.pem" for s in SITES]
+    for key in keys:
+        assert _mode(key) == 0o600, key
+    dirs = [fed, fed / "ca", fed / "coordinator", fed / "sites"] + [fed / "sites" / s for s in SITES]
+    for d in dirs:
+        assert _mode(d) == 0o700, d
+
+    assert json.loads((fed / "federation.json").read_text()) == {"sites": sorted(SITES), "revoked": []}
+    assert tls.load_federation(fed) == tls.Federation(frozenset(SITES), frozenset())
+
+
+def test_every_certificate_is_signed_by_the_federation_ca(fed):
+    ca = _cert(fed / "ca/ca.pem")
+    assert ca.issuer == ca.subject
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert ca.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign is True
+    ca.verify_directly_issued_by(ca)
+
+    ca_copies = [fed / "coordinator/ca.pem"] + [fed / "sites" / s / "ca.pem" for s in SITES]
+    for copy in ca_copies:
+        assert _cert(copy) == ca
+
+    for path in [fed / "coordinator/cert.pem"] + [fed / "sites" / s / "cert.pem" for s in SITES]:
+        cert = _cert(path)
+        assert cert.issuer == ca.subject, path
+        cert.verify_directly_issued_by(ca)  # issuer name matches and the CA key made the signature
+        assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+
+    # A certificate from another CA must not pass the same check.
+    with pytest.raises(Exception):
+        _cert(fed / "coordinator/cert.pem").verify_directly_issued_by(_cert(fed / "sites/C/cert.pem"))
+
+
+def test_private_keys_match_their_certificates(fed):
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    pairs = [(fed / "ca/ca.key", fed / "ca/ca.pem"), (fed / "coordinator/key.pem", fed / "coordinator/cert.pem")]
+    pairs += [(fed / "sites" / s / "key.pem", fed / "sites" / s / "cert.pem") for s in SITES]
+    for key_path, cert_path in pairs:
+        key = load_pem_private_key(key_path.read_bytes(), password=None)
+        assert key.public_key() == _cert(cert_path).public_key(), key_path
+
+
+def test_site_and_coordinator_certificate_contents(fed):
+    for site in SITES:
+        cert = _cert(fed / "sites" / site / "cert.pem")
+        assert _cn(cert) == site
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+    coord = _cert(fed / "coordinator/cert.pem")
+    san = coord.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    eku = coord.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert _cn(coord) not in SITES
+    # Full path validation as a TLS client would do it (web PKI profile, hostname check).
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    verifier = PolicyBuilder().store(Store([_cert(fed / "ca/ca.pem")])).build_server_verifier(x509.DNSName("localhost"))
+    assert verifier.verify(coord, [])[-1] == _cert(fed / "ca/ca.pem")
+
+
+def test_custom_coordinator_hosts_and_validity(tmp_path):
+    root = tls.provision(tmp_path / "f", ["a"], coordinator_hosts=["fl.example.org", "::1"], valid_days=30)
+    coord = _cert(root / "coordinator/cert.pem")
+    san = coord.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("::1")]
+    lifetime = coord.not_valid_after_utc - coord.not_valid_before_utc
+    assert 30 <= lifetime.days <= 31
+
+
+def test_reprovisioning_is_refused(fed):
+    before = (fed / "ca/ca.pem").read_bytes()
+    with pytest.raises(FileExistsError, match="refusing to overwrite") as err:
+        tls.provision(fed, ["someone-else"])
+    assert str(fed) in str(err.value)
+    assert (fed / "ca/ca.pem").read_bytes() == before
+
+
+def test_provision_into_existing_empty_directory(tmp_path):
+    tls.provision(tmp_path, ["a"])
+    assert tls.load_federation(tmp_path).sites == {"a"}
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 65, "a/b", "..", ".", "ümlaut", "new\nline", "semi;colon"])
+def test_bad_site_names_are_refused(tmp_path, bad):
+    with pytest.raises(ValueError) as err:
+        tls.provision(tmp_path / "f", ["good", bad])
+    assert repr(bad) in str(err.value)
+    assert not (tmp_path / "f").exists()  # nothing half-written
+
+
+def test_site_list_errors(tmp_path):
+    with pytest.raises(ValueError, match="at least one site"):
+        tls.provision(tmp_path / "f", [])
+    with pytest.raises(ValueError, match="duplicate site name 'a'"):
+        tls.provision(tmp_path / "f", ["a", "b", "a"])
+    with pytest.raises(ValueError, match="duplicate site name 'A'"):
+        tls.provision(tmp_path / "f", ["a", "A"])
+    with pytest.raises(TypeError, match="single string"):
+        tls.provision(tmp_path / "f", "hospital-a")
+    with pytest.raises(ValueError, match="'localhost'"):
+        tls.provision(tmp_path / "f", ["localhost"])
+    with pytest.raises(ValueError, match="valid_days"):
+        tls.provision(tmp_path / "f", ["a"], valid_days=0)
+    assert tls.provision(tmp_path / "f", ["x" * 64]).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# membership
+
+
+def test_revoke_updates_federation_json(tmp_path):
+    root = tls.provision(tmp_path / "f", ["a", "b", "c"])
+    tls.revoke(root, "b")
+    assert json.loads((root / "federation.json").read_text()) == {"sites": ["a", "b", "c"], "revoked": ["b"]}
+    tls.revoke(root, "b")  # no-op
+    tls.revoke(root, "a")
+    assert tls.load_federation(root) == tls.Federation(frozenset("abc"), frozenset("ab"))
+    assert [p.name for p in root.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_revoke_unknown_site(tmp_path):
+    root = tls.provision(tmp_path / "f", ["a", "b"])
+    with pytest.raises(ValueError, match=r"unknown site 'zz'.*known sites: a, b"):
+        tls.revoke(root, "zz")
+    assert tls.load_federation(root).revoked == frozenset()
+
+
+def test_load_federation_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="federation.json"):
+        tls.load_federation(tmp_path)
+    path = tmp_path / "federation.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        tls.load_federation(tmp_path)
+    path.write_text('{"sites": ["a"]}')
+    with pytest.raises(ValueError, match="missing field 'revoked'"):
+        tls.load_federation(tmp_path)
+    path.write_text('{"sites": "a", "revoked": []}')
+    with pytest.raises(ValueError, match="field 'sites' must be a list"):
+        tls.load_federation(tmp_path)
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="expected an object"):
+        tls.load_federation(tmp_path)
+
+
+def test_admit():
+    fed = tls.Federation(sites=frozenset({"a", "b"}), revoked=frozenset({"b"}))
+    assert tls.admit(fed, "a") == (True, "")
+    ok, reason = tls.admit(fed, None)
+    assert not ok and "no verified client certificate" in reason
+    ok, reason = tls.admit(fed, "zz")
+    assert not ok and "'zz'" in reason and "not a member" in reason
+    ok, reason = tls.admit(fed, "b")
+    assert not ok and "'b'" in reason and "revoked" in reason
+
+
+def test_watcher_reloads_on_change(tmp_path):
+    root = tls.provision(tmp_path / "f", ["a", "b"])
+    watcher = tls.FederationWatcher(root)
+    first = watcher.current()
+    assert first.revoked == frozenset()
+    assert watcher.current() is first  # unchanged file: cached
+    tls.revoke(root, "a")
+    assert watcher.current().revoked == {"a"}
+    (root / "federation.json").write_text("garbage")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        watcher.current()  # fail closed, not a stale list
+    with pytest.raises(FileNotFoundError):
+        tls.FederationWatcher(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------
+# gRPC over loopback
+
+
+@contextlib.contextmanager
+def _coordinator(root):
+    """A real coordinator on 127.0.0.1 with two methods: Who (echo identity) and Admit (check membership)."""
+    watcher = tls.FederationWatcher(root)
+
+    def who(request, context):
+        return (tls.peer_identity(context) or "").encode()
+
+    def admitted(request, context):
+        ok, reason = tls.admit(watcher.current(), tls.peer_identity(context))
+        if not ok:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+        return b"welcome"
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Echo", {
+        "Who": grpc.unary_unary_rpc_method_handler(who),
+        "Admit": grpc.unary_unary_rpc_method_handler(admitted),
+    })])
+    port = server.add_secure_port("127.0.0.1:0", tls.server_credentials(root / "coordinator"))
+    assert port > 0
+    server.start()
+    try:
+        yield f"localhost:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def _call(target, credentials, method="Who"):
+    with grpc.secure_channel(target, credentials) as channel:
+        return channel.unary_unary(f"/test.Echo/{method}")(b"", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def coordinator(fed):
+    with _coordinator(fed) as target:
+        yield target
+
+
+def test_site_gets_its_own_name_back(fed, coordinator):
+    for site in SITES:
+        assert _call(coordinator, tls.channel_credentials(fed / "sites" / site)) == site.encode()
+
+
+def test_certificate_from_another_federation_is_refused(fed, other_fed, coordinator):
+    # Trusts the right coordinator, but presents a "hospital-a" certificate from another CA.
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(fed / "ca/ca.pem").read_bytes(),
+        private_key=(other_fed / "sites/hospital-a/key.pem").read_bytes(),
+        certificate_chain=(other_fed / "sites/hospital-a/cert.pem").read_bytes(),
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        _call(coordinator, creds)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_without_certificate_is_refused(fed, coordinator):
+    creds = grpc.ssl_channel_credentials(root_certificates=(fed / "ca/ca.pem").read_bytes())
+    with pytest.raises(grpc.RpcError) as err:
+        _call(coordinator, creds)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_site_refuses_a_coordinator_from_another_federation(other_fed, coordinator):
+    # The site of the other federation does not trust this coordinator's CA.
+    with pytest.raises(grpc.RpcError) as err:
+        _call(coordinator, tls.channel_credentials(other_fed / "sites/hospital-a"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_certificates_only_work_in_their_own_role(tmp_path):
+    """A stolen site key cannot pose as the coordinator, nor the coordinator key as a site (ExtendedKeyUsage)."""
+    root = tls.provision(tmp_path / "f", ["localhost", "b"], coordinator_hosts=["coordinator.test"])
+    site = root / "sites/localhost"  # its CN matches the name the other site dials below
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "test.Echo", {"Who": grpc.unary_unary_rpc_method_handler(lambda request, context: b"impostor")})])
+    creds = grpc.ssl_server_credentials([((site / "key.pem").read_bytes(), (site / "cert.pem").read_bytes())],
+                                        root_certificates=(site / "ca.pem").read_bytes(), require_client_auth=True)
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            _call(f"localhost:{port}", tls.channel_credentials(root / "sites/b"))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        as_client = grpc.ssl_channel_credentials((root / "coordinator/ca.pem").read_bytes(),
+                                                 (root / "coordinator/key.pem").read_bytes(),
+                                                 (root / "coordinator/cert.pem").read_bytes())
+        with pytest.raises(grpc.RpcError) as err:
+            _call(f"localhost:{port}", as_client)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace=None)
+
+
+def test_revoke_takes_effect_without_restart(tmp_path):
+    root = tls.provision(tmp_path / "f", ["a", "b"])
+    with _coordinator(root) as target:
+        assert _call(target, tls.channel_credentials(root / "sites/a"), "Admit") == b"welcome"
+        tls.revoke(root, "a")
+        with pytest.raises(grpc.RpcError) as err:
+            _call(target, tls.channel_credentials(root / "sites/a"), "Admit")
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "revoked" in err.value.details()
+        assert _call(target, tls.channel_credentials(root / "sites/b"), "Admit") == b"welcome"
+
+
+def test_missing_credential_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ca.pem"):
+        tls.channel_credentials(tmp_path)
+    with pytest.raises(FileNotFoundError, match="key.pem"):
+        tls.server_credentials(tmp_path)
