@@ -19,9 +19,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 from importlib import resources
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -32,12 +33,43 @@ VENDORED_CSV = "heart_disease_uci.csv"
 VENDORED_SHA256 = "574f2fa2b43012fa25fca4fcdb36bd7c6bccdd0af4242f6c0e4c8633c5a072ae"
 MISLABELLED_ROW_ID = "304"
 
-NUMERIC = ("age", "trestbps", "chol", "thalch", "oldpeak")
-BINARY = {"sex": ("Female", "Male"), "fbs": ("FALSE", "TRUE"), "exang": ("FALSE", "TRUE")}
-CATEGORICAL = {
-    "cp": ("asymptomatic", "atypical angina", "non-anginal", "typical angina"),
-    "restecg": ("lv hypertrophy", "normal", "st-t abnormality"),
-}
+class Column(NamedTuple):
+    """One input column that a site's file must have, and what its values must be."""
+
+    name: str
+    kind: str  # "number" (any finite number), "integer", or "category" (text, one of ``levels``)
+    levels: tuple[str, ...] = ()  # a category's levels (the first is one-hot's reference); an integer's range
+    description: str = ""
+
+    @property
+    def expected(self) -> str:
+        """What a value must be, for error messages: "a number", "an integer 0-4", "one of ..."."""
+        if self.kind == "number":
+            return "a number"
+        if self.kind == "integer":
+            return f"an integer {self.levels[0]}-{self.levels[-1]}" if self.levels else "an integer"
+        return f"one of {', '.join(self.levels)}"
+
+
+# What preprocessing needs from every row, in the UCI file's column order. An empty value
+# makes the row incomplete (dropped); anything else that is not as declared is an error.
+SCHEMA: tuple[Column, ...] = (
+    Column("id", "integer", (), "patient number, for error messages"),
+    Column("age", "number", (), "age in years"),
+    Column("sex", "category", ("Female", "Male"), "sex"),
+    Column("cp", "category", ("asymptomatic", "atypical angina", "non-anginal", "typical angina"), "chest pain type"),
+    Column("trestbps", "number", (), "resting blood pressure in mm Hg"),
+    Column("chol", "number", (), "serum cholesterol in mg/dl"),
+    Column("fbs", "category", ("FALSE", "TRUE"), "fasting blood sugar above 120 mg/dl"),
+    Column("restecg", "category", ("lv hypertrophy", "normal", "st-t abnormality"), "resting ECG result"),
+    Column("thalch", "number", (), "maximum heart rate achieved, beats per minute"),
+    Column("exang", "category", ("FALSE", "TRUE"), "exercise-induced angina"),
+    Column("oldpeak", "number", (), "ST depression induced by exercise relative to rest"),
+    Column("num", "integer", ("0", "1", "2", "3", "4"), "diagnosis: 0 = no heart disease, 1-4 = disease (label num > 0)"),
+)
+NUMERIC = tuple(c.name for c in SCHEMA if c.kind == "number")
+BINARY = {c.name: c.levels for c in SCHEMA if c.kind == "category" and len(c.levels) == 2}
+CATEGORICAL = {c.name: c.levels for c in SCHEMA if c.kind == "category" and len(c.levels) > 2}
 REQUIRED_COLUMNS = ("id", "dataset", "num", *NUMERIC, *BINARY, *CATEGORICAL)
 FEATURES = (
     "age", "sex", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak",
@@ -62,35 +94,90 @@ def _read_checked(path: Optional[Union[str, Path]], sha256: Optional[str]) -> tu
     return source, raw
 
 
-def _parse_row(source: str, row: dict) -> Optional[tuple[str, list[float], int]]:
-    """(site, 13 features, label) or None when a value is missing."""
-    if any(row[col].strip() == "" for col in REQUIRED_COLUMNS):
-        return None
-    where = f"heart: {source}, row id={row['id']}"
-    features = {}
-    for col in NUMERIC:
-        try:
-            features[col] = float(row[col])
-        except ValueError:
-            raise ValueError(f"{where}: column {col} has {row[col]!r}; expected a number") from None
-    for col, levels in {**BINARY, **CATEGORICAL}.items():
-        if row[col] not in levels:
-            raise ValueError(f"{where}: column {col} has {row[col]!r}; expected one of {', '.join(levels)}")
-    for col, (_, one) in BINARY.items():
-        features[col] = float(row[col] == one)
-    for col, levels in CATEGORICAL.items():
-        for level in levels[1:]:
-            features[f"{col}={level}"] = float(row[col] == level)
-    site = row["dataset"]
-    if site == "Cleveland" and row["id"] == MISLABELLED_ROW_ID:
-        site = "Hungary"
-    if site not in SITES:
-        raise ValueError(f"{where}: column dataset has {site!r}; expected one of {', '.join(SITES)}")
+def is_complete(row: Mapping[str, str]) -> bool:
+    """Whether the row has a non-empty value in every ``SCHEMA`` column."""
+    return all(row[c.name].strip() != "" for c in SCHEMA)
+
+
+def _checked(column: Column, value: str) -> Union[float, int, str, None]:
+    """The value as its column's kind (float, int or the level), or None if it is not one."""
     try:
-        label = int(int(row["num"]) > 0)
+        if column.kind == "number":
+            number = float(value)
+            return number if math.isfinite(number) else None
+        if column.kind == "integer":
+            integer = int(value)
+            return integer if not column.levels or str(integer) in column.levels else None
     except ValueError:
-        raise ValueError(f"{where}: column num has {row['num']!r}; expected an integer 0-4") from None
-    return site, [features[f] for f in FEATURES], label
+        return None
+    return value if value in column.levels else None
+
+
+def encode_rows(rows: Iterable[Mapping[str, str]], *, where: Callable[[int, Mapping[str, str]], str]) -> Examples:
+    """Checks and encodes rows already read from a file (string values, every ``SCHEMA``
+    column present): the complete rows, in order, as 13 features and a label (not standardised).
+
+    Args:
+      rows: one mapping per data row, column name to its text.
+      where: ``(0-based index, row)`` to the start of an error message, e.g. the file and row.
+
+    Raises:
+      ValueError: ``"<where>: column <name> has <value>; expected <what>"`` for the first value
+        of a complete row that is not as ``SCHEMA`` declares.
+    """
+    x, y = [], []
+    for index, row in enumerate(rows):
+        if not is_complete(row):
+            continue
+        values = {}
+        for column in SCHEMA:
+            values[column.name] = _checked(column, row[column.name])
+            if values[column.name] is None:
+                raise ValueError(
+                    f"{where(index, row)}: column {column.name} has {row[column.name]!r}; expected {column.expected}"
+                )
+        features = {col: values[col] for col in NUMERIC}
+        for col, (_, one) in BINARY.items():
+            features[col] = float(values[col] == one)
+        for col, levels in CATEGORICAL.items():
+            for level in levels[1:]:
+                features[f"{col}={level}"] = float(values[col] == level)
+        x.append([features[f] for f in FEATURES])
+        y.append(int(values["num"] > 0))
+    return Examples(np.asarray(x, np.float32).reshape(-1, len(FEATURES)), np.asarray(y, np.int32))
+
+
+def read_site_rows(
+    path: Optional[Union[str, Path]] = None, *, sha256: Optional[str] = VENDORED_SHA256
+) -> tuple[str, list[str], dict[str, list[dict[str, str]]]]:
+    """Reads and checks the UCI CSV and groups its rows by site, as text (not yet checked
+    value by value). Row ``id == 304`` labelled Cleveland goes to Hungary.
+
+    Returns:
+      (the file's name for messages, its header, each site's rows in file order).
+
+    Raises:
+      ValueError: naming the file and what is wrong (checksum, missing columns, unknown site).
+    """
+    source, raw = _read_checked(path, sha256)
+    reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
+    missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(
+            f"heart: {source} lacks columns {missing}; expected at least {', '.join(REQUIRED_COLUMNS)}"
+        )
+    grouped: dict[str, list[dict[str, str]]] = {site: [] for site in SITES}
+    for row in reader:
+        site = row["dataset"]
+        if site == "Cleveland" and row["id"] == MISLABELLED_ROW_ID:
+            site = "Hungary"
+        if site in grouped:
+            grouped[site].append(row)
+        elif site.strip() != "" and is_complete(row):  # an incomplete row is dropped whatever its site
+            raise ValueError(
+                f"heart: {source}, row id={row['id']}: column dataset has {site!r}; expected one of {', '.join(SITES)}"
+            )
+    return source, list(reader.fieldnames), grouped
 
 
 def load_sites(path: Optional[Union[str, Path]] = None, *, sha256: Optional[str] = VENDORED_SHA256) -> dict[str, Examples]:
@@ -103,24 +190,12 @@ def load_sites(path: Optional[Union[str, Path]] = None, *, sha256: Optional[str]
     Raises:
       ValueError: naming the file and what is wrong (checksum, missing columns, bad value).
     """
-    source, raw = _read_checked(path, sha256)
-    reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
-    missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-        raise ValueError(
-            f"heart: {source} lacks columns {missing}; expected at least {', '.join(REQUIRED_COLUMNS)}"
-        )
-    grouped: dict[str, tuple[list, list]] = {site: ([], []) for site in SITES}
-    for row in reader:
-        parsed = _parse_row(source, row)
-        if parsed is not None:
-            site, features, label = parsed
-            grouped[site][0].append(features)
-            grouped[site][1].append(label)
-    return {
-        site: Examples(np.asarray(x, np.float32).reshape(-1, len(FEATURES)), np.asarray(y, np.int32))
-        for site, (x, y) in grouped.items()
-    }
+    source, _, grouped = read_site_rows(path, sha256=sha256)
+
+    def where(_: int, row: Mapping[str, str]) -> str:
+        return f"heart: {source}, row id={row['id']}"
+
+    return {site: encode_rows(rows, where=where) for site, rows in grouped.items()}
 
 
 def standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +228,8 @@ def prepare_site(site: str, examples: Examples, *, seed: int = 0, test_fraction:
     computes locally in the runtime, and exactly what the simulator uses for that site."""
     if len(examples.y) < 2:
         raise ValueError(f"heart: site {site} has {len(examples.y)} complete rows; at least 2 are needed to split")
-    site_key = int.from_bytes(hashlib.sha256(site.encode()).digest()[:4], "little")
-    train, test = stratified_split(examples.y, test_fraction, np.random.default_rng([seed, site_key]))
+    # Seeded by the seed alone (not the site's name or position), so a hospital needs nothing
+    # but its own rows and the job's seed to reproduce the split the simulator uses.
+    train, test = stratified_split(examples.y, test_fraction, np.random.default_rng(seed))
     x_train, x_test = standardise(examples.x[train], examples.x[test])
     return ClientSplit(site, Examples(x_train, examples.y[train]), Examples(x_test, examples.y[test]))

@@ -1,0 +1,172 @@
+"""A hospital's own data for the heart task: read its CSV or Parquet file(s) and check them
+against ``nordfl.tasks.heart.SCHEMA`` before the site agent connects to anyone.
+
+Every problem raises ``SiteDataError`` naming the file, and where it applies the row, the
+column, the value and what was expected. Empty cells (CSV) and nulls (Parquet) are missing
+values: a row with one is dropped, as the heart preprocessing does, but a file with no
+complete row is an error. The result is encoded but not standardised; the caller then runs
+``nordfl.tasks.heart.prepare_site`` (the site's split and standardisation)::
+
+    from nordfl.runtime.site_data import load_site_table
+    from nordfl.tasks.heart import prepare_site
+
+    split = prepare_site("Cleveland", load_site_table(["data/heart.csv"]), seed=0)
+
+Parquet needs ``pyarrow`` (imported only when a ``.parquet`` file is read).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from nordfl.tasks.data import Examples
+from nordfl.tasks.heart import SCHEMA, Column, encode_rows, read_site_rows
+
+PathLike = Union[str, Path]
+SUFFIXES = (".csv", ".parquet")
+COLUMNS = ", ".join(c.name for c in SCHEMA)
+
+
+class SiteDataError(ValueError):
+    """A site's data file is missing, unreadable, empty or does not match the task's schema."""
+
+
+def load_site_table(paths: Union[PathLike, Sequence[PathLike]]) -> Examples:
+    """Reads, checks and encodes one or several ``.csv`` / ``.parquet`` files, concatenated
+    in the given order: the complete rows as heart's 13 features and label (not standardised).
+
+    Raises:
+      SiteDataError: for the first file that is missing, unreadable or empty, lacks a column,
+        holds a value of the wrong type or an unknown category, or has no complete row.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise SiteDataError(f"site data: no files given; expected one or more {' or '.join(SUFFIXES)} files")
+    parts = [_load_file(Path(p)) for p in paths]
+    return Examples(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
+
+
+def _load_file(path: Path) -> Examples:
+    if path.suffix.lower() not in SUFFIXES:
+        raise SiteDataError(f"site data: {path} is not a {' or '.join(SUFFIXES)} file; expected a table with columns {COLUMNS}")
+    if not path.is_file():
+        raise SiteDataError(f"site data: {path} does not exist; expected a {path.suffix} file with columns {COLUMNS}")
+    rows = _read_parquet(path) if path.suffix.lower() == ".parquet" else _read_csv(path)
+    if not rows:
+        raise SiteDataError(f"site data: {path} has no data rows; expected a header and rows with columns {COLUMNS}")
+    try:
+        examples = encode_rows(rows, where=lambda i, row: f"site data: {path}, row {i + 1} (id={row['id']})")
+    except ValueError as e:
+        raise SiteDataError(str(e)) from None
+    if len(examples.y) == 0:
+        empty = {c.name: sum(row[c.name].strip() == "" for row in rows) for c in SCHEMA}
+        counts = ", ".join(f"{name} in {n}" for name, n in empty.items() if n)
+        raise SiteDataError(
+            f"site data: {path} has no complete row: all {len(rows)} rows have an empty value (empty cells: {counts}); "
+            f"expected at least one row with a value in every one of the columns {COLUMNS}"
+        )
+    return examples
+
+
+def _check_header(path: Path, header: Sequence[str]) -> None:
+    missing = [c for c in SCHEMA if c.name not in header]
+    if missing:
+        wanted = "; ".join(f"{c.name!r} ({c.description}): expected {c.expected}" for c in missing)
+        raise SiteDataError(f"site data: {path} lacks column(s) {wanted}. The file has columns: {', '.join(header)}")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise SiteDataError(f"site data: {path} is empty; expected a header row with columns {COLUMNS} and data rows")
+            _check_header(path, header)
+            rows = []
+            for number, values in enumerate((v for v in reader if v), start=1):
+                if len(values) != len(header):
+                    raise SiteDataError(
+                        f"site data: {path}, row {number} has {len(values)} fields; expected {len(header)}, one per header column"
+                    )
+                rows.append(dict(zip(header, values)))
+    except UnicodeDecodeError as e:
+        raise SiteDataError(f"site data: {path} is not UTF-8 text ({e}); expected a UTF-8 CSV file") from None
+    except (OSError, csv.Error) as e:
+        raise SiteDataError(f"site data: {path} cannot be read as CSV: {e}") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, str]]:
+    """The table as text, as CSV would give it: null is "", a float integer column's 3.0 is "3"."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SiteDataError(f"site data: reading {path} needs pyarrow (pip install pyarrow), or give the data as CSV") from None
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise SiteDataError(f"site data: {path} cannot be read as Parquet: {e}") from None
+    _check_header(path, table.column_names)
+    columns = {}
+    for column in SCHEMA:
+        values = table.column(column.name)
+        if not _type_fits(pa, column, values.type):
+            raise SiteDataError(
+                f"site data: {path}: column {column.name} is stored as {values.type}; expected {column.expected}"
+                f"{' (text)' if column.kind == 'category' else ''}"
+            )
+        columns[column.name] = [_as_text(column, v) for v in values.to_pylist()]
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
+
+
+def _type_fits(pa, column: Column, arrow_type) -> bool:
+    t = pa.types
+    text = t.is_string(arrow_type) or t.is_large_string(arrow_type) or getattr(t, "is_string_view", lambda _: False)(arrow_type)
+    if t.is_dictionary(arrow_type):
+        return _type_fits(pa, column, arrow_type.value_type)
+    if text or t.is_null(arrow_type):
+        return True  # text is checked value by value, as in a CSV
+    if column.kind == "category":
+        return t.is_boolean(arrow_type) and column.levels == ("FALSE", "TRUE")
+    return t.is_integer(arrow_type) or t.is_floating(arrow_type) or (column.kind == "number" and t.is_decimal(arrow_type))
+
+
+def _as_text(column: Column, value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, float):
+        return str(int(value)) if column.kind == "integer" and value.is_integer() else repr(value)
+    return str(value)
+
+
+def write_site_files(directory: PathLike) -> dict[str, Path]:
+    """Splits the vendored UCI CSV by hospital (row id 304 to Hungary) and writes each
+    hospital's rows, incomplete ones included, to ``<directory>/<Site_Name>/heart.csv`` with
+    every original column but ``dataset``: the demo's per-site files.
+
+    ``prepare_site(name, load_site_table(path), seed=s)`` then equals ``heart(seed=s)``'s
+    client ``name`` exactly.
+
+    Returns:
+      Each site's name to its file.
+    """
+    _, header, grouped = read_site_rows()
+    fieldnames = [c for c in header if c != "dataset"]
+    written = {}
+    for site, rows in grouped.items():
+        path = Path(directory) / site.replace(" ", "_") / "heart.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        written[site] = path
+    return written
