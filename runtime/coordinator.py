@@ -1,0 +1,339 @@
+"""The coordinator: runs the rounds of a federation; sites dial in, the coordinator never dials out.
+
+A round: pick the cohort, publish the server's broadcast, collect the sites' updates (each
+checked: identity, run, round, cohort, duplicate, shape/dtype against the algorithm's
+template, SHA-256, NaN/Inf, norm and weight bounds; a bad one is rejected and logged and
+the round goes on), aggregate, ``server_update``, write the state atomically, log it. A
+round closes when every cohort site answered, or at ``round_timeout`` if at least
+``min_sites`` did; otherwise it is retried. After a restart the coordinator resumes at the
+last completed round with the same run id, so nothing completed is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple, Optional
+
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nordfl.algorithms import ClientData
+from nordfl.runtime import tls, wire
+from nordfl.runtime.audit import AuditLog
+from nordfl.runtime.config import Job, build_job
+from nordfl.runtime.proto import federation_pb2 as pb
+from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
+from nordfl.runtime.store import load_tree, save_tree
+from nordfl.tasks import Examples
+
+STATE_FILE = "coordinator_state.npz"
+
+
+class Limits(NamedTuple):
+    """The runtime group of the config, as plain numbers."""
+
+    min_sites: int
+    round_timeout: float
+    max_round_attempts: int
+    cohort_size: Optional[int]
+    max_update_norm: float
+    max_weight: float
+    chunk_size: int
+    max_message_bytes: int
+    wait_seconds: int
+
+
+class Rejected(Exception):
+    """An update or request refused, with the reason given back to the site and logged."""
+
+
+class OpenRound(NamedTuple):
+    index: int
+    attempt: int
+    cohort: tuple[str, ...]
+    payload: bytes
+    specs: list
+
+
+class Coordinator:
+    """The round state machine, independent of gRPC (the servicer below only translates).
+
+    Args:
+      job: what every site runs.
+      limits: the runtime group.
+      state_dir: where the state (after every completed round) and the audit log live.
+      admitted: ``identity -> (ok, reason)``; reread on every call so revocations apply at once.
+      log: progress lines for the operator.
+      insecure: trust the site name a request claims (local development only: no mTLS identity).
+    """
+
+    def __init__(self, job: Job, limits: Limits, state_dir: Path, admitted: Callable[[Optional[str]], tuple[bool, str]],
+                 log: Callable[[str], None] = print, insecure: bool = False):
+        self.job, self.limits, self.admitted, self.log, self.insecure = job, limits, admitted, log, insecure
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(self.state_dir / "audit.jsonl", actor="coordinator")
+        built = build_job(job)
+        self.algorithm, self.aggregate = built.algorithm, built.aggregate
+        params = built.model.init_params
+        self.server = self.algorithm.server_init(params)
+        self.site_index = {site: i for i, site in enumerate(job.sites)}
+        self.update_template = self._update_template(built.model.init_params)
+        self._server_update = jax.jit(lambda state, updates, weights: self.algorithm.server_update(
+            state, self.aggregate(updates, weights)))
+        state_path = self.state_dir / STATE_FILE
+        if state_path.exists():
+            self.server, meta = load_tree(state_path, self.server)
+            self.run_id, self.round = meta["run_id"], int(meta["round"])
+            self.audit.record("restart", run_id=self.run_id, round=self.round)
+            self.log(f"coordinator: resuming run {self.run_id} at round {self.round}")
+        else:
+            self.run_id = uuid.uuid4().hex
+            self.round = 0
+            save_tree(state_path, self.server, run_id=self.run_id, round=0)
+            self.audit.record("start", run_id=self.run_id, job=json.loads(job.to_json()))
+        self.final_metrics: dict[str, dict] = {}
+        self.lock = threading.Condition()
+        self.updates: dict[str, tuple] = {}
+        self.deadline: Optional[float] = None
+        self.stopped: Optional[str] = None
+        self.open = self._open_round(attempt=1) if self.round < job.rounds else None
+
+    # ------------------------------------------------------------------ round life cycle
+    def _update_template(self, params):
+        message = self.algorithm.broadcast(self.server)
+        client_state = self.algorithm.client_init(params)
+        data = ClientData(Examples(jnp.zeros((1, *self._feature_shape()), jnp.float32), jnp.zeros(1, jnp.int32)), jnp.int32(1))
+        out = jax.eval_shape(self.algorithm.client_update, message, client_state, data, jax.random.key(0))
+        return out.update
+
+    def _feature_shape(self):
+        from nordfl.tasks.task import SHAPES
+
+        return SHAPES[self.job.task_config["name"]][0]
+
+    def _cohort(self) -> tuple[str, ...]:
+        eligible = [s for s in self.job.sites if self.admitted(s)[0]]
+        size = self.limits.cohort_size
+        if size is None or size >= len(eligible):
+            return tuple(eligible)
+        rng = np.random.default_rng([self.job.seed, self.round])
+        return tuple(sorted(rng.choice(eligible, size=size, replace=False).tolist()))
+
+    def _open_round(self, attempt: int) -> OpenRound:
+        specs, payload = wire.encode(self.algorithm.broadcast(self.server))
+        opened = OpenRound(self.round, attempt, self._cohort(), payload, specs)
+        self.updates, self.deadline = {}, None
+        self.audit.record("round_open", round=opened.index, attempt=attempt, cohort=list(opened.cohort),
+                          broadcast_sha256=wire.sha256_hex(payload))
+        return opened
+
+    def tick(self) -> None:
+        """Closes or retries the open round when its deadline has passed (called periodically)."""
+        with self.lock:
+            if self.open is None or self.deadline is None or time.monotonic() < self.deadline:
+                return
+            if len(self.updates) >= self.limits.min_sites:
+                self._close_round(reason="timeout")
+            elif self.open.attempt >= self.limits.max_round_attempts:
+                self.stopped = (f"round {self.round}: only {len(self.updates)} of min_sites={self.limits.min_sites} sites "
+                                f"answered in {self.open.attempt} attempts; state kept at round {self.round}, restart to retry")
+                self.audit.record("stopped", round=self.round, reason=self.stopped)
+                self.log(f"coordinator: {self.stopped}")
+                self.open = None
+                self.lock.notify_all()
+            else:
+                self.audit.record("round_retry", round=self.round, attempt=self.open.attempt, answered=sorted(self.updates))
+                self.log(f"coordinator: round {self.round} retried: {len(self.updates)} of {self.limits.min_sites} needed answered")
+                self.open = self._open_round(self.open.attempt + 1)
+                self.lock.notify_all()
+
+    def _close_round(self, reason: str) -> None:
+        sites = sorted(self.updates, key=self.site_index.__getitem__)
+        stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[self.updates[s][0] for s in sites])
+        weights = jnp.asarray([self.updates[s][1] for s in sites], jnp.float32)
+        self.server, metrics = self._server_update(self.server, stacked, weights)
+        self.round += 1
+        save_tree(self.state_dir / STATE_FILE, self.server, run_id=self.run_id, round=self.round)
+        losses = [self.updates[s][2].get("train_loss", float("nan")) for s in sites]
+        self.audit.record("round_closed", round=self.round - 1, reason=reason, contributors=sites,
+                          update_norm=float(metrics.update_norm))
+        self.log(f"round {self.round}/{self.job.rounds}: {len(sites)} sites ({', '.join(sites)}), "
+                 f"mean train loss {np.nanmean(losses):.4f}, update norm {float(metrics.update_norm):.4f}")
+        self.open = self._open_round(attempt=1) if self.round < self.job.rounds else None
+        if self.open is None:
+            self.audit.record("finished", round=self.round)
+        self.lock.notify_all()
+
+    @property
+    def finished(self) -> bool:
+        return self.round >= self.job.rounds
+
+    # ------------------------------------------------------------------ requests
+    def _identify(self, identity: Optional[str], claimed: str) -> str:
+        if self.insecure:
+            identity = claimed
+        ok, reason = self.admitted(identity)
+        if not ok:
+            raise Rejected(reason)
+        if claimed and claimed != identity:
+            raise Rejected(f"request names site {claimed!r} but the certificate is {identity!r}")
+        return identity
+
+    def join(self, identity: Optional[str], request: pb.JoinRequest) -> pb.JoinReply:
+        try:
+            site = self._identify(identity, request.site)
+            if request.protocol_version != wire.PROTOCOL_VERSION:
+                raise Rejected(f"protocol {request.protocol_version!r}; this coordinator speaks {wire.PROTOCOL_VERSION!r}")
+        except Rejected as e:
+            self.audit.record("join_refused", site=identity, reason=str(e))
+            return pb.JoinReply(accepted=False, reason=str(e))
+        self.audit.record("join", site=site)
+        job = json.loads(self.job.to_json()) | {"site_index": self.site_index[site], "chunk_size": self.limits.chunk_size}
+        return pb.JoinReply(accepted=True, run_id=self.run_id, job_json=json.dumps(job))
+
+    def poll(self, identity: Optional[str], request: pb.PollRequest) -> Iterator[pb.TaskChunk]:
+        site = self._identify(identity, request.site)
+        if request.run_id != self.run_id:
+            raise Rejected(f"run {request.run_id!r} is not this coordinator's run {self.run_id!r}; join again")
+        wait = min(request.wait_seconds or self.limits.wait_seconds, self.limits.wait_seconds)
+        end = time.monotonic() + wait
+        with self.lock:
+            while True:
+                if self.finished or self.stopped:
+                    return self._finished(site)
+                task = self.open
+                if task is not None and site in task.cohort and site not in self.updates:
+                    if self.deadline is None:  # the clock starts when the first site fetches the round
+                        self.deadline = time.monotonic() + self.limits.round_timeout
+                    break
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return iter([pb.TaskChunk(header=pb.TaskHeader(kind=pb.TaskHeader.WAIT, run_id=self.run_id,
+                                                                   round=self.round))])
+                self.lock.wait(timeout=remaining)
+        self.audit.record("task_sent", site=site, round=task.index, attempt=task.attempt,
+                          sha256=wire.sha256_hex(task.payload))
+        header = pb.TaskHeader(kind=pb.TaskHeader.TRAIN, run_id=self.run_id, round=task.index,
+                               num_epochs=int(self.job.algorithm_config["num_epochs"]),
+                               manifest=wire.manifest_to_proto(task.specs, task.payload))
+        return self._stream(header, task.payload)
+
+    def _finished(self, site: str) -> Iterator[pb.TaskChunk]:
+        specs, payload = wire.encode(self.algorithm.broadcast(self.server))
+        header = pb.TaskHeader(kind=pb.TaskHeader.FINISHED, run_id=self.run_id, round=self.round,
+                               manifest=wire.manifest_to_proto(specs, payload))
+        return self._stream(header, payload)
+
+    def _stream(self, header: pb.TaskHeader, payload: bytes) -> Iterator[pb.TaskChunk]:
+        yield pb.TaskChunk(header=header)
+        for part in wire.chunks(payload, self.limits.chunk_size):
+            yield pb.TaskChunk(data=bytes(part))
+
+    def submit(self, identity: Optional[str], chunks: Iterator[pb.UpdateChunk]) -> pb.SubmitReply:
+        """Checks and stores one update; the reply says why a rejected one was refused."""
+        header = None
+        try:
+            first = next(chunks, None)
+            if first is None or not first.HasField("header"):
+                raise Rejected("malformed stream: the first chunk must be the header")
+            header = first.header
+            site = self._identify(identity, header.site)
+            identity = site
+            if header.run_id != self.run_id:
+                raise Rejected(f"update for run {header.run_id!r}; this run is {self.run_id!r}")
+            specs, total, sha = wire.manifest_from_proto(header.manifest)
+            if header.round == self.job.rounds and self.finished and not specs:
+                self.final_metrics[site] = dict(header.metrics)
+                self.audit.record("final_metrics", site=site, metrics=dict(header.metrics))
+                with self.lock:
+                    self.lock.notify_all()
+                return pb.SubmitReply(accepted=True)
+            with self.lock:
+                self._check_open(site, header)
+            if total > self.limits.max_message_bytes:
+                raise Rejected(f"update of {total} bytes exceeds max_message_bytes={self.limits.max_message_bytes}")
+            wire.check_specs(specs, wire.template_of(self.update_template))
+            payload = wire.join_chunks((c.data for c in chunks), expected_total=total, max_total=self.limits.max_message_bytes)
+            wire.check_payload(payload, total, sha)
+            update = wire.decode(specs, payload, self.update_template, copy=True)
+            wire.check_finite(update)
+            norm = wire.global_norm(update)
+            if not norm <= self.limits.max_update_norm:
+                raise Rejected(f"update norm {norm:.4g} exceeds max_update_norm={self.limits.max_update_norm}")
+            weight = float(header.weight)
+            if not 0 <= weight <= self.limits.max_weight:
+                raise Rejected(f"weight {weight!r} outside [0, max_weight={self.limits.max_weight}]")
+            with self.lock:
+                self._check_open(site, header)  # the round may have closed while the bytes arrived
+                self.updates[site] = (update, weight, dict(header.metrics))
+                self.audit.record("update_accepted", site=site, round=int(header.round), sha256=sha, weight=weight,
+                                  norm=norm, metrics=dict(header.metrics))
+                if set(self.updates) >= set(self.open.cohort):
+                    self._close_round(reason="all answered")
+            return pb.SubmitReply(accepted=True)
+        except (Rejected, wire.WireError) as e:
+            self.audit.record("update_rejected", site=identity, round=int(header.round) if header else None,
+                              sha256=header.manifest.sha256 if header else None, reason=str(e))
+            self.log(f"coordinator: rejected an update from {identity}: {e}")
+            return pb.SubmitReply(accepted=False, reason=str(e))
+
+    def _check_open(self, site: str, header: pb.UpdateHeader) -> None:
+        if self.open is None or header.round != self.open.index:
+            now = "none" if self.open is None else str(self.open.index)
+            raise Rejected(f"late or replayed update for round {header.round}; the open round is {now}")
+        if site not in self.open.cohort:
+            raise Rejected(f"site {site} is not in round {header.round}'s cohort")
+        if site in self.updates:
+            raise Rejected(f"duplicate update from {site} for round {header.round}")
+
+
+class Servicer(pb_grpc.FederationServicer):
+    """gRPC front: finds the caller's mTLS identity and delegates to the coordinator."""
+
+    def __init__(self, coordinator: Coordinator, identity: Callable[[grpc.ServicerContext], Optional[str]]):
+        self.coordinator, self.identity = coordinator, identity
+
+    def Join(self, request, context):
+        return self.coordinator.join(self.identity(context), request)
+
+    def PollTask(self, request, context):
+        try:
+            yield from self.coordinator.poll(self.identity(context), request)
+        except Rejected as e:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+
+    def SubmitUpdate(self, request_iterator, context):
+        return self.coordinator.submit(self.identity(context), request_iterator)
+
+
+def serve(coordinator: Coordinator, address: str, credentials: Optional[grpc.ServerCredentials]) -> tuple[grpc.Server, int]:
+    """Starts the gRPC server on ``address`` (``host:port``, port 0 picks one); returns it and its port."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = 4 * len(coordinator.job.sites) + 8  # long polls hold a worker each
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers))
+    identity = (lambda context: None) if credentials is None else tls.peer_identity
+    pb_grpc.add_FederationServicer_to_server(Servicer(coordinator, identity), server)
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"coordinator: cannot listen on {address}")
+    server.start()
+    return server, port
+
+
+def run_until_done(coordinator: Coordinator, server: grpc.Server, final_metrics_grace: float = 30.0) -> None:
+    """Drives round timeouts until the run finishes (or stops), then waits briefly for the sites' final metrics."""
+    while not coordinator.finished and coordinator.stopped is None:
+        coordinator.tick()
+        time.sleep(0.1)
+    end = time.monotonic() + final_metrics_grace
+    while len(coordinator.final_metrics) < len(coordinator._cohort()) and time.monotonic() < end:
+        time.sleep(0.1)
+    server.stop(grace=2).wait()

@@ -1,0 +1,54 @@
+"""Runs a whole federation in one process on loopback: coordinator + site agents in threads, over mTLS."""
+
+import threading
+from pathlib import Path
+
+from nordfl.runtime import tls
+from nordfl.runtime.config import check_runtime, compose_config, job_from_config
+from nordfl.runtime.coordinator import Coordinator, Limits, serve
+from nordfl.runtime.site import SiteAgent
+from nordfl.runtime.site_data import write_site_files
+
+SITES = ("Cleveland", "Hungary", "Switzerland", "VA_Long_Beach")
+
+
+def provisioned(tmp: Path, sites=SITES) -> tuple[Path, dict]:
+    """A federation and each hospital's data folder."""
+    federation = tls.provision(tmp / "federation", sites)
+    files = {name.replace(" ", "_"): path for name, path in write_site_files(tmp / "data").items()}
+    return federation, files
+
+
+def start_coordinator(tmp: Path, federation: Path, overrides=(), *, state="coordinator", port=0, log=lambda m: None):
+    cfg = compose_config(list(overrides))
+    watcher = tls.FederationWatcher(federation)
+    sites = sorted(watcher.current().sites)
+    check_runtime(cfg, len(sites))
+    limits = Limits(**{k: cfg.runtime[k] for k in Limits._fields})
+    coordinator = Coordinator(job_from_config(cfg, sites), limits, tmp / state,
+                              admitted=lambda identity: tls.admit(watcher.current(), identity), log=log)
+    server, port = serve(coordinator, f"localhost:{port}", tls.server_credentials(federation / "coordinator"))
+    return coordinator, server, port
+
+
+def site_agent(tmp: Path, federation: Path, files: dict, name: str, port: int, **kw) -> SiteAgent:
+    return SiteAgent(name, f"localhost:{port}", [files[name]], tmp / "sites" / name,
+                     tls.channel_credentials(federation / "sites" / name), log=lambda m: None, **kw)
+
+
+def run_sites(agents) -> tuple[dict, dict]:
+    """Runs agents in threads until they finish; returns (final metrics, errors) by site."""
+    results, errors = {}, {}
+
+    def work(agent):
+        try:
+            results[agent.name] = agent.run()
+        except Exception as e:  # reported to the test, which asserts on it
+            errors[agent.name] = e
+
+    threads = [threading.Thread(target=work, args=(a,), daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    return results, errors
