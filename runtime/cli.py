@@ -1,0 +1,212 @@
+"""``nordfl``: the deployment command line.
+
+    nordfl provision DIR SITE [SITE ...]     create a federation: CA, coordinator and site certificates
+    nordfl revoke DIR SITE                   refuse SITE from its next request on
+    nordfl coordinator --federation DIR --state DIR [--address HOST:PORT] [OVERRIDES ...]
+    nordfl site --name SITE --coordinator HOST:PORT --certs DIR --data FILE [--data FILE] --state DIR
+    nordfl audit verify LOG                  check an audit log's hash chain
+    nordfl demo [--rounds N] [--algorithm NAME]   a whole federation of the 4 heart-disease hospitals on localhost
+
+OVERRIDES are the simulator's Hydra overrides for the shared groups (``algorithm=scaffold``,
+``algorithm.client_lr=0.1``) and the runtime group (``runtime.rounds=50``, ``runtime.min_sites=3``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+INSECURE_WARNING = ("WARNING: --insecure: no TLS, no site authentication; anyone who can reach this port can "
+                    "join. For local development only, never with patient data.")
+
+
+def _err(message: str) -> int:
+    print(f"nordfl: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_provision(args) -> int:
+    from nordfl.runtime import tls
+
+    try:
+        path = tls.provision(Path(args.dir), args.sites, coordinator_hosts=tuple(args.host))
+    except (ValueError, FileExistsError) as e:
+        return _err(str(e))
+    print(f"federation of {len(args.sites)} site(s) in {path}: give each site its folder sites/<name>/ "
+          "(its key never leaves it); keep ca/ca.key offline")
+    return 0
+
+
+def cmd_revoke(args) -> int:
+    from nordfl.runtime import tls
+
+    try:
+        tls.revoke(Path(args.dir), args.site)
+    except (ValueError, FileNotFoundError) as e:
+        return _err(str(e))
+    print(f"revoked {args.site}: the coordinator refuses it from its next request on")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from nordfl.runtime.audit import verify_main
+
+    return verify_main(Path(args.log))
+
+
+def cmd_coordinator(args) -> int:
+    from nordfl.conf.schema import ConfigError
+    from nordfl.runtime import tls
+    from nordfl.runtime.config import check_runtime, compose_config, job_from_config
+    from nordfl.runtime.coordinator import Coordinator, Limits, run_until_done, serve
+
+    federation = Path(args.federation)
+    try:
+        cfg = compose_config(args.overrides)
+        watcher = tls.FederationWatcher(federation)
+        sites = sorted(watcher.current().sites)
+        check_runtime(cfg, len(sites))
+        limits = Limits(**{k: cfg.runtime[k] for k in Limits._fields})
+        coordinator = Coordinator(job_from_config(cfg, sites), limits, Path(args.state),
+                                  admitted=lambda identity: tls.admit(watcher.current(), identity), insecure=args.insecure)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        return _err(str(e))
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    credentials = None if args.insecure else tls.server_credentials(federation / "coordinator")
+    server, port = serve(coordinator, args.address, credentials)
+    print(f"coordinator: run {coordinator.run_id}, {cfg.algorithm.name} on {cfg.task.name}, sites {', '.join(sites)}; "
+          f"listening on port {port}, round {coordinator.round}/{cfg.runtime.rounds}", flush=True)
+    run_until_done(coordinator, server)
+    if coordinator.stopped:
+        return _err(coordinator.stopped)
+    for site, metrics in sorted(coordinator.final_metrics.items()):
+        shown = "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()))
+        print(f"final model at {site}: {shown}")
+    print(f"coordinator: finished {coordinator.round} rounds; audit log {Path(args.state) / 'audit.jsonl'}", flush=True)
+    return 0
+
+
+def cmd_site(args) -> int:
+    from nordfl.runtime import tls
+    from nordfl.runtime.site import SiteAgent, SiteRefused
+    from nordfl.runtime.site_data import SiteDataError
+
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    try:
+        credentials = None if args.insecure else tls.channel_credentials(Path(args.certs))
+        agent = SiteAgent(args.name, args.coordinator, [Path(p) for p in args.data], Path(args.state), credentials,
+                          task=args.task, log=lambda m: print(m, flush=True))
+        metrics = agent.run()
+    except (SiteDataError, SiteRefused, FileNotFoundError) as e:
+        return _err(str(e))
+    shown = "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()))
+    print(f"{args.name}: run finished; final model on this site's test rows: {shown}", flush=True)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Provisions 4 hospitals, writes each its data, runs coordinator and sites as separate processes."""
+    from nordfl.runtime import tls
+    from nordfl.runtime.site_data import write_site_files
+
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="nordfl-demo-"))
+    files = {name.replace(" ", "_"): path for name, path in write_site_files(root / "data").items()}
+    tls.provision(root / "federation", sorted(files))
+    print(f"demo: federation of {', '.join(sorted(files))} in {root}", flush=True)
+    port = args.port or _free_port()
+    base = [sys.executable, "-m", "nordfl.runtime.cli"]
+    coordinator = subprocess.Popen(base + ["coordinator", "--federation", str(root / "federation"), "--state",
+                                           str(root / "coordinator"), "--address", f"localhost:{port}",
+                                           f"algorithm={args.algorithm}", f"runtime.rounds={args.rounds}"])
+    sites = [
+        subprocess.Popen(base + ["site", "--name", name, "--coordinator", f"localhost:{port}", "--certs",
+                                 str(root / "federation" / "sites" / name), "--data", str(path), "--state",
+                                 str(root / "sites" / name)], stdout=subprocess.DEVNULL)
+        for name, path in sorted(files.items())
+    ]
+    codes = [p.wait() for p in sites] + [coordinator.wait()]
+    for log in [root / "coordinator" / "audit.jsonl"] + [root / "sites" / n / "audit.jsonl" for n in sorted(files)]:
+        cmd_audit(argparse.Namespace(log=str(log)))
+    if not args.dir and all(c == 0 for c in codes) and not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nordfl", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("provision", help="create a federation's CA and certificates")
+    p.add_argument("dir")
+    p.add_argument("sites", nargs="+", metavar="SITE")
+    p.add_argument("--host", action="append", default=None, help="coordinator host name or IP (repeatable)")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("revoke", help="refuse a site from its next request on")
+    p.add_argument("dir")
+    p.add_argument("site")
+    p.set_defaults(func=cmd_revoke)
+
+    p = sub.add_parser("coordinator", help="run the coordinator")
+    p.add_argument("--federation", required=True, help="the folder `nordfl provision` wrote")
+    p.add_argument("--state", required=True, help="where state and audit log are kept (resumes from it)")
+    p.add_argument("--address", default="localhost:50051")
+    p.add_argument("--insecure", action="store_true", help="no TLS (local development only)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides: algorithm=..., task=..., runtime.rounds=...")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("site", help="run a hospital's site agent")
+    p.add_argument("--name", required=True)
+    p.add_argument("--coordinator", required=True, help="HOST:PORT")
+    p.add_argument("--certs", help="this site's folder from `nordfl provision` (sites/<name>)")
+    p.add_argument("--data", action="append", required=True, help="CSV or Parquet file (repeatable)")
+    p.add_argument("--state", required=True, help="where this site keeps its state and audit log")
+    p.add_argument("--task", default="heart")
+    p.add_argument("--insecure", action="store_true", help="no TLS (local development only)")
+    p.set_defaults(func=cmd_site)
+
+    p = sub.add_parser("audit", help="audit log tools")
+    audit = p.add_subparsers(dest="audit_command", required=True)
+    v = audit.add_parser("verify", help="check a log's hash chain; reports the first broken entry")
+    v.add_argument("log")
+    v.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("demo", help="a federation of the 4 heart-disease hospitals on localhost, over mTLS")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--algorithm", default="fedavg")
+    p.add_argument("--dir", help="keep everything in this folder (default: a temporary one, removed after)")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "site" and not args.insecure and not args.certs:
+        return _err("site: --certs is required unless --insecure")
+    if args.command == "provision" and args.host is None:
+        args.host = ["localhost", "127.0.0.1"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
