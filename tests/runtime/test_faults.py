@@ -1,0 +1,117 @@
+"""Faults the runtime must survive; each test asserts that training still finishes correctly."""
+
+import json
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from nordfl.runtime import tls, wire
+from nordfl.runtime.coordinator import run_until_done
+from nordfl.runtime.proto import federation_pb2 as pb
+from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
+from nordfl.runtime.site import SiteRefused
+from tests.runtime.helpers import SITES, provisioned, run_sites, site_agent, start_coordinator
+
+
+def _stub(federation, site, port):
+    channel = grpc.secure_channel(f"localhost:{port}", tls.channel_credentials(federation / "sites" / site))
+    return channel, pb_grpc.FederationStub(channel)
+
+
+def _submit(stub, header, data=()):
+    chunks = [pb.UpdateChunk(header=header)] + [pb.UpdateChunk(data=d) for d in data]
+    return stub.SubmitUpdate(iter(chunks), timeout=30)
+
+
+def _update_header(coordinator, site, round_index, update):
+    specs, payload = wire.encode(update)
+    header = pb.UpdateHeader(run_id=coordinator.run_id, round=round_index, site=site, weight=10.0,
+                             manifest=wire.manifest_to_proto(specs, payload))
+    return header, payload
+
+
+def _audit(state_dir):
+    return [json.loads(line) for line in (state_dir / "audit.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
+    federation, files = provisioned(tmp_path)
+    coordinator, server, port = start_coordinator(
+        tmp_path, federation, ["runtime.rounds=3", "runtime.max_message_bytes=100000", "runtime.max_update_norm=100"]
+    )
+    driver = threading.Thread(target=run_until_done, args=(coordinator, server, 30), daemon=True)
+    driver.start()
+    channel, stub = _stub(federation, "Cleveland", port)
+    zeros = np.zeros_like  # noqa: E731
+    good_shape = __import__("jax").tree_util.tree_map(lambda s: zeros(np.empty(s.shape, s.dtype)), coordinator.update_template)
+
+    # A malformed frame: data before any header.
+    reply = stub.SubmitUpdate(iter([pb.UpdateChunk(data=b"\x00" * 16)]), timeout=30)
+    assert not reply.accepted and "first chunk must be the header" in reply.reason
+    # An oversized message, refused from its header before the bytes are read.
+    header, payload = _update_header(coordinator, "Cleveland", 0, good_shape)
+    header.manifest.total_bytes = 10**9
+    reply = _submit(stub, header, [payload])
+    assert not reply.accepted and "exceeds max_message_bytes" in reply.reason
+    # A NaN update.
+    poisoned = __import__("jax").tree_util.tree_map(lambda a: np.full_like(a, np.nan), good_shape)
+    header, payload = _update_header(coordinator, "Cleveland", 0, poisoned)
+    reply = _submit(stub, header, [payload])
+    assert not reply.accepted and "NaN" in reply.reason
+    # A wrong shape.
+    wrong = {"delta": {"linear": {"kernel": np.zeros((3, 3), np.float32)}}}
+    header, payload = _update_header(coordinator, "Cleveland", 0, wrong)
+    reply = _submit(stub, header, [payload])
+    assert not reply.accepted
+    # A site claiming another site's name.
+    header, payload = _update_header(coordinator, "Hungary", 0, good_shape)
+    reply = _submit(stub, header, [payload])
+    assert not reply.accepted and "certificate is 'Cleveland'" in reply.reason
+
+    outcome = {}
+    sites = threading.Thread(target=lambda: outcome.update(
+        zip(("results", "errors"), run_sites([site_agent(tmp_path, federation, files, n, port) for n in SITES]))))
+    sites.start()
+    deadline = time.monotonic() + 120
+    while coordinator.round < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # A replay of round 0 once the run has moved on.
+    header, payload = _update_header(coordinator, "Cleveland", 0, good_shape)
+    reply = _submit(stub, header, [payload])
+    assert not reply.accepted and "late or replayed update for round 0" in reply.reason
+    channel.close()
+    sites.join(timeout=300)
+    assert not outcome["errors"] and coordinator.round == 3  # the coordinator kept serving and finished
+    driver.join(timeout=60)
+    rejected = [e for e in _audit(tmp_path / "coordinator") if e["event"] == "update_rejected"]
+    assert len(rejected) == 6 and all(e["reason"] for e in rejected)
+
+
+@pytest.mark.slow
+def test_revoked_site_and_foreign_ca_are_refused(tmp_path):
+    federation, files = provisioned(tmp_path)
+    tls.revoke(federation, "Switzerland")
+    coordinator, server, port = start_coordinator(tmp_path, federation, ["runtime.rounds=2", "runtime.min_sites=3"])
+    driver = threading.Thread(target=run_until_done, args=(coordinator, server, 10), daemon=True)
+    driver.start()
+
+    other = tls.provision(tmp_path / "other", ["Cleveland"])
+    with grpc.secure_channel(f"localhost:{port}", tls.channel_credentials(other / "sites" / "Cleveland")) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.FederationStub(channel).Join(pb.JoinRequest(site="Cleveland", protocol_version=wire.PROTOCOL_VERSION),
+                                                 timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails: wrong CA
+
+    revoked = site_agent(tmp_path, federation, files, "Switzerland", port)
+    with pytest.raises(SiteRefused, match="revoked"):
+        revoked.run()
+    results, errors = run_sites([site_agent(tmp_path, federation, files, n, port) for n in SITES if n != "Switzerland"])
+    assert not errors and coordinator.round == 2
+    closed = [e for e in _audit(tmp_path / "coordinator") if e["event"] == "round_closed"]
+    assert all("Switzerland" not in e["contributors"] for e in closed)
+    driver.join(timeout=60)
