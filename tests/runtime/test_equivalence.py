@@ -15,14 +15,15 @@ from tests.runtime.helpers import SITES, provisioned, run_sites, site_agent, sta
 ROUNDS = 3
 
 
-def _simulate(overrides):
+def _simulate(overrides, rounds=ROUNDS):
+    """The simulator's server state after ``rounds`` rounds of the same config."""
     register()
     with initialize_config_module("nordfl.conf", version_base=None):
         cfg = compose("config", overrides=overrides)
     experiment = build(cfg)
     sim = Simulator(experiment.algorithm, experiment.task, experiment.options, seed=cfg.seed, aggregate=experiment.aggregate)
     state = sim.init(experiment.task.model.init_params)
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         state, _ = sim.run_round(state)
     return state.server
 
@@ -40,7 +41,7 @@ def test_runtime_equals_simulator(tmp_path, algorithm):
     assert not errors and set(results) == set(SITES)
     assert coordinator.round == ROUNDS
 
-    simulated = _simulate(overrides + [f"sim.rounds={ROUNDS}"])
+    simulated = _simulate(overrides)
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5),
         coordinator.server, simulated,
