@@ -1,0 +1,62 @@
+"""The nordfl command line as an operator uses it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent / "nordfl"
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_provision_and_revoke(tmp_path):
+    done = _run("provision", tmp_path / "fed", "Oslo", "Tartu")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fed" / "sites" / "Oslo" / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert _run("revoke", tmp_path / "fed", "Tartu").returncode == 0
+    assert json.loads((tmp_path / "fed" / "federation.json").read_text())["revoked"] == ["Tartu"]
+    unknown = _run("revoke", tmp_path / "fed", "Turku")
+    assert unknown.returncode == 2 and "Turku" in unknown.stderr
+    again = _run("provision", tmp_path / "fed", "Oslo")
+    assert again.returncode == 2 and "fed" in again.stderr
+
+
+def test_site_with_bad_csv_stops_before_connecting(tmp_path):
+    bad = tmp_path / "heart.csv"
+    bad.write_text("id,age,sex\n1,63,Male\n")
+    done = _run("site", "--name", "Oslo", "--coordinator", "localhost:9", "--data", bad, "--state", tmp_path / "s",
+                "--insecure", timeout=60)
+    assert done.returncode == 2
+    assert "heart.csv" in done.stderr and "cp" in done.stderr and "expected" in done.stderr
+    assert "unreachable" not in done.stdout  # it never tried to connect
+
+
+def test_audit_verify_passes_then_catches_an_edited_line(tmp_path):
+    from nordfl.runtime.audit import AuditLog
+
+    log = tmp_path / "audit.jsonl"
+    with AuditLog(log, actor="coordinator") as audit:
+        for r in range(5):
+            audit.record("round_closed", round=r, contributors=["Oslo", "Tartu"])
+    ok = _run("audit", "verify", log)
+    assert ok.returncode == 0 and "OK: 5 entries" in ok.stdout
+    lines = log.read_text().splitlines()
+    lines[2] = lines[2].replace('"Tartu"', '"Turku"')
+    log.write_text("\n".join(lines) + "\n")
+    broken = _run("audit", "verify", log)
+    assert broken.returncode == 1 and "line 3" in broken.stdout
+
+
+@pytest.mark.slow
+def test_demo_trains_four_hospitals_over_mtls(tmp_path):
+    done = _run("demo", "--rounds", "2", "--dir", tmp_path / "demo", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for site in ("Cleveland", "Hungary", "Switzerland", "VA_Long_Beach"):
+        assert f"final model at {site}: accuracy" in done.stdout
+    assert "round 2/2" in done.stdout
+    assert done.stdout.count("chain intact") == 5  # the coordinator's and every site's audit log
