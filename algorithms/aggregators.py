@@ -100,4 +100,6 @@ AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
 def aggregator(name: str, **hyperparameters) -> Aggregator:
     """Builds an aggregator by name: ``weighted_mean``, ``median`` or ``trimmed_mean(beta=...)``."""
     _checks.check_choice("aggregator", "name", name, AGGREGATORS)
+    if name != "trimmed_mean" and hyperparameters:
+        raise ValueError(f"aggregator: {name} takes no hyperparameters, got {sorted(hyperparameters)}")
     return AGGREGATORS[name](**hyperparameters)

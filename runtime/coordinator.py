@@ -273,6 +273,8 @@ class Coordinator:
             with self.lock:
                 self._check_open(site, header)  # the round may have closed while the bytes arrived
                 self.updates[site] = (update, weight, dict(header.metrics))
+                if self.deadline is None:  # an update computed in an earlier attempt of this round starts the clock too
+                    self.deadline = time.monotonic() + self.limits.round_timeout
                 self.audit.record("update_accepted", site=site, round=int(header.round), sha256=sha, weight=weight,
                                   norm=norm, metrics=dict(header.metrics))
                 if set(self.updates) >= set(self.open.cohort):

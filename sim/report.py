@@ -136,8 +136,13 @@ def _label(folder: Path, overrides: Optional[list], config: Optional[dict], summ
         return f"algorithm={summary['algorithm']} task={summary['task']}"
     if not all(isinstance(item, str) for item in overrides):
         raise ReportError(f"{folder / '.hydra/overrides.yaml'}: expected a list of strings, got {overrides!r}")
-    kept = sorted(item for item in overrides if item.split("=", 1)[0].lstrip("+~") != "seed")
+    kept = sorted(item for item in overrides if not _run_only(item.split("=", 1)[0].lstrip("+~")))
     return " ".join(kept) if kept else f"algorithm={_algorithm_name(folder, config, summary)}"
+
+
+def _run_only(key: str) -> bool:
+    """Overrides that do not change what is computed: the seed groups runs; resume and Hydra's own keys are bookkeeping."""
+    return key in ("seed", "resume") or key.startswith("hydra.")
 
 
 def _seed(folder: Path, config: Optional[dict], summary: Optional[dict]) -> int:

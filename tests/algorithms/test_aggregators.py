@@ -59,4 +59,6 @@ def test_bad_aggregator_settings():
         trimmed_mean(0.5)
     with pytest.raises(ValueError, match="aggregator: unknown name 'mean'; expected one of median, trimmed_mean, weighted_mean"):
         aggregator("mean")
+    with pytest.raises(ValueError, match=r"aggregator: median takes no hyperparameters, got \['beta'\]"):
+        aggregator("median", beta=0.1)
     assert aggregator("trimmed_mean", beta=0.2) is not None

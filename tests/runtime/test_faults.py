@@ -1,6 +1,7 @@
 """Faults the runtime must survive; each test asserts that training still finishes correctly."""
 
 import json
+import re
 import threading
 import time
 
@@ -115,3 +116,21 @@ def test_revoked_site_and_foreign_ca_are_refused(tmp_path):
     closed = [e for e in _audit(tmp_path / "coordinator") if e["event"] == "round_closed"]
     assert all("Switzerland" not in e["contributors"] for e in closed)
     driver.join(timeout=60)
+
+
+@pytest.mark.slow
+def test_too_few_sites_retries_then_stops_keeping_the_state(tmp_path):
+    federation, files = provisioned(tmp_path)
+    coordinator, server, port = start_coordinator(
+        tmp_path, federation,
+        ["runtime.rounds=3", "runtime.min_sites=4", "runtime.round_timeout=1", "runtime.max_round_attempts=2"],
+    )
+    driver = threading.Thread(target=run_until_done, args=(coordinator, server, 5), daemon=True)
+    driver.start()
+    results, errors = run_sites([site_agent(tmp_path, federation, files, n, port) for n in SITES[:3]])
+    driver.join(timeout=60)
+    assert not errors
+    assert coordinator.round == 0
+    assert re.match(r"round 0: only [0-3] of min_sites=4 sites answered in 2 attempts; state kept", coordinator.stopped)
+    events = [e["event"] for e in _audit(tmp_path / "coordinator")]
+    assert events.count("round_retry") == 1 and "stopped" in events and "round_closed" not in events
