@@ -68,6 +68,16 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     header, payload = _update_header(coordinator, "Cleveland", 0, wrong)
     reply = _submit(stub, header, [payload])
     assert not reply.accepted
+    # A norm above max_update_norm.
+    huge = __import__("jax").tree_util.tree_map(lambda a: np.full_like(a, 1e3), good_shape)
+    header, payload = _update_header(coordinator, "Cleveland", 0, huge)
+    reply = _submit(stub, header, [payload])
+    assert not reply.accepted and "exceeds max_update_norm=100" in reply.reason
+    # An update bound to another run.
+    header, payload = _update_header(coordinator, "Cleveland", 0, good_shape)
+    header.run_id = "another-run"
+    reply = _submit(stub, header, [payload])
+    assert not reply.accepted and "update for run 'another-run'" in reply.reason
     # A site claiming another site's name.
     header, payload = _update_header(coordinator, "Hungary", 0, good_shape)
     reply = _submit(stub, header, [payload])
@@ -90,7 +100,7 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     assert not outcome["errors"] and coordinator.round == 3  # the coordinator kept serving and finished
     driver.join(timeout=60)
     rejected = [e for e in _audit(tmp_path / "coordinator") if e["event"] == "update_rejected"]
-    assert len(rejected) == 6 and all(e["reason"] for e in rejected)
+    assert len(rejected) == 8 and all(e["reason"] for e in rejected)
 
 
 @pytest.mark.slow
@@ -134,3 +144,27 @@ def test_too_few_sites_retries_then_stops_keeping_the_state(tmp_path):
     assert re.match(r"round 0: only [0-3] of min_sites=4 sites answered in 2 attempts; state kept", coordinator.stopped)
     events = [e["event"] for e in _audit(tmp_path / "coordinator")]
     assert events.count("round_retry") == 1 and "stopped" in events and "round_closed" not in events
+
+
+@pytest.mark.slow
+def test_site_revoked_mid_run_is_refused_from_its_next_request(tmp_path):
+    federation, files = provisioned(tmp_path)
+    coordinator, server, port = start_coordinator(tmp_path, federation, ["runtime.rounds=4", "runtime.round_timeout=3"])
+    driver = threading.Thread(target=run_until_done, args=(coordinator, server, 10), daemon=True)
+    driver.start()
+    outcome = {}
+    sites = threading.Thread(target=lambda: outcome.update(zip(("results", "errors"), run_sites(
+        [site_agent(tmp_path, federation, files, n, port) for n in SITES]))))
+    sites.start()
+    deadline = time.monotonic() + 120
+    while coordinator.round < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    tls.revoke(federation, "Hungary")
+    revoked_at = coordinator.round
+    sites.join(timeout=300)
+    driver.join(timeout=60)
+    assert set(outcome["errors"]) == {"Hungary"} and isinstance(outcome["errors"]["Hungary"], SiteRefused)
+    assert coordinator.round == 4
+    closed = [e for e in _audit(tmp_path / "coordinator") if e["event"] == "round_closed"]
+    assert all("Hungary" not in e["contributors"] for e in closed[revoked_at + 1:])
