@@ -1,6 +1,7 @@
 """Runs a whole federation in one process on loopback: coordinator + site agents in threads, over mTLS."""
 
 import threading
+import time
 from pathlib import Path
 
 from nordfl.runtime import tls
@@ -52,3 +53,28 @@ def run_sites(agents) -> tuple[dict, dict]:
     for t in threads:
         t.join(timeout=600)
     return results, errors
+
+
+def start_federation(tmp: Path, federation: Path, overrides=(), *, grace: float = 30.0):
+    """A coordinator serving on loopback, driven by ``run_until_done`` in a background thread."""
+    from nordfl.runtime.coordinator import run_until_done
+
+    coordinator, server, port = start_coordinator(tmp, federation, overrides)
+    driver = threading.Thread(target=run_until_done, args=(coordinator, server, grace), daemon=True)
+    driver.start()
+    return coordinator, port, driver
+
+
+def run_sites_in_background(agents) -> tuple[threading.Thread, dict]:
+    """``run_sites`` in a thread; its (results, errors) land in the returned dict when it ends."""
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(zip(("results", "errors"), run_sites(agents))), daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_until(condition, timeout: float = 180.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.05)

@@ -1,16 +1,13 @@
 """The runtime's final global model equals the simulator's for the same config and seed."""
 
-import threading
-
 import jax
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from nordfl.runtime.coordinator import run_until_done
 from nordfl.sim.config import build, register
 from nordfl.sim.engine import Simulator
-from tests.runtime.helpers import SITES, provisioned, run_sites, site_agent, start_coordinator
+from tests.runtime.helpers import SITES, provisioned, run_sites, site_agent, start_federation
 
 ROUNDS = 3
 
@@ -33,9 +30,7 @@ def _simulate(overrides, rounds=ROUNDS):
 def test_runtime_equals_simulator(tmp_path, algorithm):
     overrides = [f"algorithm={algorithm}", "seed=3"]
     federation, files = provisioned(tmp_path)
-    coordinator, server, port = start_coordinator(tmp_path, federation, overrides + [f"runtime.rounds={ROUNDS}"])
-    driver = threading.Thread(target=run_until_done, args=(coordinator, server, 30), daemon=True)
-    driver.start()
+    coordinator, port, driver = start_federation(tmp_path, federation, overrides + [f"runtime.rounds={ROUNDS}"])
     results, errors = run_sites([site_agent(tmp_path, federation, files, name, port) for name in SITES])
     driver.join(timeout=60)
     assert not errors and set(results) == set(SITES)

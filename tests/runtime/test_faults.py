@@ -2,19 +2,25 @@
 
 import json
 import re
-import threading
-import time
 
 import grpc
+import jax
 import numpy as np
 import pytest
 
 from nordfl.runtime import tls, wire
-from nordfl.runtime.coordinator import run_until_done
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
 from nordfl.runtime.site import SiteRefused
-from tests.runtime.helpers import SITES, provisioned, run_sites, site_agent, start_coordinator
+from tests.runtime.helpers import (
+    SITES,
+    provisioned,
+    run_sites,
+    run_sites_in_background,
+    site_agent,
+    start_federation,
+    wait_until,
+)
 
 
 def _stub(federation, site, port):
@@ -41,14 +47,11 @@ def _audit(state_dir):
 @pytest.mark.slow
 def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     federation, files = provisioned(tmp_path)
-    coordinator, server, port = start_coordinator(
+    coordinator, port, driver = start_federation(
         tmp_path, federation, ["runtime.rounds=3", "runtime.max_message_bytes=100000", "runtime.max_update_norm=100"]
     )
-    driver = threading.Thread(target=run_until_done, args=(coordinator, server, 30), daemon=True)
-    driver.start()
     channel, stub = _stub(federation, "Cleveland", port)
-    zeros = np.zeros_like  # noqa: E731
-    good_shape = __import__("jax").tree_util.tree_map(lambda s: zeros(np.empty(s.shape, s.dtype)), coordinator.update_template)
+    good_shape = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), coordinator.update_template)
 
     # A malformed frame: data before any header.
     reply = stub.SubmitUpdate(iter([pb.UpdateChunk(data=b"\x00" * 16)]), timeout=30)
@@ -59,7 +62,7 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     reply = _submit(stub, header, [payload])
     assert not reply.accepted and "exceeds max_message_bytes" in reply.reason
     # A NaN update.
-    poisoned = __import__("jax").tree_util.tree_map(lambda a: np.full_like(a, np.nan), good_shape)
+    poisoned = jax.tree_util.tree_map(lambda a: np.full_like(a, np.nan), good_shape)
     header, payload = _update_header(coordinator, "Cleveland", 0, poisoned)
     reply = _submit(stub, header, [payload])
     assert not reply.accepted and "NaN" in reply.reason
@@ -69,7 +72,7 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     reply = _submit(stub, header, [payload])
     assert not reply.accepted
     # A norm above max_update_norm.
-    huge = __import__("jax").tree_util.tree_map(lambda a: np.full_like(a, 1e3), good_shape)
+    huge = jax.tree_util.tree_map(lambda a: np.full_like(a, 1e3), good_shape)
     header, payload = _update_header(coordinator, "Cleveland", 0, huge)
     reply = _submit(stub, header, [payload])
     assert not reply.accepted and "exceeds max_update_norm=100" in reply.reason
@@ -83,14 +86,8 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     reply = _submit(stub, header, [payload])
     assert not reply.accepted and "certificate is 'Cleveland'" in reply.reason
 
-    outcome = {}
-    sites = threading.Thread(target=lambda: outcome.update(
-        zip(("results", "errors"), run_sites([site_agent(tmp_path, federation, files, n, port) for n in SITES]))))
-    sites.start()
-    deadline = time.monotonic() + 120
-    while coordinator.round < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    sites, outcome = run_sites_in_background([site_agent(tmp_path, federation, files, n, port) for n in SITES])
+    wait_until(lambda: coordinator.round >= 1)
     # A replay of round 0 once the run has moved on.
     header, payload = _update_header(coordinator, "Cleveland", 0, good_shape)
     reply = _submit(stub, header, [payload])
@@ -107,9 +104,7 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
 def test_revoked_site_and_foreign_ca_are_refused(tmp_path):
     federation, files = provisioned(tmp_path)
     tls.revoke(federation, "Switzerland")
-    coordinator, server, port = start_coordinator(tmp_path, federation, ["runtime.rounds=2", "runtime.min_sites=3"])
-    driver = threading.Thread(target=run_until_done, args=(coordinator, server, 10), daemon=True)
-    driver.start()
+    coordinator, port, driver = start_federation(tmp_path, federation, ["runtime.rounds=2", "runtime.min_sites=3"], grace=10)
 
     other = tls.provision(tmp_path / "other", ["Cleveland"])
     with grpc.secure_channel(f"localhost:{port}", tls.channel_credentials(other / "sites" / "Cleveland")) as channel:
@@ -131,12 +126,10 @@ def test_revoked_site_and_foreign_ca_are_refused(tmp_path):
 @pytest.mark.slow
 def test_too_few_sites_retries_then_stops_keeping_the_state(tmp_path):
     federation, files = provisioned(tmp_path)
-    coordinator, server, port = start_coordinator(
+    coordinator, port, driver = start_federation(
         tmp_path, federation,
-        ["runtime.rounds=3", "runtime.min_sites=4", "runtime.round_timeout=1", "runtime.max_round_attempts=2"],
+        ["runtime.rounds=3", "runtime.min_sites=4", "runtime.round_timeout=1", "runtime.max_round_attempts=2"], grace=5,
     )
-    driver = threading.Thread(target=run_until_done, args=(coordinator, server, 5), daemon=True)
-    driver.start()
     results, errors = run_sites([site_agent(tmp_path, federation, files, n, port) for n in SITES[:3]])
     driver.join(timeout=60)
     assert not errors
@@ -149,17 +142,9 @@ def test_too_few_sites_retries_then_stops_keeping_the_state(tmp_path):
 @pytest.mark.slow
 def test_site_revoked_mid_run_is_refused_from_its_next_request(tmp_path):
     federation, files = provisioned(tmp_path)
-    coordinator, server, port = start_coordinator(tmp_path, federation, ["runtime.rounds=4", "runtime.round_timeout=3"])
-    driver = threading.Thread(target=run_until_done, args=(coordinator, server, 10), daemon=True)
-    driver.start()
-    outcome = {}
-    sites = threading.Thread(target=lambda: outcome.update(zip(("results", "errors"), run_sites(
-        [site_agent(tmp_path, federation, files, n, port) for n in SITES]))))
-    sites.start()
-    deadline = time.monotonic() + 120
-    while coordinator.round < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    coordinator, port, driver = start_federation(tmp_path, federation, ["runtime.rounds=4", "runtime.round_timeout=3"], grace=10)
+    sites, outcome = run_sites_in_background([site_agent(tmp_path, federation, files, n, port) for n in SITES])
+    wait_until(lambda: coordinator.round >= 1)
     tls.revoke(federation, "Hungary")
     revoked_at = coordinator.round
     sites.join(timeout=300)

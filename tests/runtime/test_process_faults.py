@@ -6,16 +6,14 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from nordfl.runtime.coordinator import STATE_FILE, run_until_done
+from nordfl.runtime.coordinator import STATE_FILE
 from nordfl.runtime.store import load_tree
-from tests.runtime.helpers import SITES, provisioned, run_sites, site_agent, start_coordinator
+from tests.runtime.helpers import SITES, provisioned, run_sites_in_background, site_agent, start_federation, wait_until
 from tests.runtime.test_equivalence import _simulate
 
 CLI = [sys.executable, "-m", "nordfl.runtime.cli"]
@@ -34,13 +32,6 @@ def _events(path):
         return []
 
 
-def _wait(condition, timeout=180):
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.1)
-
-
 def _site_process(tmp, federation, files, name, port):
     return subprocess.Popen(CLI + ["site", "--name", name, "--coordinator", f"localhost:{port}", "--certs",
                                    str(federation / "sites" / name), "--data", str(files[name]), "--state",
@@ -50,23 +41,18 @@ def _site_process(tmp, federation, files, name, port):
 @pytest.mark.slow
 def test_site_killed_mid_run_round_closes_with_min_sites_and_site_rejoins(tmp_path):
     federation, files = provisioned(tmp_path)
-    coordinator, server, port = start_coordinator(
+    coordinator, port, driver = start_federation(
         tmp_path, federation, ["runtime.rounds=6", "runtime.min_sites=3", "runtime.round_timeout=4"]
     )
-    driver = threading.Thread(target=run_until_done, args=(coordinator, server, 30), daemon=True)
-    driver.start()
     victim = "VA_Long_Beach"
     process = _site_process(tmp_path, federation, files, victim, port)
-    outcome = {}
-    others = threading.Thread(target=lambda: outcome.update(zip(("results", "errors"), run_sites(
-        [site_agent(tmp_path, federation, files, n, port) for n in SITES if n != victim]))))
-    others.start()
+    others, outcome = run_sites_in_background([site_agent(tmp_path, federation, files, n, port) for n in SITES if n != victim])
     site_log = tmp_path / "sites" / victim / "audit.jsonl"
-    _wait(lambda: any(e["event"] == "task_received" and e["round"] >= 1 for e in _events(site_log)))
+    wait_until(lambda: any(e["event"] == "task_received" and e["round"] >= 1 for e in _events(site_log)))
     process.send_signal(signal.SIGKILL)  # dies holding round >= 1's task
     process.wait()
     coordinator_log = tmp_path / "coordinator" / "audit.jsonl"
-    _wait(lambda: any(e["event"] == "round_closed" and e["reason"] == "timeout" for e in _events(coordinator_log)))
+    wait_until(lambda: any(e["event"] == "round_closed" and e["reason"] == "timeout" for e in _events(coordinator_log)))
     restarted = _site_process(tmp_path, federation, files, victim, port)
     out, _ = restarted.communicate(timeout=300)
     others.join(timeout=300)
@@ -87,10 +73,8 @@ def test_coordinator_killed_and_restarted_gives_the_uninterrupted_model(tmp_path
     args = CLI + ["coordinator", "--federation", str(federation), "--state", str(tmp_path / "coordinator"),
                   "--address", f"localhost:{port}", *overrides, "runtime.rounds=4"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    outcome = {}
-    sites = threading.Thread(target=lambda: outcome.update(zip(("results", "errors"), run_sites(
-        [site_agent(tmp_path, federation, files, n, port, max_backoff=1.0) for n in SITES]))))
-    sites.start()
+    sites, outcome = run_sites_in_background(
+        [site_agent(tmp_path, federation, files, n, port, max_backoff=1.0) for n in SITES])
     state_path = tmp_path / "coordinator" / STATE_FILE
 
     def completed_rounds():
@@ -100,7 +84,7 @@ def test_coordinator_killed_and_restarted_gives_the_uninterrupted_model(tmp_path
         except (OSError, ValueError, KeyError):
             return 0
 
-    _wait(lambda: completed_rounds() >= 2)
+    wait_until(lambda: completed_rounds() >= 2)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     second = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
