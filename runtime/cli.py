@@ -38,8 +38,8 @@ def cmd_provision(args) -> int:
         path = tls.provision(Path(args.dir), args.sites, coordinator_hosts=tuple(args.host))
     except (ValueError, FileExistsError) as e:
         return _err(str(e))
-    print(f"federation of {len(args.sites)} site(s) in {path}: give each site its folder sites/<name>/ "
-          "(its key never leaves it); keep ca/ca.key offline")
+    print(f"federation of {len(args.sites)} site(s) in {path}: give each site its folder sites/<name>/ over a "
+          "secure channel, then delete the central copy of its key.pem; keep ca/ca.key offline")
     return 0
 
 
@@ -63,6 +63,7 @@ def cmd_audit(args) -> int:
 def cmd_coordinator(args) -> int:
     from nordfl.conf.schema import ConfigError
     from nordfl.runtime import tls
+    from nordfl.runtime.audit import AuditError
     from nordfl.runtime.config import check_runtime, compose_config, job_from_config
     from nordfl.runtime.coordinator import Coordinator, Limits, run_until_done, serve
 
@@ -75,7 +76,7 @@ def cmd_coordinator(args) -> int:
         limits = Limits(**{k: cfg.runtime[k] for k in Limits._fields})
         coordinator = Coordinator(job_from_config(cfg, sites), limits, Path(args.state),
                                   admitted=lambda identity: tls.admit(watcher.current(), identity), insecure=args.insecure)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, AuditError) as e:
         return _err(str(e))
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
@@ -95,6 +96,7 @@ def cmd_coordinator(args) -> int:
 
 def cmd_site(args) -> int:
     from nordfl.runtime import tls
+    from nordfl.runtime.audit import AuditError
     from nordfl.runtime.site import SiteAgent, SiteRefused
     from nordfl.runtime.site_data import SiteDataError
 
@@ -105,7 +107,7 @@ def cmd_site(args) -> int:
         agent = SiteAgent(args.name, args.coordinator, [Path(p) for p in args.data], Path(args.state), credentials,
                           task=args.task, log=lambda m: print(m, flush=True))
         metrics = agent.run()
-    except (SiteDataError, SiteRefused, FileNotFoundError) as e:
+    except (SiteDataError, SiteRefused, AuditError, FileNotFoundError) as e:
         return _err(str(e))
     shown = "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()))
     print(f"{args.name}: run finished; final model on this site's test rows: {shown}", flush=True)

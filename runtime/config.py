@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence
 
 from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -50,8 +51,8 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     try:
         with initialize_config_module("nordfl.conf", version_base=None):
             return compose("runtime_app", overrides=list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+    except (OmegaConfBaseException, HydraException) as e:
+        raise ConfigError(" ".join(str(e).split())) from None
 
 
 def check_runtime(cfg: DictConfig, num_sites: int) -> None:

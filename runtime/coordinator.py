@@ -53,6 +53,10 @@ class Rejected(Exception):
     """An update or request refused, with the reason given back to the site and logged."""
 
 
+class Stopped(Exception):
+    """The run stopped before its last round (too few sites); sites are told why instead of "finished"."""
+
+
 class OpenRound(NamedTuple):
     index: int
     attempt: int
@@ -88,19 +92,24 @@ class Coordinator:
         self._server_update = jax.jit(lambda state, updates, weights: self.algorithm.server_update(
             state, self.aggregate(updates, weights)))
         state_path = self.state_dir / STATE_FILE
+        self.job_sha256 = wire.sha256_hex(job.to_json().encode())
         if state_path.exists():
             self.server, meta = load_tree(state_path, self.server)
+            if meta.get("job_sha256") != self.job_sha256:
+                raise ValueError(f"coordinator: the state in {state_path} belongs to another job (algorithm, task, "
+                                 "sites or rounds differ); use a fresh --state folder or the original settings")
             self.run_id, self.round = meta["run_id"], int(meta["round"])
             self.audit.record("restart", run_id=self.run_id, round=self.round)
             self.log(f"coordinator: resuming run {self.run_id} at round {self.round}")
         else:
             self.run_id = uuid.uuid4().hex
             self.round = 0
-            save_tree(state_path, self.server, run_id=self.run_id, round=0)
+            save_tree(state_path, self.server, run_id=self.run_id, round=0, job_sha256=self.job_sha256)
             self.audit.record("start", run_id=self.run_id, job=json.loads(job.to_json()))
         self.final_metrics: dict[str, dict] = {}
         self.lock = threading.Condition()
         self.updates: dict[str, tuple] = {}
+        self.refused: set[str] = set()  # sites whose update this attempt was rejected: not sent the task again
         self.deadline: Optional[float] = None
         self.stopped: Optional[str] = None
         self.open = self._open_round(attempt=1) if self.round < job.rounds else None
@@ -129,7 +138,7 @@ class Coordinator:
     def _open_round(self, attempt: int) -> OpenRound:
         specs, payload = wire.encode(self.algorithm.broadcast(self.server))
         opened = OpenRound(self.round, attempt, self._cohort(), payload, specs)
-        self.updates, self.deadline = {}, None
+        self.updates, self.refused, self.deadline = {}, set(), None
         self.audit.record("round_open", round=opened.index, attempt=attempt, cohort=list(opened.cohort),
                           broadcast_sha256=wire.sha256_hex(payload))
         return opened
@@ -160,7 +169,7 @@ class Coordinator:
         weights = jnp.asarray([self.updates[s][1] for s in sites], jnp.float32)
         self.server, metrics = self._server_update(self.server, stacked, weights)
         self.round += 1
-        save_tree(self.state_dir / STATE_FILE, self.server, run_id=self.run_id, round=self.round)
+        save_tree(self.state_dir / STATE_FILE, self.server, run_id=self.run_id, round=self.round, job_sha256=self.job_sha256)
         losses = [self.updates[s][2].get("train_loss", float("nan")) for s in sites]
         self.audit.record("round_closed", round=self.round - 1, reason=reason, contributors=sites,
                           update_norm=float(metrics.update_norm))
@@ -206,10 +215,12 @@ class Coordinator:
         end = time.monotonic() + wait
         with self.lock:
             while True:
-                if self.finished or self.stopped:
+                if self.stopped:
+                    raise Stopped(f"run stopped: {self.stopped}")
+                if self.finished:
                     return self._finished(site)
                 task = self.open
-                if task is not None and site in task.cohort and site not in self.updates:
+                if task is not None and site in task.cohort and site not in self.updates and site not in self.refused:
                     if self.deadline is None:  # the clock starts when the first site fetches the round
                         self.deadline = time.monotonic() + self.limits.round_timeout
                     break
@@ -281,6 +292,9 @@ class Coordinator:
                     self._close_round(reason="all answered")
             return pb.SubmitReply(accepted=True)
         except (Rejected, wire.WireError) as e:
+            with self.lock:  # a deterministic site would send the same bad update again: not this attempt
+                if header is not None and self.open is not None and header.round == self.open.index and identity:
+                    self.refused.add(identity)
             self.audit.record("update_rejected", site=identity, round=int(header.round) if header else None,
                               sha256=header.manifest.sha256 if header else None, reason=str(e))
             self.log(f"coordinator: rejected an update from {identity}: {e}")
@@ -309,7 +323,10 @@ class Servicer(pb_grpc.FederationServicer):
         try:
             yield from self.coordinator.poll(self.identity(context), request)
         except Rejected as e:
+            self.coordinator.audit.record("poll_refused", site=request.site, reason=str(e))
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except Stopped as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
     def SubmitUpdate(self, request_iterator, context):
         return self.coordinator.submit(self.identity(context), request_iterator)
@@ -335,6 +352,10 @@ def run_until_done(coordinator: Coordinator, server: grpc.Server, final_metrics_
     while not coordinator.finished and coordinator.stopped is None:
         coordinator.tick()
         time.sleep(0.1)
+    if coordinator.stopped:  # let polling sites hear why, then stop
+        time.sleep(min(final_metrics_grace, coordinator.limits.wait_seconds + 1))
+        server.stop(grace=2).wait()
+        return
     end = time.monotonic() + final_metrics_grace
     while len(coordinator.final_metrics) < len(coordinator._cohort()) and time.monotonic() < end:
         time.sleep(0.1)

@@ -105,6 +105,7 @@ class SiteAgent:
         if job.task_config["name"] != self.task:
             raise SiteRefused(f"the coordinator's job is task {job.task_config['name']!r}; this site serves {self.task!r}")
         self.audit.record("joined", run_id=reply.run_id, job=raw)
+        self.run_id = reply.run_id
         self._prepare(job, raw)
         while True:
             stream = stub.PollTask(pb.PollRequest(run_id=reply.run_id, site=self.name, wait_seconds=self.wait_seconds))
@@ -130,11 +131,16 @@ class SiteAgent:
         params = built.model.init_params
         self.message_template = jax.eval_shape(self.algorithm.broadcast, self.algorithm.server_init(params))
         self.state = self.algorithm.client_init(params)
-        committed = self.state_dir / "client_state.npz"
-        if committed.exists():
-            self.state, _ = load_tree(committed, self.state)
         self.pending_round, self.pending_state, self.pending_accepted = -1, None, False
-        pending = self.state_dir / "pending_state.npz"
+        committed, pending = self.state_dir / "client_state.npz", self.state_dir / "pending_state.npz"
+        if committed.exists():
+            state, meta = load_tree(committed, self.state)
+            if meta.get("run_id") == self.run_id:
+                self.state = state
+            else:  # another run's state (e.g. SCAFFOLD's c_i) must not leak into this one
+                self.audit.record("state_reset", previous_run=meta.get("run_id"))
+                committed.unlink()
+                pending.unlink(missing_ok=True)
         if pending.exists():
             self.pending_state, meta = load_tree(pending, self.state)
             self.pending_round, self.pending_accepted = int(meta["round"]), bool(meta.get("accepted", False))
@@ -143,7 +149,7 @@ class SiteAgent:
 
     def _commit(self) -> None:
         self.state = self.pending_state
-        save_tree(self.state_dir / "client_state.npz", self.state, round=self.pending_round)
+        save_tree(self.state_dir / "client_state.npz", self.state, round=self.pending_round, run_id=self.run_id)
         (self.state_dir / "pending_state.npz").unlink(missing_ok=True)
         self.audit.record("state_committed", round=self.pending_round)
         self.pending_round, self.pending_state, self.pending_accepted = -1, None, False
@@ -176,7 +182,7 @@ class SiteAgent:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.job.seed), r), self.site_index)
         out = self._update(message, self.state, self.train, key, jnp.int32(header.num_epochs))
         self.pending_round, self.pending_state, self.pending_accepted = r, out.client_state, False
-        save_tree(self.state_dir / "pending_state.npz", out.client_state, round=r, accepted=False)
+        save_tree(self.state_dir / "pending_state.npz", out.client_state, round=r, accepted=False, run_id=self.run_id)
         specs, payload = wire.encode(out.update)
         metrics = {"train_loss": float(out.metrics.train_loss), "num_steps": float(out.metrics.num_steps)}
         metrics |= {f"test_{k}": v for k, v in _metrics_row(test_metrics).items()}
@@ -184,12 +190,12 @@ class SiteAgent:
                                manifest=wire.manifest_to_proto(specs, payload), metrics=metrics)
         chunks = [pb.UpdateChunk(header=head)] + [pb.UpdateChunk(data=bytes(c)) for c in wire.chunks(payload, self.chunk_size)]
         self.audit.record("update_sent", round=r, sha256=wire.sha256_hex(payload), weight=float(out.weight),
-                          tensors=[s.name for s in specs], metrics=metrics)
+                          tensors=[[s.name, s.dtype, list(s.shape)] for s in specs], bytes=len(payload), metrics=metrics)
         result = stub.SubmitUpdate(iter(chunks))
         self.audit.record("update_result", round=r, accepted=result.accepted, reason=result.reason)
         if result.accepted:  # kept aside until the coordinator moves past round r; dropped if r is retried
             self.pending_accepted = True
-            save_tree(self.state_dir / "pending_state.npz", out.client_state, round=r, accepted=True)
+            save_tree(self.state_dir / "pending_state.npz", out.client_state, round=r, accepted=True, run_id=self.run_id)
         else:
             self.log(f"{self.name}: round {r} update rejected: {result.reason}")
             self._discard()
