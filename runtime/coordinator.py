@@ -58,11 +58,13 @@ class Stopped(Exception):
 
 
 class OpenRound(NamedTuple):
+    """The round being collected; its broadcast is encoded and hashed once, then streamed to each site."""
+
     index: int
     attempt: int
     cohort: tuple[str, ...]
     payload: bytes
-    specs: list
+    manifest: pb.Manifest
 
 
 class Coordinator:
@@ -107,6 +109,7 @@ class Coordinator:
             save_tree(state_path, self.server, run_id=self.run_id, round=0, job_sha256=self.job_sha256)
             self.audit.record("start", run_id=self.run_id, job=json.loads(job.to_json()))
         self.final_metrics: dict[str, dict] = {}
+        self._final: Optional[tuple[bytes, pb.Manifest]] = None
         self.lock = threading.Condition()
         self.updates: dict[str, tuple] = {}
         self.refused: set[str] = set()  # sites whose update this attempt was rejected: not sent the task again
@@ -137,10 +140,10 @@ class Coordinator:
 
     def _open_round(self, attempt: int) -> OpenRound:
         specs, payload = wire.encode(self.algorithm.broadcast(self.server))
-        opened = OpenRound(self.round, attempt, self._cohort(), payload, specs)
+        opened = OpenRound(self.round, attempt, self._cohort(), payload, wire.manifest_to_proto(specs, payload))
         self.updates, self.refused, self.deadline = {}, set(), None
         self.audit.record("round_open", round=opened.index, attempt=attempt, cohort=list(opened.cohort),
-                          broadcast_sha256=wire.sha256_hex(payload))
+                          broadcast_sha256=opened.manifest.sha256)
         return opened
 
     def tick(self) -> None:
@@ -229,17 +232,17 @@ class Coordinator:
                     return iter([pb.TaskChunk(header=pb.TaskHeader(kind=pb.TaskHeader.WAIT, run_id=self.run_id,
                                                                    round=self.round))])
                 self.lock.wait(timeout=remaining)
-        self.audit.record("task_sent", site=site, round=task.index, attempt=task.attempt,
-                          sha256=wire.sha256_hex(task.payload))
+        self.audit.record("task_sent", site=site, round=task.index, attempt=task.attempt, sha256=task.manifest.sha256)
         header = pb.TaskHeader(kind=pb.TaskHeader.TRAIN, run_id=self.run_id, round=task.index,
-                               num_epochs=int(self.job.algorithm_config["num_epochs"]),
-                               manifest=wire.manifest_to_proto(task.specs, task.payload))
+                               num_epochs=int(self.job.algorithm_config["num_epochs"]), manifest=task.manifest)
         return self._stream(header, task.payload)
 
     def _finished(self, site: str) -> Iterator[pb.TaskChunk]:
-        specs, payload = wire.encode(self.algorithm.broadcast(self.server))
-        header = pb.TaskHeader(kind=pb.TaskHeader.FINISHED, run_id=self.run_id, round=self.round,
-                               manifest=wire.manifest_to_proto(specs, payload))
+        if self._final is None:  # the final model, encoded and hashed once for every site
+            specs, payload = wire.encode(self.algorithm.broadcast(self.server))
+            self._final = (payload, wire.manifest_to_proto(specs, payload))
+        payload, manifest = self._final
+        header = pb.TaskHeader(kind=pb.TaskHeader.FINISHED, run_id=self.run_id, round=self.round, manifest=manifest)
         return self._stream(header, payload)
 
     def _stream(self, header: pb.TaskHeader, payload: bytes) -> Iterator[pb.TaskChunk]:

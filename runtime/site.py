@@ -204,7 +204,10 @@ class SiteAgent:
         metrics = _metrics_row(self._evaluate(message.params, self.test, jnp.ones(len(self.test.y), bool)))
         head = pb.UpdateHeader(run_id=run_id, round=header.round, site=self.name, weight=0.0,
                                manifest=wire.manifest_to_proto([], b""), metrics=metrics)
-        stub.SubmitUpdate(iter([pb.UpdateChunk(header=head)]))
+        try:
+            stub.SubmitUpdate(iter([pb.UpdateChunk(header=head)]))
+        except grpc.RpcError as e:  # the run is over either way; the coordinator may already have left
+            self.audit.record("final_metrics_not_delivered", code=e.code().name)
         self.audit.record("finished", round=int(header.round), metrics=metrics)
         self.final_metrics = metrics
         return metrics
