@@ -89,8 +89,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
         run_dir, config=OmegaConf.to_container(cfg, resolve=True), use_wandb=cfg.logger.wandb,
         project=cfg.logger.project, mode=cfg.logger.mode, run_name=run_dir.name, resume_round=state.round,
     )
-    rounds = cfg.sim.rounds
-    overheads = [sim.padding_overhead(sim.plan(r)) for r in range(state.round, rounds)] or [0.0]
+    rounds, start_round = cfg.sim.rounds, state.round
+    overheads = [sim.padding_overhead(sim.plan(r)) for r in range(rounds)]
     console.print(
         f"[bold]NordFL[/bold] {cfg.algorithm.name} on {task.data.name}: {len(site_names)} clients, "
         f"cohort {sim.cohort_size}, {rounds} rounds, {len(sim.buckets)} size bucket(s), "
@@ -113,7 +113,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
                 row |= _eval_row(evaluation, site_names)
             row["elapsed_s"] = time.perf_counter() - start
             log.log(row)
-            done = state.round - (rounds - len(overheads))
+            done = state.round - start_round
             status = f"loss {row['client_loss']:.4f}"
             if "test_accuracy" in row:
                 status += f"  test acc {row['test_accuracy']:.3f}"
@@ -131,7 +131,9 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
         "first_round_s": first_round_s, "train_s": train_s, "num_clients": len(site_names), "cohort_size": sim.cohort_size,
     }
     log.close(summary)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float).replace("NaN", "null"))
+    summary_path = run_dir / "summary.json"
+    if state.round > start_round or not summary_path.exists():  # resuming a finished run keeps its real timings
+        summary_path.write_text(json.dumps(summary, indent=2, default=float).replace("NaN", "null"))
     return result
 
 
