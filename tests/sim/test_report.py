@@ -271,3 +271,13 @@ def test_same_configuration_and_seed_twice_is_refused(tmp_path):
     with pytest.raises(report.ReportError, match="with seed 3; pass only one") as error:
         report.summarise([tmp_path])
     assert str(tmp_path / "a") in str(error.value) and str(tmp_path / "b") in str(error.value)
+
+
+def test_labels_show_what_differs_and_ignore_resume_and_hydra_keys(tmp_path):
+    common = ["sim.rounds=3", "logger.progress=false"]
+    write_run(tmp_path / "a0", make_rows(0), seed=0, algorithm="fedavg", overrides=["algorithm=fedavg", "seed=0", *common])
+    write_run(tmp_path / "a1", make_rows(1), seed=1, algorithm="fedavg",
+              overrides=["algorithm=fedavg", "seed=1", "resume=true", "hydra.run.dir=x", *common])
+    write_run(tmp_path / "b0", make_rows(2), seed=0, algorithm="scaffold", overrides=["algorithm=scaffold", "seed=0", *common])
+    labels = {s.label: s.seeds for s in report.summarise([tmp_path])}
+    assert labels == {"algorithm=fedavg": (0, 1), "algorithm=scaffold": (0,)}
