@@ -79,7 +79,7 @@ class SiteAgent:
 
     def run(self) -> dict:
         """Works until the run finishes; returns this site's metrics of the final model."""
-        failures = 0
+        self.failures = 0  # consecutive failed connections; reset by every successful join
         while True:
             try:
                 with self._channel() as channel:
@@ -88,10 +88,11 @@ class SiteAgent:
                 if e.code() not in RETRYABLE:
                     self.audit.record("refused", code=e.code().name, reason=e.details())
                     raise SiteRefused(f"coordinator refused {self.name}: {e.code().name}: {e.details()}") from None
-                failures += 1
-                delay = min(self.max_backoff, 0.5 * 2 ** min(failures, 10)) * random.uniform(0.5, 1.0)
-                self.audit.record("connection_lost", code=e.code().name, retry_in_s=round(delay, 2))
-                self.log(f"{self.name}: coordinator unreachable ({e.code().name}); retrying in {delay:.1f}s")
+                self.failures += 1
+                delay = min(self.max_backoff, 0.5 * 2 ** min(self.failures, 10)) * random.uniform(0.5, 1.0)
+                self.audit.record("connection_lost", code=e.code().name, reason=e.details(), retry_in_s=round(delay, 2))
+                # The details carry TLS hints (e.g. CERTIFICATE_VERIFY_FAILED) that UNAVAILABLE alone hides.
+                self.log(f"{self.name}: coordinator unreachable ({e.code().name}: {e.details()}); retrying in {delay:.1f}s")
                 time.sleep(delay)
 
     # ------------------------------------------------------------------ one connected session
@@ -105,6 +106,7 @@ class SiteAgent:
         if job.task_config["name"] != self.task:
             raise SiteRefused(f"the coordinator's job is task {job.task_config['name']!r}; this site serves {self.task!r}")
         self.audit.record("joined", run_id=reply.run_id, job=raw)
+        self.failures = 0
         self.run_id = reply.run_id
         self._prepare(job, raw)
         while True:
