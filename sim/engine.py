@@ -125,9 +125,8 @@ class Simulator:
             self._bucket_of[spec.client_ids] = b
         self._chunks = [self._chunking(min(cohort, len(spec.client_ids))) for spec in self.buckets]
 
-        host_pool = pool_clients([c.train for c in clients])
-        self._host_pool = host_pool
-        self._train_pool = None if options.data_on_host else jax.device_put(host_pool, self._replicated)
+        self._host_pool = pool_clients([c.train for c in clients])
+        self._train_pool = None if options.data_on_host else jax.device_put(self._host_pool, self._replicated)
         test_sizes = [len(c.test.y) for c in clients]
         self._test_pool = pool_clients([c.test for c in clients])
         self._test_buckets = bucket_specs(test_sizes, plan_buckets(test_sizes, batch_size=1, max_buckets=options.max_buckets))
@@ -257,7 +256,9 @@ class Simulator:
 
     def evaluate(self, params) -> Evaluation:
         """Scores ``params`` on every client's training data and on the pooled and per-site test sets."""
-        train = self._per_client(params, self._host_pool, self._train_eval_buckets)
+        # Training rows already on the device are scored there, not sent again at every evaluation.
+        pool = self._host_pool if self._train_pool is None else self._train_pool
+        train = self._per_client(params, pool, self._train_eval_buckets)
         sizes = self._host_pool.sizes.astype(np.float64)
         train_loss = float(np.nansum(train.loss * sizes) / max(sizes.sum(), 1.0))
         sites = self._per_client(params, self._test_pool, self._test_buckets)
