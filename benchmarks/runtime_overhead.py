@@ -47,8 +47,7 @@ from pathlib import Path
 import jax
 
 from nordfl.runtime import tls
-from nordfl.runtime.config import check_runtime, compose_config, job_from_config
-from nordfl.runtime.coordinator import Coordinator, Limits, run_until_done, serve
+from nordfl.runtime.coordinator import Coordinator, coordinator_for, run_until_done, serve
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.site import SiteAgent
 from nordfl.runtime.site_data import write_site_files
@@ -206,16 +205,10 @@ def run_size(name: str, hidden: list, rounds: int, log=print) -> dict:
         overrides = ["task.model=mlp", f"task.hidden=[{','.join(map(str, hidden))}]", "algorithm=fedavg",
                      "algorithm.num_epochs=1", "algorithm.batch_size=256", f"runtime.rounds={rounds}",
                      "runtime.round_timeout=3600"]
-        cfg = compose_config(overrides)
-        watcher = tls.FederationWatcher(federation)
-        sites = sorted(watcher.current().sites)
-        check_runtime(cfg, len(sites))
-        limits = Limits(**{k: cfg.runtime[k] for k in Limits._fields})
         log(f"[{name}] {params:,} parameters; coordinator starting (model init, round 0 opens) ...")
         start = time.perf_counter()
-        coordinator = TimedCoordinator(job_from_config(cfg, sites), limits, tmp / "coordinator",
-                                       admitted=lambda identity: tls.admit(watcher.current(), identity),
-                                       log=lambda m: log(f"[{name}] {m}"), clock=clock, timed=timed)
+        coordinator = coordinator_for(overrides, federation, tmp / "coordinator", factory=TimedCoordinator,
+                                      log=lambda m: log(f"[{name}] {m}"), clock=clock, timed=timed)
         server, port = serve(coordinator, "localhost:0", tls.server_credentials(federation / "coordinator"))
         coordinator.port = port
         agents = [TimedSite(site, f"localhost:{port}", [files[site]], tmp / "sites" / site,

@@ -90,6 +90,11 @@ def fail(key: str, value, expected: str):
     raise ConfigError(f"{key}: {expected}, got {value!r}")
 
 
+def model_kwargs(task: Any) -> Optional[dict]:
+    """The model's extra arguments from a task config (a config node or a plain dict)."""
+    return {"hidden": tuple(task["hidden"])} if task["model"] == "mlp" else None
+
+
 def build_task(cfg: DictConfig) -> Task:
     t, p = cfg.task, cfg.partition
     data_kwargs: dict[str, Any] = {"seed": t.data_seed}
@@ -97,9 +102,8 @@ def build_task(cfg: DictConfig) -> Task:
         data_kwargs["num_devices"] = t.num_devices
         if t.name == "synthetic":
             data_kwargs |= {"alpha": t.alpha, "beta": t.beta}
-    model_kwargs = {"hidden": tuple(t.hidden)} if t.model == "mlp" else None
     try:
-        task = make_task(t.name, model=t.model, model_seed=cfg.seed, model_kwargs=model_kwargs, **data_kwargs)
+        task = make_task(t.name, model=t.model, model_seed=cfg.seed, model_kwargs=model_kwargs(t), **data_kwargs)
         options = {k: v for k, v in present(p).items() if k != "name"}
         data = repartition(task.data, p.name, seed=t.data_seed, **options)
     except ValueError as e:

@@ -64,26 +64,20 @@ def cmd_coordinator(args) -> int:
     from nordfl.conf.schema import ConfigError
     from nordfl.runtime import tls
     from nordfl.runtime.audit import AuditError
-    from nordfl.runtime.config import check_runtime, compose_config, job_from_config
-    from nordfl.runtime.coordinator import Coordinator, Limits, run_until_done, serve
+    from nordfl.runtime.coordinator import coordinator_for, run_until_done, serve
 
     federation = Path(args.federation)
     try:
-        cfg = compose_config(args.overrides)
-        watcher = tls.FederationWatcher(federation)
-        sites = sorted(watcher.current().sites)
-        check_runtime(cfg, len(sites))
-        limits = Limits(**{k: cfg.runtime[k] for k in Limits._fields})
-        coordinator = Coordinator(job_from_config(cfg, sites), limits, Path(args.state),
-                                  admitted=lambda identity: tls.admit(watcher.current(), identity), insecure=args.insecure)
+        coordinator = coordinator_for(args.overrides, federation, Path(args.state), insecure=args.insecure)
     except (ConfigError, ValueError, FileNotFoundError, AuditError) as e:
         return _err(str(e))
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     credentials = None if args.insecure else tls.server_credentials(federation / "coordinator")
     server, port = serve(coordinator, args.address, credentials)
-    print(f"coordinator: run {coordinator.run_id}, {cfg.algorithm.name} on {cfg.task.name}, sites {', '.join(sites)}; "
-          f"listening on port {port}, round {coordinator.round}/{cfg.runtime.rounds}", flush=True)
+    job = coordinator.job
+    print(f"coordinator: run {coordinator.run_id}, {job.algorithm_config['name']} on {job.task_config['name']}, "
+          f"sites {', '.join(job.sites)}; listening on port {port}, round {coordinator.round}/{job.rounds}", flush=True)
     run_until_done(coordinator, server)
     if coordinator.stopped:
         return _err(coordinator.stopped)

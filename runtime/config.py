@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nordfl.algorithms import Algorithm
 from nordfl.algorithms.aggregators import Aggregator
-from nordfl.conf.schema import AlgorithmConfig, ConfigError, TaskConfig, build_algorithm, fail
+from nordfl.conf.schema import AlgorithmConfig, ConfigError, TaskConfig, build_algorithm, fail, model_kwargs
 from nordfl.tasks import Model, TaskFns, classification_fns, make_model
 from nordfl.tasks.task import SHAPES
 
@@ -116,9 +116,8 @@ def build_job(job: Job) -> Built:
     task = job.task_config
     if task["name"] not in SHAPES:
         fail("task.name", task["name"], f"must be one of {', '.join(sorted(SHAPES))}")
-    model_kwargs = {"hidden": tuple(task["hidden"])} if task["model"] == "mlp" else None
     try:
-        model = make_model(task["name"], task["model"], seed=job.seed, model_kwargs=model_kwargs)
+        model = make_model(task["name"], task["model"], seed=job.seed, model_kwargs=model_kwargs(task))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     fns = classification_fns(model, SHAPES[task["name"]][1])

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import grpc
 import jax
@@ -26,7 +26,7 @@ import numpy as np
 from nordfl.algorithms import ClientData
 from nordfl.runtime import tls, wire
 from nordfl.runtime.audit import AuditLog
-from nordfl.runtime.config import Job, build_job
+from nordfl.runtime.config import Job, build_job, check_runtime, compose_config, job_from_config
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
 from nordfl.runtime.store import load_tree, save_tree
@@ -311,6 +311,22 @@ class Coordinator:
             raise Rejected(f"site {site} is not in round {header.round}'s cohort")
         if site in self.updates:
             raise Rejected(f"duplicate update from {site} for round {header.round}")
+
+
+def coordinator_for(overrides: Sequence[str], federation_dir: Path, state_dir: Path, *, factory=None, **kwargs) -> "Coordinator":
+    """The coordinator of a provisioned federation, from Hydra-style overrides.
+
+    The config is checked against the federation's sites before anything starts, and
+    ``federation.json`` is re-read on every request so revocations apply at once.
+    ``factory`` (default ``Coordinator``) and ``kwargs`` pass through to the constructor.
+    """
+    cfg = compose_config(list(overrides))
+    watcher = tls.FederationWatcher(federation_dir)
+    sites = sorted(watcher.current().sites)
+    check_runtime(cfg, len(sites))
+    limits = Limits(**{k: cfg.runtime[k] for k in Limits._fields})
+    return (factory or Coordinator)(job_from_config(cfg, sites), limits, Path(state_dir),
+                                    admitted=lambda identity: tls.admit(watcher.current(), identity), **kwargs)
 
 
 class Servicer(pb_grpc.FederationServicer):

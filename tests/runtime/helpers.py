@@ -5,8 +5,7 @@ import time
 from pathlib import Path
 
 from nordfl.runtime import tls
-from nordfl.runtime.config import check_runtime, compose_config, job_from_config
-from nordfl.runtime.coordinator import Coordinator, Limits, serve
+from nordfl.runtime.coordinator import coordinator_for, serve
 from nordfl.runtime.site import SiteAgent
 from nordfl.runtime.site_data import write_site_files
 
@@ -21,13 +20,7 @@ def provisioned(tmp: Path, sites=SITES) -> tuple[Path, dict]:
 
 
 def start_coordinator(tmp: Path, federation: Path, overrides=(), *, state="coordinator", port=0, log=lambda m: None):
-    cfg = compose_config(list(overrides))
-    watcher = tls.FederationWatcher(federation)
-    sites = sorted(watcher.current().sites)
-    check_runtime(cfg, len(sites))
-    limits = Limits(**{k: cfg.runtime[k] for k in Limits._fields})
-    coordinator = Coordinator(job_from_config(cfg, sites), limits, tmp / state,
-                              admitted=lambda identity: tls.admit(watcher.current(), identity), log=log)
+    coordinator = coordinator_for(overrides, federation, tmp / state, log=log)
     server, port = serve(coordinator, f"localhost:{port}", tls.server_credentials(federation / "coordinator"))
     return coordinator, server, port
 
