@@ -101,12 +101,14 @@ class Coordinator:
                 raise ValueError(f"coordinator: the state in {state_path} belongs to another job (algorithm, task, "
                                  "sites or rounds differ); use a fresh --state folder or the original settings")
             self.run_id, self.round = meta["run_id"], int(meta["round"])
+            self.last_contribution = dict(meta.get("last_contribution", {}))
             self.audit.record("restart", run_id=self.run_id, round=self.round)
             self.log(f"coordinator: resuming run {self.run_id} at round {self.round}")
         else:
             self.run_id = uuid.uuid4().hex
             self.round = 0
-            save_tree(state_path, self.server, run_id=self.run_id, round=0, job_sha256=self.job_sha256)
+            self.last_contribution: dict[str, int] = {}  # site -> last round whose aggregate used its update
+            self._save_state()
             self.audit.record("start", run_id=self.run_id, job=json.loads(job.to_json()))
         self.final_metrics: dict[str, dict] = {}
         self._final: Optional[tuple[bytes, pb.Manifest]] = None
@@ -171,8 +173,9 @@ class Coordinator:
         stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[self.updates[s][0] for s in sites])
         weights = jnp.asarray([self.updates[s][1] for s in sites], jnp.float32)
         self.server, metrics = self._server_update(self.server, stacked, weights)
+        self.last_contribution |= {site: self.round for site in sites}
         self.round += 1
-        save_tree(self.state_dir / STATE_FILE, self.server, run_id=self.run_id, round=self.round, job_sha256=self.job_sha256)
+        self._save_state()
         losses = [self.updates[s][2].get("train_loss", float("nan")) for s in sites]
         self.audit.record("round_closed", round=self.round - 1, reason=reason, contributors=sites,
                           update_norm=float(metrics.update_norm))
@@ -182,6 +185,10 @@ class Coordinator:
         if self.open is None:
             self.audit.record("finished", round=self.round)
         self.lock.notify_all()
+
+    def _save_state(self) -> None:
+        save_tree(self.state_dir / STATE_FILE, self.server, run_id=self.run_id, round=self.round,
+                  job_sha256=self.job_sha256, last_contribution=self.last_contribution)
 
     @property
     def finished(self) -> bool:
@@ -229,12 +236,14 @@ class Coordinator:
                     break
                 remaining = end - time.monotonic()
                 if remaining <= 0:
-                    return iter([pb.TaskChunk(header=pb.TaskHeader(kind=pb.TaskHeader.WAIT, run_id=self.run_id,
-                                                                   round=self.round))])
+                    return iter([pb.TaskChunk(header=pb.TaskHeader(
+                        kind=pb.TaskHeader.WAIT, run_id=self.run_id, round=self.round,
+                        last_contribution=self.last_contribution.get(site, -1)))])
                 self.lock.wait(timeout=remaining)
         self.audit.record("task_sent", site=site, round=task.index, attempt=task.attempt, sha256=task.manifest.sha256)
         header = pb.TaskHeader(kind=pb.TaskHeader.TRAIN, run_id=self.run_id, round=task.index,
-                               num_epochs=int(self.job.algorithm_config["num_epochs"]), manifest=task.manifest)
+                               num_epochs=int(self.job.algorithm_config["num_epochs"]), manifest=task.manifest,
+                               last_contribution=self.last_contribution.get(site, -1))
         return self._stream(header, task.payload)
 
     def _finished(self, site: str) -> Iterator[pb.TaskChunk]:
@@ -242,7 +251,8 @@ class Coordinator:
             specs, payload = wire.encode(self.algorithm.broadcast(self.server))
             self._final = (payload, wire.manifest_to_proto(specs, payload))
         payload, manifest = self._final
-        header = pb.TaskHeader(kind=pb.TaskHeader.FINISHED, run_id=self.run_id, round=self.round, manifest=manifest)
+        header = pb.TaskHeader(kind=pb.TaskHeader.FINISHED, run_id=self.run_id, round=self.round, manifest=manifest,
+                               last_contribution=self.last_contribution.get(site, -1))
         return self._stream(header, payload)
 
     def _stream(self, header: pb.TaskHeader, payload: bytes) -> Iterator[pb.TaskChunk]:

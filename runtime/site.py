@@ -3,10 +3,12 @@
 It checks its local files against the task's schema before connecting; then joins, pulls
 work by long-polling, runs the algorithm's ``client_update`` on its own rows, and sends
 back only the update (named raw tensors) and a few numbers. Its client state (SCAFFOLD's
-c_i) stays on its disk: a round's new state is kept aside until the coordinator has
-accepted the update and moved past that round, and dropped if the round is retried or the
-update was not accepted, so a site's state follows the global model. Lost connections are retried with
-exponential backoff; every task received and update sent is in the site's audit log.
+c_i) stays on its disk: a round's new state is kept aside (``pending_state.npz``) until a
+later task header says the coordinator aggregated that round's update
+(``last_contribution``), and dropped otherwise (the round was retried, the update rejected
+or left out at the deadline). The coordinator's record decides, not the reply to the
+upload, which a crash can lose; so a site's state follows the global model. Lost
+connections are retried with exponential backoff; every task received and update sent is in the site's audit log.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class SiteAgent:
             stream = stub.PollTask(pb.PollRequest(run_id=reply.run_id, site=self.name, wait_seconds=self.wait_seconds))
             header, payload = self._receive(stream)
             if header.round > self.pending_round >= 0:  # the coordinator moved past our pending round
-                self._commit() if self.pending_accepted else self._discard()
+                self._commit() if header.last_contribution == self.pending_round else self._discard()
             if header.kind == pb.TaskHeader.WAIT:
                 continue
             message = self._decode(header, payload)
@@ -133,7 +135,7 @@ class SiteAgent:
         params = built.model.init_params
         self.message_template = jax.eval_shape(self.algorithm.broadcast, self.algorithm.server_init(params))
         self.state = self.algorithm.client_init(params)
-        self.pending_round, self.pending_state, self.pending_accepted = -1, None, False
+        self.pending_round, self.pending_state = -1, None
         committed, pending = self.state_dir / "client_state.npz", self.state_dir / "pending_state.npz"
         if committed.exists():
             state, meta = load_tree(committed, self.state)
@@ -145,7 +147,7 @@ class SiteAgent:
                 pending.unlink(missing_ok=True)
         if pending.exists():
             self.pending_state, meta = load_tree(pending, self.state)
-            self.pending_round, self.pending_accepted = int(meta["round"]), bool(meta.get("accepted", False))
+            self.pending_round = int(meta["round"])
         self._update = jax.jit(self.algorithm.client_update)
         self._evaluate = jax.jit(self.fns.evaluate)
 
@@ -154,12 +156,12 @@ class SiteAgent:
         save_tree(self.state_dir / "client_state.npz", self.state, round=self.pending_round, run_id=self.run_id)
         (self.state_dir / "pending_state.npz").unlink(missing_ok=True)
         self.audit.record("state_committed", round=self.pending_round)
-        self.pending_round, self.pending_state, self.pending_accepted = -1, None, False
+        self.pending_round, self.pending_state = -1, None
 
     def _discard(self) -> None:
         (self.state_dir / "pending_state.npz").unlink(missing_ok=True)
         self.audit.record("state_discarded", round=self.pending_round)
-        self.pending_round, self.pending_state, self.pending_accepted = -1, None, False
+        self.pending_round, self.pending_state = -1, None
 
     def _receive(self, stream) -> tuple[pb.TaskHeader, bytes]:
         first = next(stream)
@@ -183,8 +185,8 @@ class SiteAgent:
         test_metrics = self._evaluate(message.params, self.test, jnp.ones(len(self.test.y), bool))
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.job.seed), r), self.site_index)
         out = self._update(message, self.state, self.train, key, jnp.int32(header.num_epochs))
-        self.pending_round, self.pending_state, self.pending_accepted = r, out.client_state, False
-        save_tree(self.state_dir / "pending_state.npz", out.client_state, round=r, accepted=False, run_id=self.run_id)
+        self.pending_round, self.pending_state = r, out.client_state
+        save_tree(self.state_dir / "pending_state.npz", out.client_state, round=r, run_id=self.run_id)
         specs, payload = wire.encode(out.update)
         metrics = {"train_loss": float(out.metrics.train_loss), "num_steps": float(out.metrics.num_steps)}
         metrics |= {f"test_{k}": v for k, v in _metrics_row(test_metrics).items()}
@@ -195,10 +197,9 @@ class SiteAgent:
                           tensors=[[s.name, s.dtype, list(s.shape)] for s in specs], bytes=len(payload), metrics=metrics)
         result = stub.SubmitUpdate(iter(chunks))
         self.audit.record("update_result", round=r, accepted=result.accepted, reason=result.reason)
-        if result.accepted:  # kept aside until the coordinator moves past round r; dropped if r is retried
-            self.pending_accepted = True
-            save_tree(self.state_dir / "pending_state.npz", out.client_state, round=r, accepted=True, run_id=self.run_id)
-        else:
+        # An accepted update's state stays pending: it is committed once a task header's
+        # last_contribution says round r's aggregate used it (the reply alone can be lost).
+        if not result.accepted:
             self.log(f"{self.name}: round {r} update rejected: {result.reason}")
             self._discard()
 

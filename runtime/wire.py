@@ -55,8 +55,9 @@ __all__ = [
     "template_of",
 ]
 
-PROTOCOL_VERSION = "nordfl.runtime.v1"
-"""Sent in ``JoinRequest.protocol_version``; matches the proto package."""
+PROTOCOL_VERSION = "nordfl.runtime.v1.1"
+"""Sent in ``JoinRequest.protocol_version``: the proto package and a revision of its meaning (v1.1: sites
+keep client state by ``TaskHeader.last_contribution``); coordinator and sites must agree exactly."""
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 """Bytes per streamed data chunk (1 MiB): well under gRPC's default 4 MB message limit."""

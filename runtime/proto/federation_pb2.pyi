@@ -58,7 +58,7 @@ class PollRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., site: _Optional[str] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "run_id", "round", "num_epochs", "manifest")
+    __slots__ = ("kind", "run_id", "round", "num_epochs", "manifest", "last_contribution")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         WAIT: _ClassVar[TaskHeader.Kind]
@@ -72,12 +72,14 @@ class TaskHeader(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    LAST_CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     kind: TaskHeader.Kind
     run_id: str
     round: int
     num_epochs: int
     manifest: Manifest
-    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_epochs: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+    last_contribution: int
+    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_epochs: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., last_contribution: _Optional[int] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -19,8 +19,9 @@ def provisioned(tmp: Path, sites=SITES) -> tuple[Path, dict]:
     return federation, files
 
 
-def start_coordinator(tmp: Path, federation: Path, overrides=(), *, state="coordinator", port=0, log=lambda m: None):
-    coordinator = coordinator_for(overrides, federation, tmp / state, log=log)
+def start_coordinator(tmp: Path, federation: Path, overrides=(), *, state="coordinator", port=0, log=lambda m: None,
+                      factory=None):
+    coordinator = coordinator_for(overrides, federation, tmp / state, log=log, factory=factory)
     server, port = serve(coordinator, f"localhost:{port}", tls.server_credentials(federation / "coordinator"))
     return coordinator, server, port
 
@@ -48,11 +49,11 @@ def run_sites(agents) -> tuple[dict, dict]:
     return results, errors
 
 
-def start_federation(tmp: Path, federation: Path, overrides=(), *, grace: float = 30.0):
+def start_federation(tmp: Path, federation: Path, overrides=(), *, grace: float = 30.0, factory=None):
     """A coordinator serving on loopback, driven by ``run_until_done`` in a background thread."""
     from nordfl.runtime.coordinator import run_until_done
 
-    coordinator, server, port = start_coordinator(tmp, federation, overrides)
+    coordinator, server, port = start_coordinator(tmp, federation, overrides, factory=factory)
     driver = threading.Thread(target=run_until_done, args=(coordinator, server, grace), daemon=True)
     driver.start()
     return coordinator, port, driver

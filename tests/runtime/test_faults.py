@@ -160,3 +160,38 @@ def test_site_revoked_mid_run_is_refused_from_its_next_request(tmp_path):
     assert coordinator.round == 4
     closed = [e for e in _audit(tmp_path / "coordinator") if e["event"] == "round_closed"]
     assert all("Hungary" not in e["contributors"] for e in closed[revoked_at + 1:])
+
+
+@pytest.mark.slow
+def test_a_lost_reply_to_an_aggregated_update_still_keeps_the_site_state(tmp_path):
+    """The coordinator aggregates an update but the site never hears "accepted" (as when the
+    coordinator dies right after closing the round). SCAFFOLD's c_i must still advance, or the
+    site's state no longer matches the global model."""
+    from nordfl.runtime.coordinator import Coordinator
+    from tests.runtime.test_equivalence import _simulate
+
+    lost_round = 1
+
+    class LosesOneReply(Coordinator):
+        lost = None  # the site whose update closed lost_round; it never hears "accepted"
+
+        def submit(self, identity, chunks):
+            before = self.round
+            reply = super().submit(identity, chunks)
+            if before == lost_round and self.round == lost_round + 1 and self.lost is None:
+                self.lost = identity
+                raise ConnectionError("reply lost")
+            return reply
+
+    overrides = ["algorithm=scaffold", "seed=3"]
+    federation, files = provisioned(tmp_path)
+    coordinator, port, driver = start_federation(tmp_path, federation, overrides + ["runtime.rounds=3"],
+                                                 factory=LosesOneReply)
+    results, errors = run_sites([site_agent(tmp_path, federation, files, name, port, max_backoff=0.5) for name in SITES])
+    driver.join(timeout=60)
+    assert not errors and set(results) == set(SITES) and coordinator.lost
+    site_log = _audit(tmp_path / "sites" / coordinator.lost)
+    assert any(e["event"] == "connection_lost" for e in site_log)
+    assert any(e["event"] == "state_committed" and e["round"] == lost_round for e in site_log)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5),
+                           coordinator.server, _simulate(overrides, rounds=3))
