@@ -11,6 +11,8 @@ int(lognormal(4, 2)) + 50, as in the paper's generator.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from nordfl.tasks.data import FederatedDataset, build_federated
@@ -36,6 +38,7 @@ def synthetic(
     beta: float = 1.0,
     *,
     num_devices: int = 30,
+    samples_per_device: Optional[int] = None,
     iid: bool = False,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -46,13 +49,19 @@ def synthetic(
       alpha: std of the per-device model means u_k.
       beta: std of the per-device feature means B_k.
       num_devices: number of devices (clients).
+      samples_per_device: give every device exactly this many rows (train + test) instead of
+        the paper's heavy-tailed sizes (``lognormal(4, 2) + 50``); benchmarks use equal sizes.
       iid: generate Synthetic-IID instead.
       test_fraction: per-device stratified test share.
       seed: the generator's seed; the same seed gives the same dataset.
     """
     _check(num_devices, alpha, beta)
+    if samples_per_device is not None and (not isinstance(samples_per_device, (int, np.integer)) or samples_per_device < 2):
+        raise ValueError(f"synthetic: samples_per_device must be an integer >= 2 or None, got {samples_per_device!r}")
     rng = np.random.default_rng(seed)
     sizes = rng.lognormal(4, 2, num_devices).astype(int) + 50
+    if samples_per_device is not None:
+        sizes = np.full(num_devices, samples_per_device)
     std = _feature_std()
     if iid:
         shared_w = rng.normal(0, 1, (NUM_FEATURES, NUM_CLASSES))
