@@ -17,6 +17,7 @@ from tests.runtime.helpers import SITES, provisioned, run_sites_in_background, s
 from tests.runtime.test_equivalence import _simulate
 
 CLI = [sys.executable, "-m", "nordfl.runtime.cli"]
+ROUNDS = 10  # for the site-kill test: rounds left after the kill for the restarted site to come back
 
 
 def _free_port():
@@ -42,7 +43,7 @@ def _site_process(tmp, federation, files, name, port):
 def test_site_killed_mid_run_round_closes_with_min_sites_and_site_rejoins(tmp_path):
     federation, files = provisioned(tmp_path)
     coordinator, port, driver = start_federation(
-        tmp_path, federation, ["runtime.rounds=6", "runtime.min_sites=3", "runtime.round_timeout=4"]
+        tmp_path, federation, [f"runtime.rounds={ROUNDS}", "runtime.min_sites=3", "runtime.round_timeout=4"]
     )
     victim = "VA_Long_Beach"
     process = _site_process(tmp_path, federation, files, victim, port)
@@ -58,11 +59,14 @@ def test_site_killed_mid_run_round_closes_with_min_sites_and_site_rejoins(tmp_pa
     others.join(timeout=300)
     driver.join(timeout=60)
     assert restarted.returncode == 0, out
-    assert not outcome["errors"] and coordinator.round == 6
+    assert not outcome["errors"] and coordinator.round == ROUNDS
     closed = [e for e in _events(coordinator_log) if e["event"] == "round_closed"]
     timed_out = [e for e in closed if e["reason"] == "timeout"]
     assert timed_out and all(len(e["contributors"]) == 3 and victim not in e["contributors"] for e in timed_out)
-    assert victim in closed[-1]["contributors"]  # rejoined and contributed again
+    # Rejoined and contributed again. Rounds run on without it (4 s each) until its new process
+    # is up, so a loaded machine may take several; there are enough rounds left for that.
+    after_restart = closed[closed.index(timed_out[0]) + 1:]
+    assert any(victim in e["contributors"] for e in after_restart)
 
 
 @pytest.mark.slow
