@@ -20,7 +20,8 @@ from nordfl.algorithms.fedavg import ModelMessage as ModelMessage
 from nordfl.algorithms.fedavg import ServerState as ServerState
 from nordfl.algorithms.fedavg import fedavg as fedavg
 from nordfl.algorithms.fedprox import fedprox as fedprox
-from nordfl.algorithms.local import epoch_permutation as epoch_permutation
+from nordfl.algorithms.local import epoch_orders as epoch_orders
+from nordfl.algorithms.local import shuffle_order as shuffle_order
 from nordfl.algorithms.local import local_sgd as local_sgd
 from nordfl.algorithms.local import steps_per_epoch as steps_per_epoch
 from nordfl.algorithms.registry import ALGORITHM_NAMES as ALGORITHM_NAMES
@@ -43,7 +44,7 @@ __all__ = [
     "ClientMetrics", "ClientOutput", "EmptyState", "LossFn", "ModelDelta", "ModelMessage",
     "Params", "SERVER_OPTIMIZERS", "ScaffoldClientState", "ScaffoldMessage", "ScaffoldServerState",
     "ScaffoldUpdate", "ServerMetrics", "ServerState", "aggregator", "coordinate_median",
-    "epoch_permutation", "fedadagrad", "fedadam", "fedavg", "fedavg_server", "fedavgm",
-    "fedprox", "fedyogi", "local_sgd", "make_algorithm", "scaffold", "server_optimizer",
+    "epoch_orders", "fedadagrad", "fedadam", "fedavg", "fedavg_server", "fedavgm",
+    "fedprox", "fedyogi", "local_sgd", "make_algorithm", "scaffold", "server_optimizer", "shuffle_order",
     "steps_per_epoch", "trimmed_mean", "weighted_mean",
 ]

@@ -1,10 +1,15 @@
 """Local minibatch SGD on one client's data, shared by every algorithm.
 
 The schedule depends only on the client's own data and key, never on how much padding it
-carries: each epoch shuffles the client's ``num_examples`` real rows with a key derived
-from (client key, epoch, row index), and runs ``ceil(num_examples / batch_size)`` steps
+carries: each epoch visits the client's ``num_examples`` real rows in a random order drawn
+from (client key, epoch) alone, and runs ``ceil(num_examples / batch_size)`` steps
 (``floor`` with ``drop_remainder``). Steps past the client's own schedule are no-ops. So a
 client padded to ``n_max`` rows inside a vmapped cohort trains exactly as it would alone.
+
+The shuffles are keyed Feistel permutations (``epoch_orders``), not sorts: on a CPU a
+vmapped ``jax.random.permutation`` or ``argsort`` of random keys costs a sort per client
+and epoch, which was a quarter of a small model's round; a Feistel network is a few
+integer operations per row, all epochs at once.
 """
 
 from __future__ import annotations
@@ -51,19 +56,60 @@ def steps_per_epoch(num_examples, batch_size: int, drop_remainder: bool):
     return (num_examples + batch_size - 1) // batch_size
 
 
-def epoch_permutation(key: PRNGKey, num_examples: jax.Array, num_rows: int) -> jax.Array:
-    """A random order of rows ``0..num_examples-1``, followed by the padding rows.
+FEISTEL_ROUNDS = 8
+"""Rounds of the shuffle's Feistel network. Four suffice for large domains (Luby-Rackoff);
+tiny ones (2-bit halves for 3 or 4 rows) need about eight to draw every order equally often."""
 
-    The order of the real rows depends only on ``key`` and the row indices, so it is the
-    same whether the client is padded or not.
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A 32-bit integer hash with full avalanche (Wellons' "lowbias32"): the Feistel round function."""
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _feistel(x: jax.Array, half_bits: jax.Array, round_keys: jax.Array) -> jax.Array:
+    """A bijection of ``[0, 4**half_bits)``: balanced Feistel rounds on the two halves of ``x``."""
+    mask = (jnp.uint32(1) << half_bits) - 1
+    left, right = x >> half_bits, x & mask
+    for r in range(FEISTEL_ROUNDS):
+        left, right = right, left ^ (_mix32(right ^ round_keys[r]) & mask)
+    return (left << half_bits) | right
+
+
+def shuffle_order(round_keys: jax.Array, num_examples: jax.Array, num_rows: int) -> jax.Array:
+    """A random order of rows ``0..num_examples-1``, followed by the padding rows in place.
+
+    A keyed Feistel network permutes ``[0, 4**h)``, the smallest such range holding the
+    ``num_examples`` real rows; its values below ``num_examples``, kept in sequence, are the
+    order. (Filtering rather than cycle walking: walks inherit the network's parity and
+    favour some orders of 5 or 6 rows.) The order depends only on ``round_keys`` and
+    ``num_examples``, never on ``num_rows``.
+
+    Args:
+      round_keys: uint32 [FEISTEL_ROUNDS].
+      num_examples: int scalar, the real rows.
+      num_rows: static padded length.
 
     Returns:
-      int32 [num_rows] permutation.
+      int32 [num_rows].
     """
-    rows = jnp.arange(num_rows)
-    sort_keys = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i), dtype=jnp.uint32))(rows)
-    # lexsort: the last key is the primary one, so padding rows go last.
-    return jnp.lexsort((sort_keys, rows >= num_examples)).astype(jnp.int32)
+    n = jnp.maximum(num_examples, 1).astype(jnp.uint32)
+    half_bits = (33 - jax.lax.clz(n - 1)) // 2  # ceil(ceil(log2 n) / 2)
+    static_half_bits = (max(num_rows - 1, 0).bit_length() + 1) // 2
+    candidates = jnp.arange(4 ** static_half_bits, dtype=jnp.uint32)
+    values = _feistel(candidates, half_bits, round_keys)
+    keep = (candidates < (jnp.uint32(1) << (2 * half_bits))) & (values < n)
+    slot = jnp.where(keep, jnp.cumsum(keep.astype(jnp.int32)) - 1, num_rows)  # num_rows: dropped
+    index = jnp.arange(num_rows, dtype=jnp.int32)
+    order = jnp.zeros(num_rows, jnp.int32).at[slot].set(values.astype(jnp.int32), mode="drop")
+    return jnp.where(index < num_examples, order, index)
+
+
+def epoch_orders(key: PRNGKey, num_epochs: int, num_examples: jax.Array, num_rows: int) -> jax.Array:
+    """Every epoch's row order for one client: int32 [num_epochs, num_rows] (see ``shuffle_order``)."""
+    round_keys = jax.random.bits(key, (num_epochs, FEISTEL_ROUNDS), jnp.uint32)
+    return jax.vmap(shuffle_order, in_axes=(0, None, None))(round_keys, num_examples, num_rows)
 
 
 def local_sgd(
@@ -96,18 +142,18 @@ def local_sgd(
     own_steps = steps_per_epoch(data.num_examples, batch_size, drop_remainder)
     if epochs_to_run is None:
         epochs_to_run = num_epochs
-    # Pad the permutation so every step can slice a full batch; masked rows never count.
+    # Pad the orders so every step reads a full batch; masked rows never count.
     padding = max(max_steps * batch_size - num_rows, 0)
+    orders = jnp.pad(epoch_orders(key, num_epochs, data.num_examples, num_rows), ((0, 0), (0, padding)))
+    orders = orders.reshape(num_epochs, max_steps, batch_size)
 
-    def run_epoch(carry, epoch):
-        perm = epoch_permutation(jax.random.fold_in(key, epoch), data.num_examples, num_rows)
-        perm = jnp.pad(perm, (0, padding))
+    def run_epoch(carry, inputs):
+        epoch, batches = inputs
 
-        def run_step(carry, step):
+        def run_step(carry, inputs):
+            step, rows = inputs
             params, loss_sum, num_steps = carry
-            start = step * batch_size
-            rows = jax.lax.dynamic_slice(perm, (start,), (batch_size,))
-            mask = start + jnp.arange(batch_size) < data.num_examples
+            mask = step * batch_size + jnp.arange(batch_size) < data.num_examples
             batch = jax.tree_util.tree_map(lambda a: a[rows], data.examples)
             loss, grads = grad_fn(params, batch, mask)
             stepped = jax.tree_util.tree_map(lambda p, g: p - learning_rate * g, params, grads)
@@ -116,11 +162,11 @@ def local_sgd(
             loss_sum = loss_sum + jnp.where(active, loss, 0.0)
             return (params, loss_sum, num_steps + active.astype(jnp.int32)), None
 
-        carry, _ = jax.lax.scan(run_step, carry, jnp.arange(max_steps))
+        carry, _ = jax.lax.scan(run_step, carry, (jnp.arange(max_steps), batches))
         return carry, None
 
     init = (params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-    (params, loss_sum, num_steps), _ = jax.lax.scan(run_epoch, init, jnp.arange(num_epochs))
+    (params, loss_sum, num_steps), _ = jax.lax.scan(run_epoch, init, (jnp.arange(num_epochs), orders))
     mean_loss = loss_sum / jnp.maximum(num_steps, 1).astype(jnp.float32)
     return params, ClientMetrics(train_loss=mean_loss, num_steps=num_steps)
 

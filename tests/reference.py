@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from nordfl.algorithms import epoch_permutation
+from nordfl.algorithms import epoch_orders as client_epoch_orders
 from nordfl.tasks import Examples
 
 NUM_FEATURES = 5
@@ -67,7 +67,7 @@ def make_clients(sizes, seed=0):
 
 def epoch_orders(key, n, epochs):
     """The row order of each epoch, as the client draws it (the shuffle is an input here)."""
-    return [np.asarray(epoch_permutation(jax.random.fold_in(key, e), n, n)) for e in range(epochs)]
+    return list(np.asarray(client_epoch_orders(key, epochs, n, n)))
 
 
 def params_to_np(params):
