@@ -119,10 +119,13 @@ class AuditLog:
     """Appends hash-chained entries to `path`, continuing an existing chain.
 
     Opening refuses a file whose last line is damaged: appending after it would fork the
-    chain and hide where it broke. Each entry is one write of the whole line followed by
-    fsync, so a crash leaves the whole entry or none (a torn tail is then refused, not
-    papered over). Thread-safe; on POSIX an exclusive lock also keeps a second writer
-    (process or AuditLog) off the same file.
+    chain and hide where it broke. Each entry is one ``write`` of the whole line, so a
+    crashed process leaves the whole entry or none (a torn tail is then refused, not
+    papered over). A ``durable`` entry (the default) is also fsynced, which makes every
+    entry before it durable too: callers fsync at the points that matter (data about to
+    leave, a round closed) rather than on every line, since fsync costs milliseconds.
+    Thread-safe; on POSIX an exclusive lock also keeps a second writer (process or
+    AuditLog) off the same file.
     """
 
     def __init__(self, path, actor: str):
@@ -165,8 +168,10 @@ class AuditLog:
         """Hash of the last entry (64 zeros if none): countersign or ship it to pin the log."""
         return self._prev
 
-    def record(self, event: str, **fields) -> dict:
-        """Append one entry and return it (with its hash) once it is on disk."""
+    def record(self, event: str, *, durable: bool = True, **fields) -> dict:
+        """Append one entry and return it (with its hash) once it is written; with ``durable``
+        once it (and all before it) is on disk. Without, a process crash still keeps it; a
+        power loss may drop it, with the entries after the last durable one."""
         if not isinstance(event, str) or not event:
             raise ValueError(f"event must be a non-empty string, got {event!r}")
         clash = sorted(set(fields) & set(RESERVED))
@@ -187,7 +192,8 @@ class AuditLog:
                 written = os.write(self._fd, line)
                 if written != len(line):
                     raise OSError(f"short write ({written} of {len(line)} bytes)")
-                os.fsync(self._fd)
+                if durable:
+                    os.fsync(self._fd)
             except OSError as e:
                 # The tail may now be torn; further appends would build on it. Stop here.
                 os.close(self._fd)

@@ -144,7 +144,7 @@ class Coordinator:
         specs, payload = wire.encode(self.algorithm.broadcast(self.server))
         opened = OpenRound(self.round, attempt, self._cohort(), payload, wire.manifest_to_proto(specs, payload))
         self.updates, self.refused, self.deadline = {}, set(), None
-        self.audit.record("round_open", round=opened.index, attempt=attempt, cohort=list(opened.cohort),
+        self.audit.record("round_open", durable=False, round=opened.index, attempt=attempt, cohort=list(opened.cohort),
                           broadcast_sha256=opened.manifest.sha256)
         return opened
 
@@ -163,14 +163,15 @@ class Coordinator:
                 self.open = None
                 self.lock.notify_all()
             else:
-                self.audit.record("round_retry", round=self.round, attempt=self.open.attempt, answered=sorted(self.updates))
+                self.audit.record("round_retry", durable=False, round=self.round, attempt=self.open.attempt, answered=sorted(self.updates))
                 self.log(f"coordinator: round {self.round} retried: {len(self.updates)} of {self.limits.min_sites} needed answered")
                 self.open = self._open_round(self.open.attempt + 1)
                 self.lock.notify_all()
 
     def _close_round(self, reason: str) -> None:
         sites = sorted(self.updates, key=self.site_index.__getitem__)
-        stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[self.updates[s][0] for s in sites])
+        # Stacked on the host (the updates are NumPy arrays): one transfer, not one per site and leaf.
+        stacked = jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *[self.updates[s][0] for s in sites])
         weights = jnp.asarray([self.updates[s][1] for s in sites], jnp.float32)
         self.server, metrics = self._server_update(self.server, stacked, weights)
         self.last_contribution |= {site: self.round for site in sites}
@@ -211,9 +212,9 @@ class Coordinator:
             if request.protocol_version != wire.PROTOCOL_VERSION:
                 raise Rejected(f"protocol {request.protocol_version!r}; this coordinator speaks {wire.PROTOCOL_VERSION!r}")
         except Rejected as e:
-            self.audit.record("join_refused", site=identity, reason=str(e))
+            self.audit.record("join_refused", durable=False, site=identity, reason=str(e))
             return pb.JoinReply(accepted=False, reason=str(e))
-        self.audit.record("join", site=site)
+        self.audit.record("join", durable=False, site=site)
         job = json.loads(self.job.to_json()) | {"site_index": self.site_index[site], "chunk_size": self.limits.chunk_size}
         return pb.JoinReply(accepted=True, run_id=self.run_id, job_json=json.dumps(job))
 
@@ -240,7 +241,7 @@ class Coordinator:
                         kind=pb.TaskHeader.WAIT, run_id=self.run_id, round=self.round,
                         last_contribution=self.last_contribution.get(site, -1)))])
                 self.lock.wait(timeout=remaining)
-        self.audit.record("task_sent", site=site, round=task.index, attempt=task.attempt, sha256=task.manifest.sha256)
+        self.audit.record("task_sent", durable=False, site=site, round=task.index, attempt=task.attempt, sha256=task.manifest.sha256)
         header = pb.TaskHeader(kind=pb.TaskHeader.TRAIN, run_id=self.run_id, round=task.index,
                                num_epochs=int(self.job.algorithm_config["num_epochs"]), manifest=task.manifest,
                                last_contribution=self.last_contribution.get(site, -1))
@@ -275,7 +276,7 @@ class Coordinator:
             specs, total, sha = wire.manifest_from_proto(header.manifest)
             if header.round == self.job.rounds and self.finished and not specs:
                 self.final_metrics[site] = dict(header.metrics)
-                self.audit.record("final_metrics", site=site, metrics=dict(header.metrics))
+                self.audit.record("final_metrics", durable=False, site=site, metrics=dict(header.metrics))
                 with self.lock:
                     self.lock.notify_all()
                 return pb.SubmitReply(accepted=True)
@@ -299,7 +300,7 @@ class Coordinator:
                 self.updates[site] = (update, weight, dict(header.metrics))
                 if self.deadline is None:  # an update computed in an earlier attempt of this round starts the clock too
                     self.deadline = time.monotonic() + self.limits.round_timeout
-                self.audit.record("update_accepted", site=site, round=int(header.round), sha256=sha, weight=weight,
+                self.audit.record("update_accepted", durable=False, site=site, round=int(header.round), sha256=sha, weight=weight,
                                   norm=norm, metrics=dict(header.metrics))
                 if set(self.updates) >= set(self.open.cohort):
                     self._close_round(reason="all answered")
@@ -308,7 +309,7 @@ class Coordinator:
             with self.lock:  # a deterministic site would send the same bad update again: not this attempt
                 if header is not None and self.open is not None and header.round == self.open.index and identity:
                     self.refused.add(identity)
-            self.audit.record("update_rejected", site=identity, round=int(header.round) if header else None,
+            self.audit.record("update_rejected", durable=False, site=identity, round=int(header.round) if header else None,
                               sha256=header.manifest.sha256 if header else None, reason=str(e))
             self.log(f"coordinator: rejected an update from {identity}: {e}")
             return pb.SubmitReply(accepted=False, reason=str(e))
@@ -352,7 +353,7 @@ class Servicer(pb_grpc.FederationServicer):
         try:
             yield from self.coordinator.poll(self.identity(context), request)
         except Rejected as e:
-            self.coordinator.audit.record("poll_refused", site=request.site, reason=str(e))
+            self.coordinator.audit.record("poll_refused", durable=False, site=request.site, reason=str(e))
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except Stopped as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))

@@ -92,7 +92,7 @@ class SiteAgent:
                     raise SiteRefused(f"coordinator refused {self.name}: {e.code().name}: {e.details()}") from None
                 self.failures += 1
                 delay = min(self.max_backoff, 0.5 * 2 ** min(self.failures, 10)) * random.uniform(0.5, 1.0)
-                self.audit.record("connection_lost", code=e.code().name, reason=e.details(), retry_in_s=round(delay, 2))
+                self.audit.record("connection_lost", durable=False, code=e.code().name, reason=e.details(), retry_in_s=round(delay, 2))
                 # The details carry TLS hints (e.g. CERTIFICATE_VERIFY_FAILED) that UNAVAILABLE alone hides.
                 self.log(f"{self.name}: coordinator unreachable ({e.code().name}: {e.details()}); retrying in {delay:.1f}s")
                 time.sleep(delay)
@@ -107,7 +107,7 @@ class SiteAgent:
         job = Job.from_json(reply.job_json)
         if job.task_config["name"] != self.task:
             raise SiteRefused(f"the coordinator's job is task {job.task_config['name']!r}; this site serves {self.task!r}")
-        self.audit.record("joined", run_id=reply.run_id, job=raw)
+        self.audit.record("joined", durable=False, run_id=reply.run_id, job=raw)
         self.failures = 0
         self.run_id = reply.run_id
         self._prepare(job, raw)
@@ -177,7 +177,7 @@ class SiteAgent:
     def _decode(self, header: pb.TaskHeader, payload: bytes):
         specs, _, sha = wire.manifest_from_proto(header.manifest)
         message = wire.decode(specs, payload, self.message_template, copy=True)
-        self.audit.record("task_received", kind=pb.TaskHeader.Kind.Name(header.kind), round=int(header.round), sha256=sha)
+        self.audit.record("task_received", durable=False, kind=pb.TaskHeader.Kind.Name(header.kind), round=int(header.round), sha256=sha)
         return message
 
     def _train(self, stub, run_id: str, header: pb.TaskHeader, message) -> None:
@@ -188,15 +188,17 @@ class SiteAgent:
         self.pending_round, self.pending_state = r, out.client_state
         save_tree(self.state_dir / "pending_state.npz", out.client_state, round=r, run_id=self.run_id)
         specs, payload = wire.encode(out.update)
+        manifest = wire.manifest_to_proto(specs, payload)  # hashes the payload once, for the header and the log
         metrics = {"train_loss": float(out.metrics.train_loss), "num_steps": float(out.metrics.num_steps)}
         metrics |= {f"test_{k}": v for k, v in _metrics_row(test_metrics).items()}
         head = pb.UpdateHeader(run_id=run_id, round=r, site=self.name, weight=float(out.weight),
-                               manifest=wire.manifest_to_proto(specs, payload), metrics=metrics)
+                               manifest=manifest, metrics=metrics)
         chunks = [pb.UpdateChunk(header=head)] + [pb.UpdateChunk(data=bytes(c)) for c in wire.chunks(payload, self.chunk_size)]
-        self.audit.record("update_sent", round=r, sha256=wire.sha256_hex(payload), weight=float(out.weight),
+        # Durable before the bytes leave: what left the site is on its disk first.
+        self.audit.record("update_sent", round=r, sha256=manifest.sha256, weight=float(out.weight),
                           tensors=[[s.name, s.dtype, list(s.shape)] for s in specs], bytes=len(payload), metrics=metrics)
         result = stub.SubmitUpdate(iter(chunks))
-        self.audit.record("update_result", round=r, accepted=result.accepted, reason=result.reason)
+        self.audit.record("update_result", durable=False, round=r, accepted=result.accepted, reason=result.reason)
         # An accepted update's state stays pending: it is committed once a task header's
         # last_contribution says round r's aggregate used it (the reply alone can be lost).
         if not result.accepted:

@@ -267,3 +267,20 @@ def test_verify_main_exit_codes_and_output(tmp_path, capsys):
     assert out.startswith("ERROR: cannot read ") and "missing.jsonl" in out
     report = verify(tmp_path / "missing.jsonl")
     assert not report.ok and report.first_bad_line is None
+
+
+def test_only_durable_entries_fsync_and_the_chain_is_the_same(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    log = AuditLog(tmp_path / "a.jsonl", actor="coordinator")
+    log.record("task_sent", durable=False, site="A")
+    log.record("update_accepted", durable=False, site="A")
+    assert synced == []
+    log.record("round_closed", round=0)  # durable by default: it makes the two before durable too
+    assert len(synced) == 1
+    log.close()
+    report = verify(tmp_path / "a.jsonl")
+    assert report.ok and report.entries == 3
