@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 LOSS_TOLERANCE = 0.02  # relative difference of final training loss to the reference (different shuffles)
 # A row is also flagged if its final loss is not below the initial model's: it did not train.
-TORCH_CPU = "torch==2.13.0"
+TORCH_CPU = "torch==2.13.0+cpu"  # the CPU build; a bare "torch" resolves to the CUDA build and ~20 nvidia packages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,7 @@ class Peer:
     label: str
     installs: Optional[tuple[tuple[str, ...], ...]] = None
     packages: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def _jax_pin() -> str:
@@ -67,7 +68,9 @@ def _jax_pin() -> str:
 
 PEERS = {
     "nordfl": Peer("nordfl", "benchmarks.peers.nordfl", "NordFL (vmap simulator)"),
-    "numpy_loop": Peer("numpy_loop", "benchmarks.peers.numpy_loop", "NumPy loop (sequential)"),
+    # One BLAS thread: the loop is sequential, and two threads on batch-10 matmuls were slower.
+    "numpy_loop": Peer("numpy_loop", "benchmarks.peers.numpy_loop", "NumPy loop (sequential)",
+                       env=(("OPENBLAS_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"))),
     "jax_jit_loop": Peer("jax_jit_loop", "benchmarks.peers.jax_jit_loop", "per-client jax.jit loop (FedJAX-style)",
                          ((_jax_pin(), "numpy"),), ("jax", "jaxlib")),
     "drjax": Peer("drjax", "benchmarks.peers.drjax_map", "DrJAX (map over clients)",
@@ -75,8 +78,7 @@ PEERS = {
     "flower": Peer("flower", "benchmarks.peers.flower", "Flower (simulation engine)",
                    (("flwr[simulation]==1.42.0", "numpy"),), ("flwr", "ray")),
     "pfl": Peer("pfl", "benchmarks.peers.pfl_research", "pfl-research (simulated backend)",
-                ((TORCH_CPU, "--no-deps"), ("filelock", "typing-extensions", "sympy", "networkx", "jinja2", "fsspec"),
-                 ("pfl==0.6.0", "numpy")), ("pfl", "torch")),
+                ((TORCH_CPU,), ("pfl==0.6.0", "numpy")), ("pfl", "torch")),
 }
 SUITE_PEERS = {
     "peers": list(PEERS),
@@ -141,7 +143,7 @@ def run_peer(peer: Peer, python: str, workload_path: Path, out: Path, timeout: f
     """One (peer, workload) in a fresh process: wall time, peak tree memory, its result.json."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").unlink(missing_ok=True)
-    env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"} | dict(peer.env)
     start = time.perf_counter()
     with open(out / "log.txt", "w") as logfile:
         process = subprocess.Popen([python, "-m", peer.module, "--workload", str(workload_path), "--out", str(out)],
