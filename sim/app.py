@@ -28,6 +28,7 @@ from rich.table import Table
 
 from nordfl.sim import checkpoint
 from nordfl.sim.config import ConfigError, build, fingerprint_config, register
+from nordfl.sim.devices import use_cpu_cores
 from nordfl.sim.engine import Evaluation, Simulator
 from nordfl.sim.metrics_log import MetricsLog
 
@@ -160,6 +161,7 @@ def final_table(result: RunResult, max_sites: int = 20) -> Table:
 @hydra.main(version_base=None, config_path="pkg://nordfl.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # not "no TPU found" on every run
+    use_cpu_cores(cfg.sim.get("cpu_devices"))  # before any JAX operation
     console = Console()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

@@ -44,6 +44,7 @@ class SimConfig:
     max_buckets: int = 4
     data_on_host: bool = False
     checkpoint_every: int = 10  # 0: never
+    cpu_devices: Optional[int] = None  # JAX CPU devices; None: one per core (CPU backend only)
 
 
 @dataclass
@@ -100,6 +101,8 @@ def build_options(cfg: DictConfig, num_clients: int) -> SimulatorOptions:
         fail("sim.chunk_size", s.chunk_size, "must be >= 1 or null")
     if s.max_buckets < 1:
         fail("sim.max_buckets", s.max_buckets, "must be >= 1")
+    if s.cpu_devices is not None and s.cpu_devices < 1:
+        fail("sim.cpu_devices", s.cpu_devices, "must be >= 1 or null")
     if s.checkpoint_every < 0:
         fail("sim.checkpoint_every", s.checkpoint_every, "must be >= 0 (0 disables checkpoints)")
     if cfg.logger.mode not in (None, "online", "offline", "disabled"):
@@ -126,6 +129,6 @@ def fingerprint_config(cfg: DictConfig) -> dict:
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in ("resume", "logger"):
         container.pop(key, None)
-    for key in ("rounds", "eval_every", "checkpoint_every", "chunk_size", "max_buckets", "data_on_host"):
+    for key in ("rounds", "eval_every", "checkpoint_every", "chunk_size", "max_buckets", "data_on_host", "cpu_devices"):
         container["sim"].pop(key, None)
     return container

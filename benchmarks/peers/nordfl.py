@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nordfl.algorithms import make_algorithm
+from nordfl.sim.devices import use_cpu_cores
 from nordfl.sim.engine import Simulator, SimulatorOptions
 from nordfl.tasks import Examples, classification_task
 from nordfl.tasks.data import ClientSplit, FederatedDataset
@@ -61,6 +62,7 @@ def build(w: common.Workload, data: common.Data):
 
 
 def main() -> None:
+    use_cpu_cores()  # as nordfl-sim does: one JAX CPU device per core (no effect on a GPU)
     w, out = common.parse_args(__doc__.splitlines()[0])
     recorder = common.Recorder("nordfl", w, out)
     data = common.Data(w.data)
