@@ -75,14 +75,14 @@ def param_names(params: dict) -> list[str]:
     return [f"{kind}{i}" for i in range(layers) for kind in ("w", "b")]
 
 
-def forward(params: dict, x: np.ndarray) -> np.ndarray:
-    """Logits of the workload's model (logreg or ReLU MLP)."""
+def forward(params: dict, x, relu=lambda h: np.maximum(h, 0)):
+    """Logits of the workload's model (logreg or ReLU MLP); JAX peers pass ``jax.nn.relu``."""
     layers = len(params) // 2
     h = x
     for i in range(layers):
         h = h @ params[f"w{i}"] + params[f"b{i}"]
         if i < layers - 1:
-            h = np.maximum(h, 0)
+            h = relu(h)
     return h
 
 

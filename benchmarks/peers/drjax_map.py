@@ -29,13 +29,7 @@ import numpy as np
 
 
 def forward(params, x):
-    layers = len(params) // 2
-    h = x
-    for i in range(layers):
-        h = h @ params[f"w{i}"] + params[f"b{i}"]
-        if i < layers - 1:
-            h = jax.nn.relu(h)
-    return h
+    return common.forward(params, x, relu=jax.nn.relu)
 
 
 def batch_loss(params, x, y, mask):
