@@ -154,6 +154,43 @@ def parse_args(description: str) -> tuple[Workload, Path]:
     return Workload.load(args.workload), Path(args.out)
 
 
+def sequential_rounds(w: Workload, data: Data, recorder: Recorder, train) -> dict:
+    """The server side both sequential baselines share; returns the final global model.
+
+    Each round trains the cohort one client after another with
+    ``train(global_params, x, y, rng, correction) -> (params, steps)``, where ``correction``
+    is SCAFFOLD's ``c - c_i`` (``None`` otherwise), then averages the models weighted by
+    rows (equally for SCAFFOLD) and, with SCAFFOLD, updates each ``c_i`` (option II) and ``c``.
+    All shuffles come from one ``default_rng(seed)`` stream, in cohort order.
+    """
+    params = {k: v.astype(np.float32) for k, v in data.init.items()}
+    zeros = {k: np.zeros_like(v) for k, v in params.items()}
+    c, c_clients = zeros, {}
+    rng = np.random.default_rng(w.seed)
+    scaffold = w.algorithm == "scaffold"
+    recorder.ready()
+    for r in range(w.rounds):
+        models, sizes, control_deltas = [], [], []
+        for k in map(int, data.cohorts[r]):
+            x, y = data.client(k)
+            c_i = c_clients.get(k, zeros)
+            correction = {key: c[key] - c_i[key] for key in params} if scaffold else None
+            model, steps = train(params, x, y, rng, correction)
+            models.append(model)
+            sizes.append(len(y))
+            if scaffold:
+                new_c_i = {key: c_i[key] - c[key] + (params[key] - model[key]) / np.float32(steps * w.lr) for key in params}
+                control_deltas.append({key: new_c_i[key] - c_i[key] for key in params})
+                c_clients[k] = new_c_i
+        weights = np.ones(len(sizes)) if scaffold else np.asarray(sizes, np.float64)
+        weights = (weights / weights.sum()).astype(np.float32)
+        params = {key: sum(wt * m[key] for wt, m in zip(weights, models)) for key in params}
+        if scaffold:  # c += |S|/N * mean(delta c_i) = sum(delta c_i) / N
+            c = {key: c[key] + sum(d[key] for d in control_deltas) / np.float32(w.num_clients) for key in params}
+        recorder.round_done(r)
+    return params
+
+
 def batches(order: np.ndarray, batch_size: int):
     """Row indices of each batch of one epoch (the last one may be smaller)."""
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -47,44 +47,20 @@ def main() -> None:
     w, out = common.parse_args(__doc__.splitlines()[0])
     recorder = common.Recorder("jax_jit_loop", w, out)
     data = common.Data(w.data)
-    params = {k: v.astype(np.float32) for k, v in data.init.items()}
-    zeros = {k: np.zeros_like(v) for k, v in params.items()}
-    c, c_clients = zeros, {}
-    rng = np.random.default_rng(w.seed)
     step = make_step(w)
-    jax.device_put(zeros)  # start the backend during set-up
-    recorder.ready()
-    for r in range(w.rounds):
-        global_params = jax.device_put(params)
-        total = {k: np.zeros_like(v) for k, v in params.items()}
-        weight_sum, control_delta_sum = 0.0, {k: np.zeros_like(v) for k, v in params.items()}
-        for k in data.cohorts[r]:
-            x, y = data.client(int(k))
-            c_i = c_clients.get(int(k), zeros)
-            extra = global_params if w.algorithm == "fedprox" else None
-            if w.algorithm == "scaffold":
-                extra = jax.device_put({key: c[key] - c_i[key] for key in params})
-            model, steps = global_params, 0
-            for _ in range(w.epochs):
-                for rows in common.batches(rng.permutation(len(y)), w.batch_size):
-                    model = step(model, x[rows], y[rows], extra)
-                    steps += 1
-            model = {key: np.asarray(v) for key, v in model.items()}  # blocks on the client's result
-            weight = 1.0 if w.algorithm == "scaffold" else float(len(y))
-            weight_sum += weight
-            for key in params:
-                total[key] += np.float32(weight) * model[key]
-            if w.algorithm == "scaffold":
-                new_c_i = {key: c_i[key] - c[key] + (params[key] - model[key]) / np.float32(steps * w.lr)
-                           for key in params}
-                for key in params:
-                    control_delta_sum[key] += new_c_i[key] - c_i[key]
-                c_clients[int(k)] = new_c_i
-        params = {key: (v / np.float32(weight_sum)).astype(np.float32) for key, v in total.items()}
-        if w.algorithm == "scaffold":
-            c = {key: c[key] + np.float32(1 / w.num_clients) * control_delta_sum[key] for key in params}
-        recorder.round_done(r)
-    recorder.finish(params, packages=("jax", "jaxlib"))
+    jax.device_put(data.init)  # start the backend during set-up
+
+    def train(global_params, x, y, rng, correction):
+        model = jax.device_put(global_params)
+        extra = model if w.algorithm == "fedprox" else (None if correction is None else jax.device_put(correction))
+        steps = 0
+        for _ in range(w.epochs):
+            for rows in common.batches(rng.permutation(len(y)), w.batch_size):
+                model = step(model, x[rows], y[rows], extra)
+                steps += 1
+        return {key: np.asarray(v) for key, v in model.items()}, steps  # blocks on the client's result
+
+    recorder.finish(common.sequential_rounds(w, data, recorder, train), packages=("jax", "jaxlib"))
 
 
 if __name__ == "__main__":
