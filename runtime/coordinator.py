@@ -237,14 +237,11 @@ class Coordinator:
                     break
                 remaining = end - time.monotonic()
                 if remaining <= 0:
-                    return iter([pb.TaskChunk(header=pb.TaskHeader(
-                        kind=pb.TaskHeader.WAIT, run_id=self.run_id, round=self.round,
-                        last_contribution=self.last_contribution.get(site, -1)))])
+                    return iter([pb.TaskChunk(header=self._header(site, pb.TaskHeader.WAIT, self.round))])
                 self.lock.wait(timeout=remaining)
         self.audit.record("task_sent", durable=False, site=site, round=task.index, attempt=task.attempt, sha256=task.manifest.sha256)
-        header = pb.TaskHeader(kind=pb.TaskHeader.TRAIN, run_id=self.run_id, round=task.index,
-                               num_epochs=int(self.job.algorithm_config["num_epochs"]), manifest=task.manifest,
-                               last_contribution=self.last_contribution.get(site, -1))
+        header = self._header(site, pb.TaskHeader.TRAIN, task.index, manifest=task.manifest,
+                              num_epochs=int(self.job.algorithm_config["num_epochs"]))
         return self._stream(header, task.payload)
 
     def _finished(self, site: str) -> Iterator[pb.TaskChunk]:
@@ -252,9 +249,12 @@ class Coordinator:
             specs, payload = wire.encode(self.algorithm.broadcast(self.server))
             self._final = (payload, wire.manifest_to_proto(specs, payload))
         payload, manifest = self._final
-        header = pb.TaskHeader(kind=pb.TaskHeader.FINISHED, run_id=self.run_id, round=self.round, manifest=manifest,
-                               last_contribution=self.last_contribution.get(site, -1))
-        return self._stream(header, payload)
+        return self._stream(self._header(site, pb.TaskHeader.FINISHED, self.round, manifest=manifest), payload)
+
+    def _header(self, site: str, kind: int, round_index: int, **fields) -> pb.TaskHeader:
+        """Every task header names the run and the last round whose aggregate used ``site``'s update."""
+        return pb.TaskHeader(kind=kind, run_id=self.run_id, round=round_index,
+                             last_contribution=self.last_contribution.get(site, -1), **fields)
 
     def _stream(self, header: pb.TaskHeader, payload: bytes) -> Iterator[pb.TaskChunk]:
         yield pb.TaskChunk(header=header)

@@ -8,7 +8,8 @@ later task header says the coordinator aggregated that round's update
 (``last_contribution``), and dropped otherwise (the round was retried, the update rejected
 or left out at the deadline). The coordinator's record decides, not the reply to the
 upload, which a crash can lose; so a site's state follows the global model. Lost
-connections are retried with exponential backoff; every task received and update sent is in the site's audit log.
+connections are retried with exponential backoff; every task received and update sent is
+in the site's audit log.
 """
 
 from __future__ import annotations
