@@ -11,6 +11,9 @@ import jax.numpy as jnp
 
 from nordfl.tasks import metrics as M
 from nordfl.tasks.data import Examples, FederatedDataset
+from nordfl.tasks.digits import NUM_CLASSES as DIGITS_CLASSES
+from nordfl.tasks.digits import NUM_FEATURES as DIGITS_FEATURES
+from nordfl.tasks.digits import digits
 from nordfl.tasks.heart import FEATURES as HEART_FEATURES
 from nordfl.tasks.heart import heart
 from nordfl.tasks.models import MODELS, Model
@@ -79,11 +82,13 @@ DATASETS: dict[str, Callable[..., FederatedDataset]] = {
     "heart": heart,
     "synthetic": synthetic,
     "synthetic_iid": lambda **kw: synthetic(iid=True, **kw),
+    "digits": digits,
 }
 SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "heart": ((len(HEART_FEATURES),), 2),
     "synthetic": ((SYNTHETIC_FEATURES,), SYNTHETIC_CLASSES),
     "synthetic_iid": ((SYNTHETIC_FEATURES,), SYNTHETIC_CLASSES),
+    "digits": ((DIGITS_FEATURES,), DIGITS_CLASSES),
 }
 """Feature shape and number of classes of each task, known without loading its data."""
 
@@ -103,7 +108,7 @@ def make_model(task_name: str, model: str = "logistic_regression", *, seed: int 
 
 
 def make_task(name: str, *, model: str = "logistic_regression", model_seed: int = 0, model_kwargs=None, **data_kwargs) -> Task:
-    """Builds a task by name (``heart``, ``synthetic``, ``synthetic_iid``) and model name.
+    """Builds a task by name (``heart``, ``synthetic``, ``synthetic_iid``, ``digits``) and model name.
 
     Example:
       >>> task = make_task("synthetic", alpha=1.0, beta=1.0, num_devices=30, seed=0)
