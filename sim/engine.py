@@ -152,11 +152,12 @@ class Simulator:
         return SimState(jax.device_put(server, self._replicated), jax.device_put(clients, self._replicated), 0)
 
     # ----------------------------------------------------------------- one round
-    def plan(self, round_index: int) -> RoundPlan:
-        """The seeded cohort, epochs and contributions of round ``round_index`` (0-based)."""
+    def plan(self, round_index: int, seed: Optional[int] = None) -> RoundPlan:
+        """The seeded cohort, epochs and contributions of round ``round_index`` (0-based), for ``seed``
+        (default: the simulator's own)."""
         o = self.options
         return plan_round(
-            self.seed, round_index, num_clients=self.num_clients, cohort_size=self.cohort_size,
+            self.seed if seed is None else seed, round_index, num_clients=self.num_clients, cohort_size=self.cohort_size,
             num_epochs=o.num_epochs, straggler_fraction=o.straggler_fraction,
             keep_stragglers=o.keep_stragglers, dropout_fraction=o.dropout_fraction,
         )
