@@ -3,9 +3,13 @@
     nordfl provision DIR SITE [SITE ...]     create a federation: CA, coordinator and site certificates
     nordfl revoke DIR SITE                   refuse SITE from its next request on
     nordfl coordinator --federation DIR --state DIR [--address HOST:PORT] [OVERRIDES ...]
-    nordfl site --name SITE --coordinator HOST:PORT --certs DIR --data FILE [--data FILE] --state DIR
+    nordfl site --name SITE --coordinator HOST:PORT --certs DIR --data FILE [--data FILE] --state DIR [--policy FILE]
+    nordfl site --dry-run --name SITE --data FILE [--policy FILE] [--job FILE | OVERRIDES ...]
+                                             train one round locally, show what would leave; send nothing
     nordfl audit verify LOG                  check an audit log's hash chain
-    nordfl demo [--rounds N] [--algorithm NAME]   a whole federation of the 4 heart-disease hospitals on localhost
+    nordfl demo [--rounds N] [--algorithm NAME] [--private]
+                                             a whole federation of the 4 heart-disease hospitals on localhost
+                                             (--private: secure aggregation and DP on, each site under a policy)
 
 OVERRIDES are the simulator's Hydra overrides for the shared groups (``algorithm=scaffold``,
 ``algorithm.client_lr=0.1``) and the runtime group (``runtime.rounds=50``, ``runtime.min_sites=3``).
@@ -91,20 +95,69 @@ def cmd_coordinator(args) -> int:
 def cmd_site(args) -> int:
     from nordfl.runtime import tls
     from nordfl.runtime.audit import AuditError
+    from nordfl.runtime.policy import PolicyError, load_policy
     from nordfl.runtime.site import SiteAgent, SiteRefused
     from nordfl.runtime.site_data import SiteDataError
 
+    if args.dry_run:
+        return _dry_run(args)
+    if args.overrides or args.job:
+        return _err("site: OVERRIDES and --job are for --dry-run only; a running site takes its job from the coordinator")
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     try:
+        policy = load_policy(args.policy) if args.policy else None
         credentials = None if args.insecure else tls.channel_credentials(Path(args.certs))
         agent = SiteAgent(args.name, args.coordinator, [Path(p) for p in args.data], Path(args.state), credentials,
-                          task=args.task, log=lambda m: print(m, flush=True))
+                          task=args.task, log=lambda m: print(m, flush=True), policy=policy)
         metrics = agent.run()
-    except (SiteDataError, SiteRefused, AuditError, FileNotFoundError) as e:
+    except (SiteDataError, SiteRefused, AuditError, FileNotFoundError, PolicyError) as e:
         return _err(str(e))
     shown = "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()))
     print(f"{args.name}: run finished; final model on this site's test rows: {shown}", flush=True)
+    return 0
+
+
+def _dry_run(args) -> int:
+    """``nordfl site --dry-run``: one local round, the egress preview printed; no connection is made."""
+    import json
+
+    from nordfl.conf.schema import ConfigError
+    from nordfl.runtime.audit import AuditError, AuditLog
+    from nordfl.runtime.config import Job, check_runtime, compose_config, job_from_config
+    from nordfl.runtime.policy import PolicyError, PolicyViolation, load_policy
+    from nordfl.runtime.site import dry_run
+    from nordfl.runtime.site_data import SiteDataError
+
+    audit = None
+    try:
+        policy = load_policy(args.policy) if args.policy else None
+        if args.job:
+            if args.overrides:
+                return _err("site --dry-run: give --job FILE or OVERRIDES, not both")
+            text = Path(args.job).read_text()
+            raw = json.loads(text)
+            job = Job.from_json(json.dumps(raw.get("job", raw)))  # a job, or an audit entry that holds one
+        else:
+            cfg = compose_config(args.overrides)
+            check_runtime(cfg, max(cfg.runtime.min_cohort, cfg.runtime.min_sites, 2))
+            job = job_from_config(cfg, [args.name])
+        if job.task_config["name"] != args.task:
+            return _err(f"site --dry-run: the job is task {job.task_config['name']!r}; this site serves {args.task!r}")
+        audit = AuditLog(Path(args.state) / "audit.jsonl", actor=f"site:{args.name}") if args.state else None
+        if audit is not None and policy is not None:
+            audit.record("policy_loaded", path=policy.path, sha256=policy.sha256, rules=policy.rules())
+        preview = dry_run(args.name, [Path(p) for p in args.data], job, policy=policy, audit=audit)
+    except PolicyViolation as e:
+        if audit is not None:
+            audit.record("policy_refused", rule=e.rule, job_value=str(e.job_value), limit=str(e.limit), dry_run=True)
+        return _err(f"{args.name}: the job would be refused: {e}")
+    except (SiteDataError, AuditError, FileNotFoundError, PolicyError, ConfigError, ValueError) as e:
+        return _err(str(e))
+    finally:
+        if audit is not None:
+            audit.close()
+    print(preview.format(), flush=True)
     return 0
 
 
@@ -170,12 +223,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("site", help="run a hospital's site agent")
     p.add_argument("--name", required=True)
-    p.add_argument("--coordinator", required=True, help="HOST:PORT")
+    p.add_argument("--coordinator", help="HOST:PORT (required unless --dry-run)")
     p.add_argument("--certs", help="this site's folder from `nordfl provision` (sites/<name>)")
     p.add_argument("--data", action="append", required=True, help="CSV or Parquet file (repeatable)")
-    p.add_argument("--state", required=True, help="where this site keeps its state and audit log")
+    p.add_argument("--state", help="where this site keeps its state and audit log (required unless --dry-run)")
     p.add_argument("--task", default="heart")
+    p.add_argument("--policy", help="this site's privacy policy (YAML or JSON); a job breaking it is refused")
     p.add_argument("--insecure", action="store_true", help="no TLS (local development only)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="train one round locally and show what would leave the site; connect to nothing")
+    p.add_argument("--job", help="--dry-run: the job as JSON (e.g. the `job` of a coordinator's `start` audit entry)")
+    p.add_argument("overrides", nargs="*", help="--dry-run: Hydra overrides of the job, as the coordinator takes them")
     p.set_defaults(func=cmd_site)
 
     p = sub.add_parser("audit", help="audit log tools")
@@ -196,8 +254,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "site" and not args.insecure and not args.certs:
-        return _err("site: --certs is required unless --insecure")
+    if args.command == "site" and not args.dry_run:
+        missing = [f"--{k}" for k in ("coordinator", "state") if not getattr(args, k)]
+        if missing:
+            return _err(f"site: {' and '.join(missing)} required unless --dry-run")
+        if not args.insecure and not args.certs:
+            return _err("site: --certs is required unless --insecure")
     if args.command == "provision" and args.host is None:
         args.host = ["localhost", "127.0.0.1"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -25,6 +25,7 @@ from nordfl.tasks.task import SHAPES
 class RuntimeConfig:
     rounds: int = 20
     min_sites: int = 2
+    min_cohort: int = 3
     round_timeout: float = 120.0
     max_round_attempts: int = 5
     cohort_size: Optional[int] = None
@@ -33,6 +34,8 @@ class RuntimeConfig:
     chunk_size: int = 1 << 20
     max_message_bytes: int = 1 << 31
     wait_seconds: int = 5
+    secure_aggregation: bool = False
+    secagg_threshold: Optional[int] = None
 
 
 @dataclass
@@ -61,28 +64,52 @@ def check_runtime(cfg: DictConfig, num_sites: int) -> None:
         fail("runtime.rounds", r.rounds, "must be >= 1")
     if not 1 <= r.min_sites <= num_sites:
         fail("runtime.min_sites", r.min_sites, f"must be in [1, {num_sites}] (the federation's sites)")
-    if r.cohort_size is not None and not r.min_sites <= r.cohort_size <= num_sites:
-        fail("runtime.cohort_size", r.cohort_size, f"must be in [runtime.min_sites, {num_sites}] or null for all")
+    if not 1 <= r.min_cohort <= num_sites:
+        fail("runtime.min_cohort", r.min_cohort, f"must be in [1, {num_sites}] (the federation's sites): no aggregate "
+             f"may be built from fewer sites than this, so a larger value could never complete a round")
+    if r.cohort_size is not None and not max(r.min_sites, r.min_cohort) <= r.cohort_size <= num_sites:
+        fail("runtime.cohort_size", r.cohort_size,
+             f"must be in [max(runtime.min_sites, runtime.min_cohort) = {max(r.min_sites, r.min_cohort)}, {num_sites}] or null for all")
     for key in ("round_timeout", "max_update_norm", "max_weight"):
         if not r[key] > 0:
             fail(f"runtime.{key}", r[key], "must be > 0")
     for key in ("max_round_attempts", "chunk_size", "max_message_bytes", "wait_seconds"):
         if r[key] < 1:
             fail(f"runtime.{key}", r[key], "must be >= 1")
+    if r.secure_aggregation:
+        cohort = r.cohort_size or num_sites
+        if cohort < 2:
+            fail("runtime.secure_aggregation", True, f"needs a cohort of at least 2 sites, got {cohort}")
+        if r.secagg_threshold is not None and not max(2, r.min_cohort) <= r.secagg_threshold <= cohort:
+            fail("runtime.secagg_threshold", r.secagg_threshold,
+                 f"must be in [max(2, runtime.min_cohort) = {max(2, r.min_cohort)}, {cohort}] (the cohort) or null for the default")
+        if cfg.algorithm.aggregator.name != "weighted_mean":
+            fail("algorithm.aggregator.name", cfg.algorithm.aggregator.name,
+                 "must be weighted_mean with runtime.secure_aggregation=true (the coordinator only sees the sum)")
+    elif r.secagg_threshold is not None:
+        fail("runtime.secagg_threshold", r.secagg_threshold, "is only used with runtime.secure_aggregation=true; leave it null")
 
 
 class Job(NamedTuple):
-    """What every site runs: built identically from the same JSON at the coordinator and at each site."""
+    """What every site runs: built identically from the same JSON at the coordinator and at each site.
+
+    ``min_cohort`` and ``secure_aggregation`` travel with the job so that a site can check them
+    against its own policy before it trains (``nordfl.runtime.policy``)."""
 
     seed: int
     sites: tuple[str, ...]  # registered sites, sorted: a site's index seeds its PRNG key
     rounds: int
     algorithm_config: dict
     task_config: dict
+    min_cohort: int = 3
+    secure_aggregation: bool = False
+    secagg_threshold: int = 0  # sites needed to finish a securely aggregated round (0: no secure aggregation)
 
     def to_json(self) -> str:
         return json.dumps({"seed": self.seed, "sites": list(self.sites), "rounds": self.rounds,
-                           "algorithm": self.algorithm_config, "task": self.task_config}, sort_keys=True)
+                           "algorithm": self.algorithm_config, "task": self.task_config,
+                           "privacy": {"min_cohort": self.min_cohort, "secure_aggregation": self.secure_aggregation,
+                                       "secagg_threshold": self.secagg_threshold}}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Job":
@@ -91,15 +118,31 @@ class Job(NamedTuple):
             raw = json.loads(text)
             algorithm = OmegaConf.merge(OmegaConf.structured(AlgorithmConfig), raw["algorithm"])
             task = OmegaConf.merge(OmegaConf.structured(TaskConfig), raw["task"])
+            privacy = raw["privacy"]
+            if not isinstance(privacy["secure_aggregation"], bool):
+                raise TypeError(f"privacy.secure_aggregation must be true or false, got {privacy['secure_aggregation']!r}")
             return cls(int(raw["seed"]), tuple(str(s) for s in raw["sites"]), int(raw["rounds"]),
-                       OmegaConf.to_container(algorithm), OmegaConf.to_container(task))
+                       OmegaConf.to_container(algorithm), OmegaConf.to_container(task),
+                       int(privacy["min_cohort"]), privacy["secure_aggregation"], int(privacy["secagg_threshold"]))
         except (ValueError, KeyError, TypeError, OmegaConfBaseException) as e:
             raise ConfigError(f"job: malformed job description from the coordinator ({e})") from None
 
 
+def secagg_threshold(cfg: DictConfig, num_sites: int) -> int:
+    """Sites that must survive to the unmasking step of a securely aggregated round (0 when it is off).
+
+    Default: a strict majority of the cohort, and never below ``runtime.min_cohort``."""
+    r = cfg.runtime
+    if not r.secure_aggregation:
+        return 0
+    cohort = r.cohort_size or num_sites
+    return int(r.secagg_threshold) if r.secagg_threshold is not None else max(r.min_cohort, cohort // 2 + 1, 2)
+
+
 def job_from_config(cfg: DictConfig, sites: Sequence[str]) -> Job:
     container = OmegaConf.to_container(cfg, resolve=True)
-    return Job(int(cfg.seed), tuple(sorted(sites)), int(cfg.runtime.rounds), container["algorithm"], container["task"])
+    return Job(int(cfg.seed), tuple(sorted(sites)), int(cfg.runtime.rounds), container["algorithm"], container["task"],
+               int(cfg.runtime.min_cohort), bool(cfg.runtime.secure_aggregation), secagg_threshold(cfg, len(sites)))
 
 
 class Built(NamedTuple):

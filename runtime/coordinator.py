@@ -39,6 +39,7 @@ class Limits(NamedTuple):
     """The runtime group of the config, as plain numbers."""
 
     min_sites: int
+    min_cohort: int
     round_timeout: float
     max_round_attempts: int
     cohort_size: Optional[int]
@@ -153,23 +154,40 @@ class Coordinator:
         with self.lock:
             if self.open is None or self.deadline is None or time.monotonic() < self.deadline:
                 return
-            if len(self.updates) >= self.limits.min_sites:
-                self._close_round(reason="timeout")
-            elif self.open.attempt >= self.limits.max_round_attempts:
-                self.stopped = (f"round {self.round}: only {len(self.updates)} of min_sites={self.limits.min_sites} sites "
-                                f"answered in {self.open.attempt} attempts; state kept at round {self.round}, restart to retry")
-                self.audit.record("stopped", round=self.round, reason=self.stopped)
-                self.log(f"coordinator: {self.stopped}")
-                self.open = None
-                self.lock.notify_all()
+            if len(self.updates) < self.limits.min_sites:
+                self._retry_or_stop(f"only {len(self.updates)} of min_sites={self.limits.min_sites} sites answered")
             else:
-                self.audit.record("round_retry", durable=False, round=self.round, attempt=self.open.attempt, answered=sorted(self.updates))
-                self.log(f"coordinator: round {self.round} retried: {len(self.updates)} of {self.limits.min_sites} needed answered")
-                self.open = self._open_round(self.open.attempt + 1)
-                self.lock.notify_all()
+                self._close_round(reason="timeout")
+
+    def _retry_or_stop(self, why: str) -> None:
+        """The open attempt failed (``why``): open the next attempt, or stop after max_round_attempts."""
+        if self.open.attempt >= self.limits.max_round_attempts:
+            self.stopped = (f"round {self.round}: {why} in {self.open.attempt} attempts; "
+                            f"state kept at round {self.round}, restart to retry")
+            self.audit.record("stopped", round=self.round, reason=self.stopped)
+            self.log(f"coordinator: {self.stopped}")
+            self.open = None
+        else:
+            self.audit.record("round_retry", durable=False, round=self.round, attempt=self.open.attempt,
+                              answered=sorted(self.updates), reason=why)
+            self.log(f"coordinator: round {self.round} retried: {why}")
+            self.open = self._open_round(self.open.attempt + 1)
+        self.lock.notify_all()
+
+    def _cohort_too_small(self, sites: Sequence[str]) -> bool:
+        """The minimum-cohort guard: an aggregate of fewer than ``min_cohort`` sites is never applied
+        or released (a small sum can single out one site's update); the attempt is retried instead."""
+        if len(sites) >= self.limits.min_cohort:
+            return False
+        self.audit.record("round_refused_min_cohort", round=self.round, attempt=self.open.attempt, sites=len(sites),
+                          min_cohort=self.limits.min_cohort, contributors=sorted(sites))
+        self._retry_or_stop(f"refused an aggregate of {len(sites)} site(s): runtime.min_cohort={self.limits.min_cohort}")
+        return True
 
     def _close_round(self, reason: str) -> None:
         sites = sorted(self.updates, key=self.site_index.__getitem__)
+        if self._cohort_too_small(sites):
+            return
         # Stacked on the host (the updates are NumPy arrays): one transfer, not one per site and leaf.
         stacked = jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *[self.updates[s][0] for s in sites])
         weights = jnp.asarray([self.updates[s][1] for s in sites], jnp.float32)

@@ -10,15 +10,21 @@ or left out at the deadline). The coordinator's record decides, not the reply to
 upload, which a crash can lose; so a site's state follows the global model. Lost
 connections are retried with exponential backoff; every task received and update sent is
 in the site's audit log.
+
+Privacy (docs/privacy.md): a site may run under its own policy file (``nordfl.runtime.policy``),
+checked against the job before any training; the hash of the policy and every epsilon spent
+(a ledger, ``privacy_spent``, written before the update leaves) are in the audit log.
+``dry_run`` trains one round locally and shows what would leave, sending nothing.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import grpc
 import jax
@@ -29,6 +35,7 @@ from nordfl.algorithms import ClientData
 from nordfl.runtime import wire
 from nordfl.runtime.audit import AuditLog
 from nordfl.runtime.config import Job, build_job
+from nordfl.runtime.policy import PolicyViolation, PrivacyCost, SitePolicy, check_job, check_spend, privacy_cost
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
 from nordfl.runtime.site_data import load_site_table
@@ -37,8 +44,14 @@ from nordfl.tasks import Examples
 from nordfl.tasks.heart import prepare_site
 
 SUPPORTED_TASKS = ("heart",)
+LEDGER_FILE = "privacy_ledger.json"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+
+
+def _json_number(x: float):
+    """inf is not JSON: the audit log writes it as the string "inf"."""
+    return x if math.isfinite(x) else str(x)
 
 
 class SiteRefused(Exception):
@@ -47,6 +60,29 @@ class SiteRefused(Exception):
 
 def _metrics_row(metrics) -> dict:
     return {k: float(v) for k, v in zip(metrics._fields, metrics) if np.isfinite(float(v))}
+
+
+class LocalSetup(NamedTuple):
+    """What a site builds from a job and its own rows: the same objects at every site and in a dry run."""
+
+    algorithm: Any
+    fns: Any
+    train: ClientData
+    test: Examples
+    init_params: Any
+
+
+def local_setup(name: str, examples, job: Job) -> LocalSetup:
+    built = build_job(job)
+    split = prepare_site(name, examples, seed=int(job.task_config["data_seed"]))
+    train = ClientData(Examples(jnp.asarray(split.train.x), jnp.asarray(split.train.y)), jnp.int32(len(split.train.y)))
+    test = Examples(jnp.asarray(split.test.x), jnp.asarray(split.test.y))
+    return LocalSetup(built.algorithm, built.fns, train, test, built.model.init_params)
+
+
+def round_key(job: Job, round_index: int, site_index: int) -> jax.Array:
+    """The PRNG key of a site's local training in a round (the simulator derives the same one)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(job.seed), round_index), site_index)
 
 
 class SiteAgent:
@@ -59,11 +95,13 @@ class SiteAgent:
       state_dir: where the client state and the audit log live.
       credentials: mTLS channel credentials, or None for insecure local development.
       task: the task these files serve; a job for another task is refused.
+      policy: this site's privacy policy (``policy.load_policy``); a job breaking it is refused before training.
     """
 
     def __init__(self, name: str, address: str, data_paths: Sequence[Path], state_dir: Path,
                  credentials: Optional[grpc.ChannelCredentials], *, task: str = "heart",
-                 log: Callable[[str], None] = print, max_backoff: float = 30.0, wait_seconds: int = 5):
+                 log: Callable[[str], None] = print, max_backoff: float = 30.0, wait_seconds: int = 5,
+                 policy: Optional[SitePolicy] = None):
         if task not in SUPPORTED_TASKS:
             raise SiteRefused(f"task: {task!r} has no site data schema; expected one of {', '.join(SUPPORTED_TASKS)}")
         self.name, self.address, self.credentials, self.task, self.log = name, address, credentials, task, log
@@ -72,6 +110,9 @@ class SiteAgent:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(self.state_dir / "audit.jsonl", actor=f"site:{name}")
+        self.policy = policy
+        if policy is not None:
+            self.audit.record("policy_loaded", path=policy.path, sha256=policy.sha256, rules=policy.rules())
         self.final_metrics: Optional[dict] = None
 
     # ------------------------------------------------------------------ connection
@@ -127,13 +168,11 @@ class SiteAgent:
             self._train(stub, reply.run_id, header, message)
 
     def _prepare(self, job: Job, raw: dict) -> None:
-        built = build_job(job)
-        self.algorithm, self.fns, self.job = built.algorithm, built.fns, job
+        setup = local_setup(self.name, self.examples, job)
+        self.algorithm, self.fns, self.job, self.train, self.test = setup.algorithm, setup.fns, job, setup.train, setup.test
         self.site_index, self.chunk_size = int(raw["site_index"]), int(raw["chunk_size"])
-        split = prepare_site(self.name, self.examples, seed=int(job.task_config["data_seed"]))
-        self.train = ClientData(Examples(jnp.asarray(split.train.x), jnp.asarray(split.train.y)), jnp.int32(len(split.train.y)))
-        self.test = Examples(jnp.asarray(split.test.x), jnp.asarray(split.test.y))
-        params = built.model.init_params
+        self.planned = self._check_policy(job)
+        params = setup.init_params
         self.message_template = jax.eval_shape(self.algorithm.broadcast, self.algorithm.server_init(params))
         self.state = self.algorithm.client_init(params)
         self.pending_round, self.pending_state = -1, None
@@ -149,8 +188,55 @@ class SiteAgent:
         if pending.exists():
             self.pending_state, meta = load_tree(pending, self.state)
             self.pending_round = int(meta["round"])
+        self.ledger = self._load_ledger()
         self._update = jax.jit(self.algorithm.client_update)
         self._evaluate = jax.jit(self.fns.evaluate)
+
+    # ------------------------------------------------------------------ privacy
+    def _check_policy(self, job: Job) -> PrivacyCost:
+        """The site's policy against the job, before any training; returns the job's planned privacy cost."""
+        num_examples = int(self.train.num_examples)
+        try:
+            if self.policy is None:
+                return privacy_cost(job, num_examples)
+            planned = check_job(self.policy, job, num_examples)
+        except PolicyViolation as e:
+            self.audit.record("policy_refused", run_id=self.run_id, rule=e.rule, job_value=str(e.job_value),
+                              limit=str(e.limit), policy_sha256=self.policy.sha256)
+            raise SiteRefused(f"{self.name}: refused the job of run {self.run_id}: {e}") from None
+        self.audit.record("policy_accepted", run_id=self.run_id, policy_sha256=self.policy.sha256,
+                          planned_epsilon=_json_number(planned.epsilon), delta=planned.delta, mechanism=planned.mechanism)
+        return planned
+
+    def _load_ledger(self) -> dict:
+        """Steps and updates this site has sent in this run (kept across restarts: privacy spent is never unspent)."""
+        path = self.state_dir / LEDGER_FILE
+        if path.exists():
+            ledger = json.loads(path.read_text())
+            if ledger.get("run_id") == self.run_id:
+                return ledger
+        return {"run_id": self.run_id, "steps": 0, "updates": 0}
+
+    def _spend(self, round_index: int, steps: int) -> None:
+        """Records what this update spends, durably, before it leaves; refuses to exceed the policy's epsilon."""
+        ledger = {"run_id": self.run_id, "steps": self.ledger["steps"] + steps, "updates": self.ledger["updates"] + 1}
+        spent = privacy_cost(self.job, int(self.train.num_examples), steps=ledger["steps"], updates=ledger["updates"])
+        if spent.mechanism == "none":
+            self.ledger = ledger
+            return
+        try:
+            check_spend(self.policy, spent)
+        except PolicyViolation as e:
+            self.audit.record("policy_refused", run_id=self.run_id, round=round_index, rule=e.rule,
+                              job_value=str(e.job_value), limit=str(e.limit), policy_sha256=self.policy.sha256)
+            raise SiteRefused(f"{self.name}: stopped before round {round_index}'s update left: {e}") from None
+        tmp = self.state_dir / (LEDGER_FILE + ".tmp")
+        tmp.write_text(json.dumps(ledger))
+        tmp.replace(self.state_dir / LEDGER_FILE)
+        self.ledger = ledger
+        self.audit.record("privacy_spent", round=round_index, mechanism=spent.mechanism, epsilon=_json_number(spent.epsilon),
+                          delta=spent.delta, steps=ledger["steps"], updates=ledger["updates"],
+                          policy_sha256=self.policy.sha256 if self.policy else None)
 
     def _commit(self) -> None:
         self.state = self.pending_state
@@ -184,8 +270,8 @@ class SiteAgent:
     def _train(self, stub, run_id: str, header: pb.TaskHeader, message) -> None:
         r = int(header.round)
         test_metrics = self._evaluate(message.params, self.test, jnp.ones(len(self.test.y), bool))
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.job.seed), r), self.site_index)
-        out = self._update(message, self.state, self.train, key, jnp.int32(header.num_epochs))
+        out = self._update(message, self.state, self.train, round_key(self.job, r, self.site_index), jnp.int32(header.num_epochs))
+        self._spend(r, int(out.metrics.num_steps))
         self.pending_round, self.pending_state = r, out.client_state
         save_tree(self.state_dir / "pending_state.npz", out.client_state, round=r, run_id=self.run_id)
         specs, payload = wire.encode(out.update)
@@ -217,3 +303,85 @@ class SiteAgent:
         self.audit.record("finished", round=int(header.round), metrics=metrics)
         self.final_metrics = metrics
         return metrics
+
+
+# ---------------------------------------------------------------------- dry run
+
+
+class TensorPreview(NamedTuple):
+    """One tensor that would leave the site: wire name, dtype, shape and L2 norm."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    norm: float
+
+
+class EgressPreview(NamedTuple):
+    """Exactly what one round's upload would carry (``dry_run``), and what it would spend."""
+
+    site: str
+    tensors: list[TensorPreview]
+    weight: float
+    metrics: dict
+    bytes: int
+    sha256: str
+    privacy: PrivacyCost
+    secure_aggregation: bool
+    policy_sha256: Optional[str]
+
+    def format(self) -> str:
+        """The preview as text for a DPO."""
+        lines = [f"{self.site}: dry run: one local round trained; NOTHING was sent. An update would carry:"]
+        width = max(len(t.name) for t in self.tensors) if self.tensors else 0
+        for t in self.tensors:
+            lines.append(f"  {t.name:<{width}}  {t.dtype}{list(t.shape)}  L2 norm {t.norm:.6g}")
+        lines.append(f"  {len(self.tensors)} tensor(s), {self.bytes} bytes, sha256 {self.sha256}")
+        lines.append(f"  weight {self.weight:g}")
+        lines.append("  metrics " + ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items()))
+        if self.secure_aggregation:
+            lines.append("  secure aggregation is on: these tensors, times the weight, and the weight leave only masked "
+                         "(quantised); the coordinator sees their sum over the cohort, not this site's values; "
+                         "the per-round test metrics are not sent")
+        if self.privacy.mechanism == "none":
+            lines.append("  differential privacy: none (epsilon unbounded)")
+        else:
+            lines.append(f"  differential privacy: {self.privacy.mechanism}, this round would spend epsilon "
+                         f"{self.privacy.epsilon:.4g} at delta {self.privacy.delta:.3g} ({self.privacy.steps} step(s))")
+        if self.policy_sha256:
+            lines.append(f"  site policy sha256 {self.policy_sha256}: the job passes it")
+        return "\n".join(lines)
+
+
+def dry_run(name: str, data_paths: Sequence[Path], job: Job, *, policy: Optional[SitePolicy] = None,
+            audit: Optional[AuditLog] = None) -> EgressPreview:
+    """Trains one round locally from the job's initial model and returns what its update would carry.
+
+    Connects to nothing. The site's policy is checked first (``PolicyViolation`` if the job breaks
+    it). With ``audit`` the preview is recorded (``dry_run``), so the DPO's look is on file too.
+    """
+    setup = local_setup(name, load_site_table(data_paths), job)
+    num_examples = int(setup.train.num_examples)
+    if policy is not None:
+        check_job(policy, job, num_examples)
+    site_index = job.sites.index(name) if name in job.sites else 0
+    message = setup.algorithm.broadcast(setup.algorithm.server_init(setup.init_params))
+    out = jax.jit(setup.algorithm.client_update)(message, setup.algorithm.client_init(setup.init_params), setup.train,
+                                                 round_key(job, 0, site_index), jnp.int32(job.algorithm_config["num_epochs"]))
+    update = jax.tree_util.tree_map(np.asarray, out.update)
+    specs, payload = wire.encode(update)
+    leaves = jax.tree_util.tree_leaves(update)
+    tensors = [TensorPreview(s.name, s.dtype, s.shape, wire.global_norm(leaf)) for s, leaf in zip(specs, leaves)]
+    steps = int(out.metrics.num_steps)
+    spent = privacy_cost(job, num_examples, steps=steps, updates=1)
+    metrics = {"train_loss": float(out.metrics.train_loss), "num_steps": float(steps)}
+    if not job.secure_aggregation:  # the received model's scores on the test rows travel with a plain update
+        scores = setup.fns.evaluate(message.params, setup.test, jnp.ones(len(setup.test.y), bool))
+        metrics |= {f"test_{k}": v for k, v in _metrics_row(scores).items()}
+    preview = EgressPreview(name, tensors, float(out.weight), metrics, len(payload), wire.sha256_hex(payload),
+                            spent._replace(steps=steps), job.secure_aggregation, policy.sha256 if policy else None)
+    if audit is not None:
+        audit.record("dry_run", tensors=[[t.name, t.dtype, list(t.shape), t.norm] for t in tensors], weight=preview.weight,
+                     bytes=preview.bytes, sha256=preview.sha256, epsilon=_json_number(spent.epsilon), delta=spent.delta,
+                     mechanism=spent.mechanism, policy_sha256=preview.policy_sha256)
+    return preview
