@@ -61,8 +61,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable, Sequence
+from typing import ClassVar
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -468,14 +469,15 @@ def _share_key_and_ad(sk: X25519PrivateKey, pk: bytes, ctx: bytes, sender: int, 
     return ChaCha20Poly1305(_hkdf(sk.exchange(X25519PublicKey.from_public_bytes(pk)), ad)), ad
 
 
-def _pairwise_mask(seed_of: Callable[[int], bytes], me: int, others: Iterable[int], length: int) -> np.ndarray:
-    """sum_{j>me} PRG(s_mj) - sum_{j<me} PRG(s_mj), mod 2^64."""
+def _pairwise_mask(sk: X25519PrivateKey, s_pks: dict[int, bytes], ctx: bytes, me: int,
+                   others: Iterable[int], length: int) -> np.ndarray:
+    """sum_{j>me} PRG(s_mj) - sum_{j<me} PRG(s_mj), mod 2^64, where ``sk`` is site me's mask key."""
     total = np.zeros(length, np.uint64)
     for j in others:
         if j > me:
-            total += prg(seed_of(j), length)
+            total += prg(_pair_seed(sk, s_pks[j], ctx, me, j), length)
         elif j < me:
-            total -= prg(seed_of(j), length)
+            total -= prg(_pair_seed(sk, s_pks[j], ctx, me, j), length)
     return total
 
 
@@ -586,11 +588,7 @@ class SecAggClient:
         self._held_s.update(received_s)
         self._held_b.update(received_b)
         self._u2 = u2
-
-        def seed(j):
-            return _pair_seed(self._s_sk, roster.s_pks[j], self._ctx, self.site, j)
-
-        y = q + prg(self._b, len(q)) + _pairwise_mask(seed, self.site, u2, len(q))
+        y = q + prg(self._b, len(q)) + _pairwise_mask(self._s_sk, roster.s_pks, self._ctx, self.site, u2, len(q))
         return MaskedInput(self.run_id, self.round, self.site, y & _field_mask(self.cfg))
 
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
@@ -692,7 +690,8 @@ class SecAggServer:
         y = np.asarray(msg.y)
         _check(y.dtype == np.uint64 and y.shape == (self.length,),
                f"masked input from site {msg.site}: {y.dtype} {y.shape}, expected uint64 ({self.length},)")
-        _check(not (y & ~_field_mask(self.cfg)).any(), f"masked input from site {msg.site}: values >= 2^{self.cfg.field_bits}")
+        _check(not (y & ~_field_mask(self.cfg)).any(),
+               f"masked input from site {msg.site}: values >= 2^{self.cfg.field_bits}")
         self._inputs[msg.site] = y
 
     def unmask_request(self) -> UnmaskRequest:
@@ -731,8 +730,9 @@ class SecAggServer:
                 continue
             sk = X25519PrivateKey.from_private_bytes(rebuild("s_shares", j))
             if sk.public_key().public_bytes_raw() != s_pks[j]:
-                raise SecAggAborted(f"site {j}'s rebuilt mask key does not match its advertised key: a share is corrupt")
+                raise SecAggAborted(f"site {j}'s rebuilt mask key does not match its advertised key: "
+                                    f"a share is corrupt")
             # The survivors' inputs carry minus j's pairwise masks with them; add those back.
-            total += _pairwise_mask(lambda i: _pair_seed(sk, s_pks[i], self._ctx, j, i), j, self.u3, d)
+            total += _pairwise_mask(sk, s_pks, self._ctx, j, self.u3, d)
         self._step = 4
         return SecAggResult(dequantise_sum(total, self.cfg), self.u3, self.cfg.error_bound(len(self.u3)))

@@ -77,13 +77,13 @@ def plain_sum(xs, sites, cfg):
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    (dict(num_sites=1, threshold=1, clip_range=1.0), "num_sites=1"),
-    (dict(num_sites=4, threshold=2, clip_range=1.0), "threshold=2"),
-    (dict(num_sites=4, threshold=5, clip_range=1.0), "threshold=5"),
-    (dict(num_sites=4, threshold=3, clip_range=0.0), "clip_range=0.0"),
-    (dict(num_sites=4, threshold=3, clip_range=float("inf")), "clip_range=inf"),
-    (dict(num_sites=5, threshold=3, clip_range=1.0, bits=62), "bits=62"),
-    (dict(num_sites=4, threshold=3, clip_range=1.0, bits=1), "bits=1"),
+    ({"num_sites": 1, "threshold": 1, "clip_range": 1.0}, "num_sites=1"),
+    ({"num_sites": 4, "threshold": 2, "clip_range": 1.0}, "threshold=2"),
+    ({"num_sites": 4, "threshold": 5, "clip_range": 1.0}, "threshold=5"),
+    ({"num_sites": 4, "threshold": 3, "clip_range": 0.0}, "clip_range=0.0"),
+    ({"num_sites": 4, "threshold": 3, "clip_range": float("inf")}, "clip_range=inf"),
+    ({"num_sites": 5, "threshold": 3, "clip_range": 1.0, "bits": 62}, "bits=62"),
+    ({"num_sites": 4, "threshold": 3, "clip_range": 1.0, "bits": 1}, "bits=1"),
 ])
 def test_config_rejects_bad_values_naming_field_and_expectation(kwargs, field):
     with pytest.raises(SecAggError, match="expected") as err:
@@ -138,7 +138,7 @@ def test_site_that_drops_after_submitting_is_recovered():
 def test_site_that_drops_before_submitting_is_excluded(when):
     cfg = SecAggConfig(num_sites=5, threshold=3, clip_range=1.0, bits=16)
     xs = inputs(cfg, 500, seed=3)
-    result, server, _ = run_round(cfg, xs, **{when: (1, 4)})
+    result, _, _ = run_round(cfg, xs, **{when: (1, 4)})
     assert result.sites == (2, 3, 5)
     assert np.abs(result.total - plain_sum(xs, (2, 3, 5), cfg)).max() <= result.error_bound
     assert np.abs(result.total - plain_sum(xs, range(1, 6), cfg)).max() > 10 * result.error_bound
@@ -275,7 +275,7 @@ def test_messages_from_another_round_or_run_are_rejected_and_the_round_goes_on()
         SecAggClient(cfg, "run-a", 4, 2).share_keys(Roster("run-a", 4, {1: b"x" * 32}, {1: b"y" * 32}))
 
 
-@pytest.mark.parametrize("other", [dict(run_id="run-b"), dict(round_index=4)])
+@pytest.mark.parametrize("other", [{"run_id": "run-b"}, {"round_index": 4}])
 def test_share_ciphertexts_are_bound_to_run_round_sender_and_recipient(other):
     """Same keys (same randomness) in two sessions: a ciphertext from one, relabelled for the
     other, fails authentication, because the run id and round are in the key and the AD."""
@@ -305,7 +305,7 @@ def test_share_ciphertexts_are_bound_to_run_round_sender_and_recipient(other):
 
 def test_server_rejects_malformed_masked_inputs():
     cfg = SecAggConfig(num_sites=3, threshold=2, clip_range=1.0, bits=8)
-    clients, server = _clients_after_masking(cfg, drop=(1, 2, 3))
+    _, server = _clients_after_masking(cfg, drop=(1, 2, 3))
     for y, what in ((np.zeros(7, np.uint64), r"\(7,\)"), (np.full(8, 2**20, np.uint64), "values >= 2")):
         with pytest.raises(SecAggError, match=what):
             server.add_masked_input(MaskedInput("r", 0, 1, y))
