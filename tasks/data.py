@@ -109,3 +109,40 @@ def build_federated(
             ClientSplit(client_name, Examples(x[rows[train]], y[rows[train]]), Examples(x[rows[test]], y[rows[test]]))
         )
     return FederatedDataset(name, tuple(clients), num_classes)
+
+
+def _take(examples: Examples, rows: np.ndarray) -> Examples:
+    return Examples(examples.x[rows], examples.y[rows])
+
+
+def validation_split(dataset: FederatedDataset, fraction: float, seed: int) -> FederatedDataset:
+    """Each client's training rows split again, stratified, into train and validation.
+
+    The validation rows take the test set's place, so hyperparameters tuned on the result
+    are chosen without ever seeing a test row. A client with fewer than 2 training rows
+    keeps them all for training.
+    """
+    rng = np.random.default_rng(seed)
+    clients = []
+    for client in dataset.clients:
+        if len(client.train.y) >= 2:
+            train, val = stratified_split(client.train.y, fraction, rng)
+        else:
+            train, val = np.arange(len(client.train.y)), np.arange(0)
+        clients.append(ClientSplit(client.name, _take(client.train, train), _take(client.train, val)))
+    return dataclasses.replace(dataset, name=f"{dataset.name}/validation", clients=tuple(clients))
+
+
+def pooled_dataset(dataset: FederatedDataset) -> FederatedDataset:
+    """Every client's training and test rows in one place: the centralised baseline's data."""
+    pooled = ClientSplit(
+        "pooled",
+        Examples(*(np.concatenate([getattr(c.train, f) for c in dataset.clients]) for f in Examples._fields)),
+        dataset.pooled_test(),
+    )
+    return dataclasses.replace(dataset, name=f"{dataset.name}/pooled", clients=(pooled,))
+
+
+def single_client(dataset: FederatedDataset, index: int) -> FederatedDataset:
+    """Client ``index`` alone: the data of the local-training baseline for that site."""
+    return dataclasses.replace(dataset, name=f"{dataset.name}/{dataset.clients[index].name}", clients=(dataset.clients[index],))

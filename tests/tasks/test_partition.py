@@ -120,3 +120,22 @@ def test_repartition_keeps_every_row_and_applies_the_partitioner():
         partition.repartition(data, "shards", num_clients=3)
     with pytest.raises(ValueError, match="partition.num_clients: must be an integer >= 1 for partitioner 'iid', got None"):
         partition.repartition(data, "iid")
+
+
+def test_validation_pooled_and_single_client_views_keep_every_training_row_once():
+    from nordfl.tasks.data import pooled_dataset, single_client, validation_split
+    from nordfl.tasks import heart
+
+    data = heart()
+    val = validation_split(data, 0.25, seed=3)
+    for original, split in zip(data.clients, val.clients):
+        # validation rows come from the training rows only: the test set is never seen
+        rows = np.concatenate([split.train.x, split.test.x])
+        assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, original.train.x.tolist()))
+        assert len(split.test.y) == int(np.ceil(0.25 * len(original.train.y)))
+    pooled = pooled_dataset(data)
+    assert len(pooled.clients) == 1
+    assert len(pooled.clients[0].train.y) == sum(data.train_sizes())
+    np.testing.assert_array_equal(pooled.clients[0].test.y, data.pooled_test().y)
+    alone = single_client(data, 2)
+    assert [c.name for c in alone.clients] == [data.clients[2].name]
