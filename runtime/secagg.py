@@ -331,8 +331,11 @@ class _Message:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if self._kinds[f.name] == "u64":
-                header[f.name] = len(v)
-                payload = np.ascontiguousarray(v, "<u8").tobytes()
+                # 4 bytes a value when they fit (fields of up to 32 bits), so the upload is no
+                # larger than the float32 update it hides.
+                width = 4 if len(v) == 0 or int(v.max()) < 2**32 else 8
+                header[f.name] = [len(v), width]
+                payload = np.ascontiguousarray(v, f"<u{width}").tobytes()
             else:
                 header[f.name] = _encode(self._kinds[f.name], v)
         head = json.dumps(header, separators=(",", ":")).encode()
@@ -355,10 +358,12 @@ class _Message:
         values = {}
         for name in names:
             if cls._kinds[name] == "u64":
-                length = header[name]
-                _check(_is_int(length) and len(payload) == 8 * length,
-                       f"{cls.__name__}: payload of {len(payload)} bytes, header says {length!r} uint64 values")
-                values[name] = np.frombuffer(payload, "<u8").astype(np.uint64)
+                spec = header[name]
+                _check(isinstance(spec, list) and len(spec) == 2 and _is_int(spec[0]) and spec[1] in (4, 8)
+                       and len(payload) == spec[0] * spec[1],
+                       f"{cls.__name__}: payload of {len(payload)} bytes, header says {spec!r} "
+                       f"([values, bytes per value] with 4 or 8 bytes)")
+                values[name] = np.frombuffer(payload, f"<u{spec[1]}").astype(np.uint64)
             else:
                 values[name] = _decode(cls._kinds[name], header[name], name)
         return cls(**values)
@@ -407,7 +412,8 @@ class ForwardedShares(_Message):
 
 @dataclass(frozen=True)
 class MaskedInput(_Message):
-    """Step 2, site -> server: the masked quantised input y, uint64 [d], values < 2^m."""
+    """Step 2, site -> server: the masked quantised input y, uint64 [d], values < 2^m (sent as 4
+    bytes a value when m <= 32)."""
     run_id: str
     round: int
     site: int

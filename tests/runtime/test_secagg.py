@@ -325,6 +325,10 @@ def test_messages_round_trip_and_garbage_is_rejected():
     y = np.arange(5, dtype=np.uint64) * np.uint64(2**61)
     back = MaskedInput.from_bytes(MaskedInput("r", 1, 2, y).to_bytes())
     np.testing.assert_array_equal(back.y, y)
+    small = np.array([0, 2**32 - 1], np.uint64)
+    packed = MaskedInput("r", 1, 2, small).to_bytes()
+    assert len(packed) < len(MaskedInput("r", 1, 2, y[:2]).to_bytes()) - 7  # 4 bytes a value
+    np.testing.assert_array_equal(MaskedInput.from_bytes(packed).y, small)
     data = MaskedInput("r", 1, 2, y).to_bytes()
     for bad, what in ((data[:-1], "payload"), (b"junk", "not a secure-aggregation"),
                       (msgs[0].to_bytes(), "expected a MaskedInput")):
