@@ -169,6 +169,14 @@ class SecAggConfig:
         """The quantisation step R / L."""
         return float(self.clip_range) / self.levels
 
+    @classmethod
+    def for_round(cls, num_sites: int, min_sites: int, clip_range: float, bits: int = 24) -> SecAggConfig:
+        """The config for a round of ``num_sites`` (the cohort) that needs ``min_sites`` updates:
+        threshold ``max(min_sites, num_sites // 2 + 1)``, the fewest that are both allowed and safe."""
+        if not _is_int(min_sites) or not 1 <= min_sites <= num_sites:
+            raise SecAggError(f"min_sites={min_sites!r}: expected an integer in [1, num_sites={num_sites}]")
+        return cls(num_sites, max(min_sites, num_sites // 2 + 1), clip_range, bits)
+
     def error_bound(self, num_summed: int) -> float:
         """Largest per-coordinate error of a dequantised sum of ``num_summed`` clipped inputs:
         ``num_summed * R / (2 L)`` (round-to-nearest, exact integer sums)."""
@@ -465,14 +473,21 @@ def _hkdf(secret: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
 
 
+def _exchange(sk: X25519PrivateKey, pk: bytes) -> bytes:
+    try:
+        return sk.exchange(X25519PublicKey.from_public_bytes(pk))
+    except ValueError as e:  # wrong length, or a low-order point giving an all-zero secret
+        raise SecAggError(f"unusable X25519 public key {pk.hex()[:16]}...: {e}") from None
+
+
 def _pair_seed(sk: X25519PrivateKey, pk: bytes, ctx: bytes, i: int, j: int) -> bytes:
     a, b = min(i, j), max(i, j)
-    return _hkdf(sk.exchange(X25519PublicKey.from_public_bytes(pk)), ctx + b"|mask|" + struct.pack("<II", a, b))
+    return _hkdf(_exchange(sk, pk), ctx + b"|mask|" + struct.pack("<II", a, b))
 
 
 def _share_key_and_ad(sk: X25519PrivateKey, pk: bytes, ctx: bytes, sender: int, recipient: int):
     ad = ctx + b"|share|" + struct.pack("<II", sender, recipient)
-    return ChaCha20Poly1305(_hkdf(sk.exchange(X25519PublicKey.from_public_bytes(pk)), ad)), ad
+    return ChaCha20Poly1305(_hkdf(_exchange(sk, pk), ad)), ad
 
 
 def _pairwise_mask(sk: X25519PrivateKey, s_pks: dict[int, bytes], ctx: bytes, me: int,

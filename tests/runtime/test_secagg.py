@@ -91,6 +91,14 @@ def test_config_rejects_bad_values_naming_field_and_expectation(kwargs, field):
     assert field in str(err.value)
 
 
+def test_config_for_round_picks_the_smallest_safe_threshold():
+    assert SecAggConfig.for_round(4, min_sites=2, clip_range=1.0).threshold == 3
+    assert SecAggConfig.for_round(5, min_sites=3, clip_range=1.0).threshold == 3
+    assert SecAggConfig.for_round(5, min_sites=5, clip_range=1.0).threshold == 5
+    with pytest.raises(SecAggError, match=r"min_sites=6: expected an integer in \[1, num_sites=5\]"):
+        SecAggConfig.for_round(5, min_sites=6, clip_range=1.0)
+
+
 def test_quantisation_error_is_at_most_half_a_step_and_reaches_it():
     cfg = SecAggConfig(num_sites=3, threshold=2, clip_range=2.0, bits=12)
     x = np.random.default_rng(1).uniform(-3, 3, 20_000).astype(np.float32)
@@ -115,6 +123,15 @@ def test_field_holds_the_extreme_sums_without_wrapping(bits):
 # --- correctness and dropouts ---------------------------------------------------------------------
 
 
+@pytest.fixture
+def reconstructions(monkeypatch):
+    """Counts every secret the server rebuilds."""
+    calls = []
+    real = secagg.shamir_reconstruct
+    monkeypatch.setattr(secagg, "shamir_reconstruct", lambda shares: calls.append(shares) or real(shares))
+    return calls
+
+
 def test_secure_sum_equals_plain_sum_within_the_stated_bound():
     cfg = SecAggConfig(num_sites=5, threshold=3, clip_range=1.0, bits=10)
     xs = inputs(cfg, 3000, scale=1.2)  # some values are clipped
@@ -126,11 +143,12 @@ def test_secure_sum_equals_plain_sum_within_the_stated_bound():
     assert err.max() > 0.5 * result.error_bound  # not absurdly loose
 
 
-def test_site_that_drops_after_submitting_is_recovered():
+def test_site_that_drops_after_submitting_is_recovered(reconstructions):
     cfg = SecAggConfig(num_sites=5, threshold=3, clip_range=1.0, bits=16)
     xs = inputs(cfg, 500, seed=2)
     result, server, _ = run_round(cfg, xs, gone_after_input=(2, 5))
     assert result.sites == (1, 2, 3, 4, 5) and server.u4 == (1, 3, 4)
+    assert len(reconstructions) == 5 and all(len(s) == 3 for s in reconstructions)  # five b's, t shares each
     assert np.abs(result.total - plain_sum(xs, result.sites, cfg)).max() <= result.error_bound
 
 
@@ -156,15 +174,6 @@ def test_dropouts_at_every_step_together():
 
 
 # --- aborts reveal nothing ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def reconstructions(monkeypatch):
-    """Counts every secret the server rebuilds."""
-    calls = []
-    real = secagg.shamir_reconstruct
-    monkeypatch.setattr(secagg, "shamir_reconstruct", lambda shares: calls.append(shares) or real(shares))
-    return calls
 
 
 def test_fewer_than_t_submitters_abort_before_any_share_is_requested(reconstructions):
@@ -273,6 +282,8 @@ def test_messages_from_another_round_or_run_are_rejected_and_the_round_goes_on()
         server.add_advertise(advert)
     with pytest.raises(SecAggError, match="roster"):
         SecAggClient(cfg, "run-a", 4, 2).share_keys(Roster("run-a", 4, {1: b"x" * 32}, {1: b"y" * 32}))
+    with pytest.raises(SecAggError, match="unusable X25519 public key"):
+        secagg._pair_seed(secagg.X25519PrivateKey.generate(), bytes(32), b"", 1, 2)  # low-order point
 
 
 @pytest.mark.parametrize("other", [{"run_id": "run-b"}, {"round_index": 4}])
