@@ -1,5 +1,7 @@
 """Federated algorithms as pure JAX functions: one ``Algorithm`` serves simulator and runtime."""
 
+from nordfl.algorithms import accounting as accounting
+from nordfl.algorithms import dp as dp
 from nordfl.algorithms.aggregators import AGGREGATORS as AGGREGATORS
 from nordfl.algorithms.aggregators import Aggregator as Aggregator
 from nordfl.algorithms.aggregators import aggregator as aggregator
@@ -15,6 +17,9 @@ from nordfl.algorithms.base import EmptyState as EmptyState
 from nordfl.algorithms.base import LossFn as LossFn
 from nordfl.algorithms.base import Params as Params
 from nordfl.algorithms.base import ServerMetrics as ServerMetrics
+from nordfl.algorithms.dp import DPSGD as DPSGD
+from nordfl.algorithms.dp import UpdateDP as UpdateDP
+from nordfl.algorithms.dp import with_update_dp as with_update_dp
 from nordfl.algorithms.fedavg import ModelDelta as ModelDelta
 from nordfl.algorithms.fedavg import ModelMessage as ModelMessage
 from nordfl.algorithms.fedavg import ServerState as ServerState
@@ -41,7 +46,7 @@ from nordfl.algorithms.server_optimizers import server_optimizer as server_optim
 
 __all__ = [
     "AGGREGATORS", "ALGORITHM_NAMES", "Aggregate", "Aggregator", "Algorithm", "ClientData",
-    "ClientMetrics", "ClientOutput", "EmptyState", "LossFn", "ModelDelta", "ModelMessage",
+    "ClientMetrics", "ClientOutput", "DPSGD", "EmptyState", "UpdateDP", "accounting", "dp", "with_update_dp", "LossFn", "ModelDelta", "ModelMessage",
     "Params", "SERVER_OPTIMIZERS", "ScaffoldClientState", "ScaffoldMessage", "ScaffoldServerState",
     "ScaffoldUpdate", "ServerMetrics", "ServerState", "aggregator", "coordinate_median",
     "epoch_orders", "fedadagrad", "fedadam", "fedavg", "fedavg_server", "fedavgm",

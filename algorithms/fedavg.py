@@ -28,6 +28,7 @@ from nordfl.algorithms.base import (
     PRNGKey,
     ServerMetrics,
 )
+from nordfl.algorithms.dp import DPSGD, dp_local_sgd, physical_batch_size, private_value_and_grad
 from nordfl.algorithms.local import WEIGHTINGS, client_weight, local_schedule, local_sgd
 from nordfl.algorithms.server_optimizers import server_step
 
@@ -71,6 +72,7 @@ def fedavg(
     drop_remainder: bool = False,
     weighting: str = "num_examples",
     local_objective: LocalObjective = plain_objective,
+    dp_sgd: Optional[DPSGD] = None,
     name: str = "fedavg",
 ) -> Algorithm:
     """Builds FedAvg.
@@ -86,6 +88,8 @@ def fedavg(
       weighting: ``"num_examples"`` (default) or ``"uniform"`` client weights.
       local_objective: builds the loss a client minimises from the task loss and the
         global params (FedProx adds its proximal term here).
+      dp_sgd: per-example clipping and Gaussian noise at the site (``dp.dp_sgd``); local
+        batches are then Poisson-sampled (``dp.dp_local_sgd``). None: plain local SGD.
       name: used in error messages.
 
     Returns:
@@ -118,8 +122,13 @@ def fedavg(
         num_epochs_to_run: Optional[jax.Array] = None,
     ) -> ClientOutput:
         objective = local_objective(loss_fn, message.params)
-        grad_fn = jax.value_and_grad(objective)
-        params, metrics = local_sgd(grad_fn, message.params, data, key, schedule, num_epochs_to_run)
+        if dp_sgd is None:
+            grad_fn = jax.value_and_grad(objective)
+            params, metrics = local_sgd(grad_fn, message.params, data, key, schedule, num_epochs_to_run)
+        else:
+            physical = physical_batch_size(batch_size)
+            make_grad_fn = lambda denominator: private_value_and_grad(objective, dp_sgd, denominator, physical)  # noqa: E731
+            params, metrics = dp_local_sgd(make_grad_fn, message.params, data, key, schedule, num_epochs_to_run)
         delta = ModelDelta(otu.tree_sub(params, message.params))
         weight = client_weight(data.num_examples, metrics.num_steps, weighting)
         return ClientOutput(delta, weight, client_state, metrics)

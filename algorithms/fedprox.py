@@ -16,6 +16,7 @@ import optax.tree_utils as otu
 
 from nordfl.algorithms import _checks
 from nordfl.algorithms.base import Algorithm, LossFn, Params
+from nordfl.algorithms.dp import DPSGD
 from nordfl.algorithms.fedavg import fedavg
 
 
@@ -44,12 +45,14 @@ def fedprox(
     server_optimizer: Optional[optax.GradientTransformation] = None,
     drop_remainder: bool = False,
     weighting: str = "num_examples",
+    dp_sgd: Optional[DPSGD] = None,
 ) -> Algorithm:
     """Builds FedProx: ``fedavg`` with the proximal local objective.
 
     Args:
       mu: proximal coefficient, >= 0 (the paper tunes it over {0.001, 0.01, 0.1, 1}).
-      Others: as ``fedavg``.
+      Others: as ``fedavg``. With ``dp_sgd`` the proximal term is part of each example's
+        loss, so its gradient is clipped with the example's (it carries no data).
     """
     _checks.check_nonnegative("fedprox", "mu", mu)
     return fedavg(
@@ -61,5 +64,6 @@ def fedprox(
         drop_remainder=drop_remainder,
         weighting=weighting,
         local_objective=proximal_objective(mu),
+        dp_sgd=dp_sgd,
         name="fedprox",
     )

@@ -2,6 +2,7 @@
 
 ``fedavgm``, ``fedadam``, ``fedyogi`` and ``fedadagrad`` are FedAvg with that server
 optimiser (Reddi et al., ICLR 2021); their server hyperparameters go in ``server``.
+Differential privacy is an option of every one of them, given as ``dp`` (see ``algorithms.dp``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import inspect
 from typing import Any, Callable, Mapping, Optional
 
 from nordfl.algorithms import _checks
+from nordfl.algorithms import dp as dp_lib
 from nordfl.algorithms.base import Algorithm, LossFn
 from nordfl.algorithms.fedavg import fedavg
 from nordfl.algorithms.fedprox import fedprox
@@ -29,7 +31,7 @@ def _check_keywords(owner: str, factory: Callable, given: Mapping[str, Any]) -> 
     """Unknown or missing keyword arguments as ValueErrors naming them (not Python's TypeError)."""
     parameters = {
         name: p for name, p in inspect.signature(factory).parameters.items()
-        if name not in ("loss_fn", "local_objective", "name")
+        if name not in ("loss_fn", "local_objective", "name", "dp_sgd")
     }
     for key in given:
         if key not in parameters:
@@ -44,6 +46,7 @@ def make_algorithm(
     loss_fn: LossFn,
     *,
     server: Optional[Mapping[str, Any]] = None,
+    dp: Optional[Mapping[str, Any]] = None,
     **hyperparameters,
 ) -> Algorithm:
     """Builds an algorithm by name.
@@ -53,10 +56,15 @@ def make_algorithm(
       loss_fn: the task's masked mean loss.
       server: hyperparameters of the server optimiser (e.g. ``{"learning_rate": 0.03}``
         for ``fedadam``); for fedavg, fedprox and scaffold, ``{"name": ..., ...}`` picks one.
+      dp: differential privacy, ``{"mode": "none" | "sgd" | "update", ...}``:
+        ``sgd`` (DP-SGD at the site) takes ``clip`` and ``noise_multiplier``; ``update``
+        (DP-FedAvg) also ``noise`` (``central`` | ``distributed``), ``expected_clients`` (the
+        planned cohort size m) and ``noise_seed`` (central noise; secret at the coordinator).
       **hyperparameters: the algorithm factory's keyword arguments (``client_lr``, ``mu``, ...).
 
     Example:
       >>> alg = make_algorithm("fedadam", loss_fn, client_lr=0.1, server={"learning_rate": 0.01})
+      >>> private = make_algorithm("fedavg", loss_fn, client_lr=0.1, dp={"mode": "sgd", "clip": 1.0, "noise_multiplier": 1.1})
     """
     _checks.check_choice("algorithm", "name", name, ALGORITHM_NAMES)
     server = dict(server or {})
@@ -77,4 +85,21 @@ def make_algorithm(
     _check_keywords(name, factory, hyperparameters)
     if factory is fedavg:
         hyperparameters["name"] = name  # errors say "fedadam: ...", not "fedavg: ..."
-    return factory(loss_fn, **hyperparameters)
+    dp = dict(dp or {})
+    mode = dp.pop("mode", "none")
+    _checks.check_choice(f"{name}.dp", "mode", mode, dp_lib.DP_MODES)
+    allowed = {"none": (), "sgd": ("clip", "noise_multiplier"),
+               "update": ("clip", "noise_multiplier", "noise", "expected_clients", "noise_seed")}[mode]
+    for key in dp:
+        if key not in allowed:
+            raise ValueError(f"{name}.dp: {key!r} is not an option of mode {mode!r}; expected one of {', '.join(allowed) or 'none'}")
+    for key in allowed:
+        if key not in dp and key != "noise_seed":
+            raise ValueError(f"{name}.dp: mode {mode!r} needs {key!r}")
+    if mode == "sgd":
+        hyperparameters["dp_sgd"] = dp_lib.dp_sgd(dp["clip"], dp["noise_multiplier"], owner=f"{name}.dp")
+    algorithm = factory(loss_fn, **hyperparameters)
+    if mode == "update":
+        options = dp_lib.update_dp(dp["clip"], dp["noise_multiplier"], dp["noise"], dp["expected_clients"], owner=f"{name}.dp")
+        algorithm = dp_lib.with_update_dp(algorithm, options, noise_seed=int(dp.get("noise_seed", 0)))
+    return algorithm

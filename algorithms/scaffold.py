@@ -30,6 +30,7 @@ from nordfl.algorithms.base import (
     PRNGKey,
     ServerMetrics,
 )
+from nordfl.algorithms.dp import DPSGD, dp_local_sgd, physical_batch_size, private_value_and_grad
 from nordfl.algorithms.local import WEIGHTINGS, client_weight, local_schedule, local_sgd
 from nordfl.algorithms.server_optimizers import server_step
 
@@ -74,6 +75,7 @@ def scaffold(
     server_optimizer: Optional[optax.GradientTransformation] = None,
     drop_remainder: bool = False,
     weighting: str = "uniform",
+    dp_sgd: Optional[DPSGD] = None,
 ) -> Algorithm:
     """Builds SCAFFOLD.
 
@@ -85,6 +87,9 @@ def scaffold(
       server_lr: the global step size eta_g (used when ``server_optimizer`` is None).
       server_optimizer: optax transformation on the negated mean model delta.
       weighting: ``"uniform"`` (the paper's mean over sites, default) or ``"num_examples"``.
+      dp_sgd: DP-SGD at the site (as in ``fedavg``); the control correction c - c_i is added
+        after the noisy gradient (it depends on no example of this round), and c_i+ is
+        computed from the private local model, so it is post-processing.
 
     Returns:
       An ``Algorithm``; ``client_init`` gives c_i = 0.
@@ -113,13 +118,21 @@ def scaffold(
         num_epochs_to_run: Optional[jax.Array] = None,
     ) -> ClientOutput:
         correction = otu.tree_sub(message.control, client_state.control)  # c - c_i
-        value_and_grad = jax.value_and_grad(loss_fn)
 
-        def corrected_grad(params, batch, mask):
-            loss, grads = value_and_grad(params, batch, mask)
-            return loss, otu.tree_add(grads, correction)
+        def corrected(grad_fn):
+            def corrected_grad(*args):
+                loss, grads = grad_fn(*args)
+                return loss, otu.tree_add(grads, correction)
 
-        params, metrics = local_sgd(corrected_grad, message.params, data, key, schedule, num_epochs_to_run)
+            return corrected_grad
+
+        if dp_sgd is None:
+            grad_fn = corrected(jax.value_and_grad(loss_fn))
+            params, metrics = local_sgd(grad_fn, message.params, data, key, schedule, num_epochs_to_run)
+        else:
+            physical = physical_batch_size(batch_size)
+            make_grad_fn = lambda denominator: corrected(private_value_and_grad(loss_fn, dp_sgd, denominator, physical))  # noqa: E731
+            params, metrics = dp_local_sgd(make_grad_fn, message.params, data, key, schedule, num_epochs_to_run)
         trained = metrics.num_steps > 0
         scale = 1.0 / (jnp.maximum(metrics.num_steps, 1).astype(jnp.float32) * client_lr)
         drift = otu.tree_scale(scale, otu.tree_sub(message.params, params))  # (x - y) / (K lr)

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nordfl.algorithms import accounting
 from nordfl.sim import checkpoint
 from nordfl.sim.config import ConfigError, build, fingerprint_config, register
 from nordfl.sim.devices import use_cpu_cores
@@ -44,6 +45,27 @@ class RunResult(NamedTuple):
     first_round_s: float
     train_s: float
     padding_overhead: float
+    epsilon: Optional[float] = None  # the run's epsilon (max over sites); None without DP
+    stopped_at_budget: bool = False
+
+
+def _privacy_summary(cfg: DictConfig, privacy, rounds_done: int, site_names: list[str], stopped: bool) -> dict:
+    """summary.json's privacy block: the guarantee's unit, its accounting, and epsilon per site."""
+    d = cfg.algorithm.dp
+    eps = privacy.epsilons(rounds_done)
+    block = {
+        "mode": d.mode, "clip": d.clip, "noise_multiplier": privacy.spec.noise_multiplier, "delta": d.delta,
+        "epsilon_budget": d.epsilon_budget, "epsilon": float(np.max(eps)) if len(eps) else 0.0,
+        "epsilon_per_site": dict(zip(site_names, (float(e) for e in eps))), "accountant": accounting.ACCOUNTANT,
+        "stopped_at_budget": stopped, "rounds_done": rounds_done,
+    }
+    if d.mode == "sgd":
+        block |= {"unit": "one example row (patient), per site, per run", "sampling": "poisson",
+                  "sampling_rate_per_site": dict(zip(site_names, (float(q) for q in privacy.rates))),
+                  "steps_per_site": dict(zip(site_names, (int(k) for k in privacy.steps(rounds_done))))}
+    else:
+        block |= {"unit": "one site (all its rows), per run", "sampling": "cohort without replacement", "noise": d.noise}
+    return block
 
 
 def _eval_row(evaluation: Evaluation, site_names: list[str]) -> dict:
@@ -97,15 +119,32 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
         f"cohort {sim.cohort_size}, {rounds} rounds, {len(sim.buckets)} size bucket(s), "
         f"padding {100 * float(np.mean(overheads)):.0f}% of rows, {len(sim.devices)} device(s) -> {run_dir}"
     )
+    privacy, stopped = experiment.privacy, False
+    if privacy is not None:
+        console.print(
+            f"privacy: {cfg.algorithm.dp.mode} DP, noise multiplier {privacy.spec.noise_multiplier:.4g}, clip "
+            f"{cfg.algorithm.dp.clip:g}, delta {cfg.algorithm.dp.delta:g}: planned epsilon {privacy.epsilon(rounds):.3f} "
+            f"(budget {cfg.algorithm.dp.epsilon_budget})"
+        )
     evaluation: Optional[Evaluation] = None
     first_round_s, start = 0.0, time.perf_counter()
     with _progress(console, cfg.logger.progress) as progress:
         bar = progress.add_task(cfg.algorithm.name, total=rounds, completed=state.round, status="")
         while state.round < rounds:
+            if privacy is not None and privacy.exceeds_budget(state.round + 1):
+                stopped = True  # the next round would take a site past its budget: keep what is done
+                checkpoint.save(checkpoint_dir, state, fingerprint)
+                console.print(
+                    f"privacy: stopping before round {state.round + 1}: a site would exceed epsilon "
+                    f"{cfg.algorithm.dp.epsilon_budget} (now {privacy.epsilon(state.round):.3f}); checkpoint in {checkpoint_dir}"
+                )
+                break
             tick = time.perf_counter()
             state, metrics = sim.run_round(state)
             row = {"round": state.round, "client_loss": float(metrics.client_loss),
                    "num_clients": int(metrics.num_clients), "update_norm": float(metrics.update_norm)}
+            if privacy is not None:
+                row["epsilon"] = privacy.epsilon(state.round)
             if first_round_s == 0.0:
                 first_round_s = time.perf_counter() - tick
             evaluation = None
@@ -125,12 +164,15 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
                 checkpoint.save(checkpoint_dir, state, fingerprint)
     train_s = time.perf_counter() - start
     evaluation = evaluation or sim.evaluate(state.server.params)  # a resumed, already finished run
-    result = RunResult(evaluation, site_names, state.round, first_round_s, train_s, float(np.mean(overheads)))
+    epsilon = None if privacy is None else privacy.epsilon(state.round)
+    result = RunResult(evaluation, site_names, state.round, first_round_s, train_s, float(np.mean(overheads)), epsilon, stopped)
     summary = {
         "algorithm": cfg.algorithm.name, "task": task.data.name, "seed": cfg.seed, "rounds": rounds,
         "final": _eval_row(evaluation, site_names), "padding_overhead": result.padding_overhead,
         "first_round_s": first_round_s, "train_s": train_s, "num_clients": len(site_names), "cohort_size": sim.cohort_size,
     }
+    if privacy is not None:
+        summary["privacy"] = _privacy_summary(cfg, privacy, state.round, site_names, stopped)
     log.close(summary)
     summary_path = run_dir / "summary.json"
     if state.round > start_round or not summary_path.exists():  # resuming a finished run keeps its real timings
@@ -174,6 +216,9 @@ def main(cfg: DictConfig) -> float:
         f"first round (with compile) {result.first_round_s:.1f}s, {result.rounds} rounds in {result.train_s:.1f}s; "
         f"metrics in {run_dir / 'metrics.jsonl'}"
     )
+    if result.epsilon is not None:
+        stop = " (stopped at the budget)" if result.stopped_at_budget else ""
+        console.print(f"privacy: epsilon {result.epsilon:.3f} at delta {cfg.algorithm.dp.delta:g}, max over sites{stop}")
     return float(result.evaluation.pooled.loss)
 
 

@@ -24,9 +24,12 @@ from nordfl.conf.schema import (
     TaskConfig,
     build_algorithm,
     build_task,
+    check_dp,
     fail,
 )
+from nordfl.sim.cohort import plan_round
 from nordfl.sim.engine import SimulatorOptions
+from nordfl.sim.privacy import PrivacySpec, SimPrivacy, calibrate_noise
 from nordfl.tasks import Task
 
 __all__ = ["Config", "ConfigError", "Experiment", "build", "build_options", "fingerprint_config", "register"]
@@ -80,6 +83,7 @@ class Experiment(NamedTuple):
     algorithm: Algorithm
     aggregate: Aggregator
     options: SimulatorOptions
+    privacy: Optional[SimPrivacy] = None  # None without differential privacy
 
 
 def build_options(cfg: DictConfig, num_clients: int) -> SimulatorOptions:
@@ -115,13 +119,50 @@ def build_options(cfg: DictConfig, num_clients: int) -> SimulatorOptions:
     )
 
 
+def build_privacy(cfg: DictConfig, task: Task, options: SimulatorOptions) -> Optional[SimPrivacy]:
+    """The run's privacy ledger; calibrates ``algorithm.dp.noise_multiplier`` when null (written back
+    into ``cfg``) and refuses a run whose planned epsilon exceeds ``algorithm.dp.epsilon_budget``."""
+    d, s = cfg.algorithm.dp, cfg.sim
+    check_dp(cfg.algorithm)
+    if d.mode == "none":
+        return None
+    num_clients = len(task.data.clients)
+    if d.mode == "update" and d.noise == "distributed" and (s.dropout_fraction > 0 or (s.straggler_fraction > 0 and s.stragglers == "drop")):
+        fail("algorithm.dp.noise", d.noise, "cannot be distributed with dropped sites (sim.dropout_fraction, sim.stragglers=drop): "
+             "the sum would carry less noise than accounted; use central noise")
+    spec = PrivacySpec(d.mode, d.noise_multiplier if d.noise_multiplier is not None else 0.0, d.delta, d.epsilon_budget, d.clip, d.noise)
+    cohort = options.cohort_size or num_clients
+
+    def plan(r: int):
+        return plan_round(cfg.seed, r, num_clients=num_clients, cohort_size=options.cohort_size, num_epochs=options.num_epochs,
+                          straggler_fraction=options.straggler_fraction, keep_stragglers=options.keep_stragglers,
+                          dropout_fraction=options.dropout_fraction)
+
+    privacy = SimPrivacy(spec, [len(c.train.y) for c in task.data.clients], batch_size=options.batch_size,
+                         drop_remainder=options.drop_remainder, cohort_size=cohort, plan=plan)
+    if d.noise_multiplier is None:
+        z = calibrate_noise(spec, privacy, s.rounds)
+        privacy.spec = spec._replace(noise_multiplier=z)
+        d.noise_multiplier = z
+    planned = privacy.epsilon(s.rounds)
+    if d.epsilon_budget is not None and planned > d.epsilon_budget and not d.stop_at_budget:
+        fail("algorithm.dp.epsilon_budget", d.epsilon_budget,
+             f"is below the planned epsilon {planned:.3f} of {s.rounds} rounds (delta {d.delta:g}, noise multiplier "
+             f"{privacy.spec.noise_multiplier:.4g}); raise the noise, lower sim.rounds, or set algorithm.dp.stop_at_budget=true "
+             "to stop (checkpointed) when a site reaches it")
+    return privacy
+
+
 def build(cfg: DictConfig) -> Experiment:
     """Checks the whole config and builds the run's parts; raises ``ConfigError`` before any training."""
     task = build_task(cfg)
     num_clients = len(task.data.clients)
     options = build_options(cfg, num_clients)
-    algorithm, aggregate = build_algorithm(cfg, task.loss_fn, num_clients)
-    return Experiment(task, algorithm, aggregate, options)
+    privacy = build_privacy(cfg, task, options)
+    algorithm, aggregate = build_algorithm(
+        cfg, task.loss_fn, num_clients, expected_clients=options.cohort_size or num_clients, noise_seed=cfg.seed,
+    )
+    return Experiment(task, algorithm, aggregate, options, privacy)
 
 
 def fingerprint_config(cfg: DictConfig) -> dict:
