@@ -103,6 +103,7 @@ PRIME = 2**521 - 1
 
 _VERSION = b"nordfl-secagg-v1"
 _SHARE_BYTES = 66  # ceil(521 / 8)
+_CIPHERTEXT_BYTES = 12 + 2 * _SHARE_BYTES + 16  # nonce, two shares, Poly1305 tag
 _MAX_SITES = 2**16
 
 
@@ -697,6 +698,8 @@ class SecAggServer:
         expected = set(self.u1) - {msg.site}
         _check(set(msg.ciphertexts) == expected,
                f"site {msg.site} sent shares for {sorted(msg.ciphertexts)}, expected {sorted(expected)}")
+        _check(all(len(ct) == _CIPHERTEXT_BYTES for ct in msg.ciphertexts.values()),
+               f"site {msg.site}: share ciphertexts must be {_CIPHERTEXT_BYTES} bytes")
         self._shares[msg.site] = msg
 
     def forward_shares(self) -> dict[int, ForwardedShares]:

@@ -230,6 +230,8 @@ def test_site_refuses_to_reveal_both_shares_for_one_site():
         clients[1].unmask(UnmaskRequest("r", 0, (1, 3, 4), (2,)))
     with pytest.raises(UnmaskRefused, match="only 2 survivors, fewer than the threshold 3"):
         clients[3].unmask(UnmaskRequest("r", 0, (1, 3), (2, 4)))
+    with pytest.raises(SecAggError, match="late or replayed"):
+        clients[3].unmask(dataclasses.replace(honest, round=1))
     with pytest.raises(UnmaskRefused, match="listed as dropped"):
         clients[2].unmask(UnmaskRequest("r", 0, (1, 3, 4), (2,)))
 
