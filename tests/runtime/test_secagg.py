@@ -46,19 +46,23 @@ def inputs(cfg, d, seed=0, scale=1.0):
     return {i: rng.uniform(-scale, scale, d).astype(np.float32) for i in range(1, cfg.num_sites + 1)}
 
 
-def run_round(cfg, xs, *, gone_after_advertise=(), gone_after_shares=(), gone_after_input=(),
-              run_id="run-a", round_index=3, seed=0):
-    """The whole protocol in-process; a site in ``gone_after_X`` sends nothing after step X."""
-    d = len(next(iter(xs.values())))
-    server = SecAggServer(cfg, run_id, round_index, length=d)
-    clients = {i: SecAggClient(cfg, run_id, round_index, i, random_bytes=seeded(seed * 1000 + i)) for i in xs}
+def keyed(cfg, length, *, gone_after_advertise=(), run_id="run-a", round_index=3, seed=0):
+    """Steps 0 and 1 for every site: the server, the clients, and the forwarded shares."""
+    server = SecAggServer(cfg, run_id, round_index, length=length)
+    clients = {i: SecAggClient(cfg, run_id, round_index, i, random_bytes=seeded(seed * 1000 + i))
+               for i in range(1, cfg.num_sites + 1)}
     for c in clients.values():
         server.add_advertise(wire(c.advertise()))
     roster = wire(server.roster())
     for i, c in clients.items():
         if i not in gone_after_advertise:
             server.add_shares(wire(c.share_keys(roster)))
-    forwarded = server.forward_shares()
+    return server, clients, server.forward_shares()
+
+
+def run_round(cfg, xs, *, gone_after_advertise=(), gone_after_shares=(), gone_after_input=(), **session):
+    """The whole protocol in-process; a site in ``gone_after_X`` sends nothing after step X."""
+    server, clients, forwarded = keyed(cfg, len(xs[1]), gone_after_advertise=gone_after_advertise, **session)
     for i, c in clients.items():
         if i in forwarded and i not in gone_after_shares:
             server.add_masked_input(wire(c.masked_input(xs[i], wire(forwarded[i]))))
@@ -203,14 +207,7 @@ def test_fewer_than_t_advertisers_or_sharers_abort():
 def _clients_after_masking(cfg, drop=()):
     """Clients and server right after step 2; sites in ``drop`` did not send a masked input."""
     xs = inputs(cfg, 8)
-    server = SecAggServer(cfg, "r", 0, length=8)
-    clients = {i: SecAggClient(cfg, "r", 0, i) for i in xs}
-    for c in clients.values():
-        server.add_advertise(c.advertise())
-    roster = server.roster()
-    for c in clients.values():
-        server.add_shares(c.share_keys(roster))
-    fwd = server.forward_shares()
+    server, clients, fwd = keyed(cfg, 8, run_id="r", round_index=0)
     for i, c in clients.items():
         if i not in drop:
             server.add_masked_input(c.masked_input(xs[i], fwd[i]))
@@ -246,14 +243,8 @@ def test_masked_input_alone_is_uniform_and_uncorrelated_with_the_plain_input():
     plain, masked, quantised = [], [], []
     for draw in range(250):
         xs = {i: rng.uniform(-1, 1, 8).astype(np.float32) for i in (1, 2, 3)}
-        server = SecAggServer(cfg, "r", draw, length=8)
-        clients = {i: SecAggClient(cfg, "r", draw, i, random_bytes=seeded(10 * draw + i)) for i in xs}
-        for c in clients.values():
-            server.add_advertise(c.advertise())
-        roster = server.roster()
-        for c in clients.values():
-            server.add_shares(c.share_keys(roster))
-        y = clients[1].masked_input(xs[1], server.forward_shares()[1]).y
+        _, clients, forwarded = keyed(cfg, 8, round_index=draw, seed=draw)
+        y = clients[1].masked_input(xs[1], forwarded[1]).y
         plain.append(xs[1])
         masked.append(y / modulus)
         quantised.append(secagg.quantise(xs[1], cfg) / modulus)
@@ -294,18 +285,9 @@ def test_share_ciphertexts_are_bound_to_run_round_sender_and_recipient(other):
     other, fails authentication, because the run id and round are in the key and the AD."""
     cfg = SecAggConfig(num_sites=3, threshold=2, clip_range=1.0)
 
-    def session(run_id="run-a", round_index=3):
-        server = SecAggServer(cfg, run_id, round_index, length=4)
-        clients = {i: SecAggClient(cfg, run_id, round_index, i, random_bytes=seeded(i)) for i in (1, 2, 3)}
-        for c in clients.values():
-            server.add_advertise(c.advertise())
-        roster = server.roster()
-        for c in clients.values():
-            server.add_shares(c.share_keys(roster))
-        return clients, server.forward_shares()
-
-    clients_a, fwd_a = session()
-    clients_b, fwd_b = session(**other)
+    _, clients_a, fwd_a = keyed(cfg, 4)
+    _, clients_b, fwd_b = keyed(cfg, 4, **other)
+    assert all(clients_a[i]._c_sk.private_bytes_raw() == clients_b[i]._c_sk.private_bytes_raw() for i in (1, 2, 3))
     assert fwd_a[1].ciphertexts.keys() == fwd_b[1].ciphertexts.keys()
     replayed = dataclasses.replace(fwd_b[1], ciphertexts=fwd_a[1].ciphertexts)
     with pytest.raises(SecAggError, match="fail authentication"):
