@@ -35,7 +35,9 @@ round fails.
 
 Threat model: honest-but-curious coordinator and sites, as in the paper's semi-honest setting.
 There are no signatures and no consistency check of the survivor lists (the paper's step 3 for
-an active adversary); a coordinator that lies about who dropped can learn more than the sum.
+an active adversary); a coordinator that sends different survivor lists to different sites can
+collect both kinds of shares for one site and unmask its input. Against that, run over the
+runtime's mutual TLS with an honest coordinator process; SecAgg+ style checks are future work.
 Sites are numbered ``1..num_sites`` (the Shamir x-coordinates); the runtime maps names to ids.
 
 Example (in-process, site 3 drops after sending its masked input)::
