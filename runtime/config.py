@@ -5,6 +5,7 @@ receives, as plain JSON data checked against the same schema (no code, no instan
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence
 
@@ -36,6 +37,8 @@ class RuntimeConfig:
     wait_seconds: int = 5
     secure_aggregation: bool = False
     secagg_threshold: Optional[int] = None
+    secagg_clip_range: float = 1.0e4
+    secagg_bits: Optional[int] = None
 
 
 @dataclass
@@ -78,16 +81,26 @@ def check_runtime(cfg: DictConfig, num_sites: int) -> None:
             fail(f"runtime.{key}", r[key], "must be >= 1")
     if r.secure_aggregation:
         cohort = r.cohort_size or num_sites
-        if cohort < 2:
-            fail("runtime.secure_aggregation", True, f"needs a cohort of at least 2 sites, got {cohort}")
-        if r.secagg_threshold is not None and not max(2, r.min_cohort) <= r.secagg_threshold <= cohort:
-            fail("runtime.secagg_threshold", r.secagg_threshold,
-                 f"must be in [max(2, runtime.min_cohort) = {max(2, r.min_cohort)}, {cohort}] (the cohort) or null for the default")
+        if num_sites < 2:
+            fail("runtime.secure_aggregation", True, f"needs a federation of at least 2 sites, got {num_sites}")
+        low = max(r.min_cohort, r.min_sites, num_sites // 2 + 1)
+        threshold = secagg_threshold(cfg, num_sites)
+        if not low <= threshold <= cohort:
+            key = "runtime.secagg_threshold" if r.secagg_threshold is not None else "runtime.cohort_size"
+            fail(key, r.secagg_threshold if r.secagg_threshold is not None else r.cohort_size,
+                 f"secure aggregation needs threshold <= cohort: threshold in [max(runtime.min_cohort, runtime.min_sites, "
+                 f"a majority of the {num_sites} sites) = {low}, cohort {cohort}]")
+        if not r.secagg_clip_range > 0:
+            fail("runtime.secagg_clip_range", r.secagg_clip_range, "must be > 0")
+        if r.secagg_bits is not None and not 8 <= r.secagg_bits <= 64 - math.ceil(math.log2(num_sites)):
+            fail("runtime.secagg_bits", r.secagg_bits, f"must be in [8, {64 - math.ceil(math.log2(num_sites))}] or null")
         if cfg.algorithm.aggregator.name != "weighted_mean":
             fail("algorithm.aggregator.name", cfg.algorithm.aggregator.name,
                  "must be weighted_mean with runtime.secure_aggregation=true (the coordinator only sees the sum)")
-    elif r.secagg_threshold is not None:
-        fail("runtime.secagg_threshold", r.secagg_threshold, "is only used with runtime.secure_aggregation=true; leave it null")
+    else:
+        for key in ("secagg_threshold", "secagg_bits"):
+            if r[key] is not None:
+                fail(f"runtime.{key}", r[key], "is only used with runtime.secure_aggregation=true; leave it null")
 
 
 class Job(NamedTuple):
@@ -102,14 +115,21 @@ class Job(NamedTuple):
     algorithm_config: dict
     task_config: dict
     min_cohort: int = 3
+    cohort_size: Optional[int] = None  # sites per round; None: all (DP-FedAvg's accounting and denominator)
     secure_aggregation: bool = False
     secagg_threshold: int = 0  # sites needed to finish a securely aggregated round (0: no secure aggregation)
+    secagg_clip_range: float = 1.0e4  # R: each masked value is clipped to [-R, R] ...
+    secagg_bits: int = 0  # ... and quantised to this many bits
+
+    def privacy(self) -> dict:
+        return {"min_cohort": self.min_cohort, "cohort_size": self.cohort_size, "secure_aggregation": self.secure_aggregation,
+                "secagg_threshold": self.secagg_threshold, "secagg_clip_range": self.secagg_clip_range,
+                "secagg_bits": self.secagg_bits}
 
     def to_json(self) -> str:
         return json.dumps({"seed": self.seed, "sites": list(self.sites), "rounds": self.rounds,
-                           "algorithm": self.algorithm_config, "task": self.task_config,
-                           "privacy": {"min_cohort": self.min_cohort, "secure_aggregation": self.secure_aggregation,
-                                       "secagg_threshold": self.secagg_threshold}}, sort_keys=True)
+                           "algorithm": self.algorithm_config, "task": self.task_config, "privacy": self.privacy()},
+                          sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Job":
@@ -121,28 +141,43 @@ class Job(NamedTuple):
             privacy = raw["privacy"]
             if not isinstance(privacy["secure_aggregation"], bool):
                 raise TypeError(f"privacy.secure_aggregation must be true or false, got {privacy['secure_aggregation']!r}")
+            cohort = privacy["cohort_size"]
             return cls(int(raw["seed"]), tuple(str(s) for s in raw["sites"]), int(raw["rounds"]),
                        OmegaConf.to_container(algorithm), OmegaConf.to_container(task),
-                       int(privacy["min_cohort"]), privacy["secure_aggregation"], int(privacy["secagg_threshold"]))
+                       int(privacy["min_cohort"]), None if cohort is None else int(cohort), privacy["secure_aggregation"],
+                       int(privacy["secagg_threshold"]), float(privacy["secagg_clip_range"]), int(privacy["secagg_bits"]))
         except (ValueError, KeyError, TypeError, OmegaConfBaseException) as e:
             raise ConfigError(f"job: malformed job description from the coordinator ({e})") from None
 
 
 def secagg_threshold(cfg: DictConfig, num_sites: int) -> int:
-    """Sites that must survive to the unmasking step of a securely aggregated round (0 when it is off).
+    """Sites that must survive every step of a securely aggregated round (0 when it is off).
 
-    Default: a strict majority of the cohort, and never below ``runtime.min_cohort``."""
+    Default: ``max(runtime.min_cohort, runtime.min_sites, a strict majority of the federation's
+    sites)``: the protocol needs a majority (site ids are the federation's), and no sum of fewer
+    than min_cohort sites may be revealed."""
     r = cfg.runtime
     if not r.secure_aggregation:
         return 0
-    cohort = r.cohort_size or num_sites
-    return int(r.secagg_threshold) if r.secagg_threshold is not None else max(r.min_cohort, cohort // 2 + 1, 2)
+    if r.secagg_threshold is not None:
+        return int(r.secagg_threshold)
+    return max(r.min_cohort, r.min_sites, num_sites // 2 + 1)
+
+
+def secagg_bits(cfg: DictConfig, num_sites: int) -> int:
+    """Quantisation bits: by default the most that keep the field within 32 bits (4 bytes a value)."""
+    r = cfg.runtime
+    if not r.secure_aggregation:
+        return 0
+    return int(r.secagg_bits) if r.secagg_bits is not None else max(8, 32 - math.ceil(math.log2(num_sites)))
 
 
 def job_from_config(cfg: DictConfig, sites: Sequence[str]) -> Job:
     container = OmegaConf.to_container(cfg, resolve=True)
-    return Job(int(cfg.seed), tuple(sorted(sites)), int(cfg.runtime.rounds), container["algorithm"], container["task"],
-               int(cfg.runtime.min_cohort), bool(cfg.runtime.secure_aggregation), secagg_threshold(cfg, len(sites)))
+    r = cfg.runtime
+    return Job(int(cfg.seed), tuple(sorted(sites)), int(r.rounds), container["algorithm"], container["task"],
+               int(r.min_cohort), None if r.cohort_size is None else int(r.cohort_size), bool(r.secure_aggregation),
+               secagg_threshold(cfg, len(sites)), float(r.secagg_clip_range), secagg_bits(cfg, len(sites)))
 
 
 class Built(NamedTuple):
@@ -165,5 +200,6 @@ def build_job(job: Job) -> Built:
         raise ConfigError(str(e)) from None
     fns = classification_fns(model, SHAPES[task["name"]][1])
     cfg = OmegaConf.create({"algorithm": job.algorithm_config})
-    algorithm, aggregate = build_algorithm(cfg, fns.loss_fn, num_clients=len(job.sites))
+    algorithm, aggregate = build_algorithm(cfg, fns.loss_fn, num_clients=len(job.sites),
+                                           expected_clients=job.cohort_size or len(job.sites))
     return Built(model, fns, algorithm, aggregate)

@@ -16,8 +16,8 @@ bytes) goes into the site's audit log (``policy_loaded``), so a DPO can tell whi
 in force. A key the schema does not know is an error, not ignored: a misspelt ``max_epsilom``
 must not silently lift a limit.
 
-Privacy accounting lives in ``nordfl.algorithms.accounting`` (the DP engineer's); this module
-only asks it, through ``privacy_cost``, what a job's DP settings spend for a number of steps.
+Privacy accounting is ``nordfl.algorithms.accounting`` (RDP via dp-accounting), the same functions
+the simulator uses; ``privacy_cost`` only feeds it the job's DP settings and this site's numbers.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class SitePolicy(NamedTuple):
 class PrivacyCost(NamedTuple):
     """What a job spends at one site: its DP mechanism and (epsilon, delta); epsilon is inf without DP."""
 
-    mechanism: str  # "none", "dp_sgd", "dp_fedavg_central" or "dp_fedavg_distributed"
+    mechanism: str  # "none", "dp_sgd", "dp_fedavg_central" or "dp_fedavg_distributed" (algorithm.dp.mode, .noise)
     epsilon: float
     delta: float
     steps: int = 0  # the mechanism's steps counted (DP-SGD: local steps; DP-FedAvg: rounds)
@@ -138,7 +138,7 @@ def load_policy(path) -> SitePolicy:
                       flags["require_secure_aggregation"], flags["require_dp"], hashlib.sha256(data).hexdigest(), where)
 
 
-# ----------------------------------------------------------------------------- privacy accounting (seam)
+# ----------------------------------------------------------------------------- privacy accounting
 
 
 def privacy_cost(job, num_examples: int, steps: Optional[int] = None, updates: Optional[int] = None,
@@ -160,20 +160,42 @@ def privacy_cost(job, num_examples: int, steps: Optional[int] = None, updates: O
 def _dp_settings(job) -> Optional[dict]:
     """The job's DP settings (``algorithm.dp``), or None when the job uses no DP."""
     dp = job.algorithm_config.get("dp")
-    if not dp or not dp.get("mechanism") or dp.get("mechanism") == "none":
+    if not dp or dp.get("mode", "none") == "none":
         return None
     return dp
 
 
 def _accounted(job, dp: dict, num_examples: int, steps: Optional[int], updates: Optional[int],
                delta: Optional[float]) -> PrivacyCost:
-    """The seam to ``nordfl.algorithms.accounting``: epsilon for the job's DP settings and ``steps``."""
+    """Epsilon from ``nordfl.algorithms.accounting`` (RDP, dp-accounting) for the job's DP settings.
+
+    DP-SGD (``dp.mode=sgd``, unit: one row of this site): ``epsilon_spent`` of the local steps at
+    this site's Poisson rate ``q = min(1, batch_size / n)``; planned: every round's
+    ``num_epochs * steps_per_epoch(n)``. DP-FedAvg (``dp.mode=update``, unit: the whole site):
+    ``site_level_epsilon`` of the rounds charged, cohorts of ``cohort_size`` of the federation's sites.
+    """
+    from nordfl.algorithms import accounting
+    from nordfl.algorithms.dp import sampling_rate
+    from nordfl.algorithms.local import steps_per_epoch
+
+    a = job.algorithm_config
+    z, delta = dp.get("noise_multiplier"), float(dp["delta"] if delta is None else delta)
+    if z is None:
+        raise PolicyError("algorithm.dp.noise_multiplier: the runtime needs a value (only the simulator calibrates it "
+                          "from algorithm.dp.epsilon_budget), got None")
     try:
-        from nordfl.algorithms import accounting
-    except ImportError as e:
-        raise PolicyError(f"algorithm.dp: the job uses DP ({dp.get('mechanism')!r}) but this install has no privacy "
-                          f"accounting (nordfl.algorithms.accounting: {e}); cannot check the site policy") from None
-    raise PolicyError("algorithm.dp: privacy accounting not wired yet")
+        if dp["mode"] == "sgd":
+            if steps is None:
+                steps = int(job.rounds * a["num_epochs"] * steps_per_epoch(num_examples, a["batch_size"], a["drop_remainder"]))
+            q = sampling_rate(num_examples, a["batch_size"])
+            return PrivacyCost("dp_sgd", accounting.epsilon_spent(float(z), q, int(steps), delta), delta, int(steps))
+        rounds = job.rounds if updates is None else int(updates)
+        num_sites = len(job.sites)
+        cohort = job.cohort_size or num_sites
+        epsilon = accounting.site_level_epsilon(float(z), num_sites, cohort, rounds, delta)
+        return PrivacyCost(f"dp_fedavg_{dp.get('noise', 'central')}", epsilon, delta, rounds)
+    except ValueError as e:
+        raise PolicyError(f"algorithm.dp: cannot account this job's privacy: {e}") from None
 
 
 def check_job(policy: SitePolicy, job, num_examples: int) -> PrivacyCost:
@@ -192,7 +214,7 @@ def check_job(policy: SitePolicy, job, num_examples: int) -> PrivacyCost:
         raise PolicyViolation("require_secure_aggregation", "runtime.secure_aggregation=false", "secure aggregation required")
     cost = privacy_cost(job, num_examples)
     if policy.require_dp and cost.mechanism == "none":
-        raise PolicyViolation("require_dp", "no differential privacy (algorithm.dp not set)", "differential privacy required")
+        raise PolicyViolation("require_dp", "algorithm.dp.mode=none", "differential privacy required (sgd or update)")
     if policy.max_delta is not None and cost.mechanism != "none" and cost.delta > policy.max_delta:
         raise PolicyViolation("max_delta", f"delta {cost.delta:.3g}", f"delta <= {policy.max_delta:.3g}")
     if policy.max_epsilon is not None and not cost.epsilon <= policy.max_epsilon:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -81,7 +82,13 @@ def local_setup(name: str, examples, job: Job) -> LocalSetup:
 
 
 def round_key(job: Job, round_index: int, site_index: int) -> jax.Array:
-    """The PRNG key of a site's local training in a round (the simulator derives the same one)."""
+    """The PRNG key of a site's local training in a round (the simulator derives the same one).
+
+    With DP the key is fresh secret randomness instead: the DP noise (and DP-SGD's sampling)
+    must be unknown to the coordinator, which knows the job's seed and could otherwise
+    recompute, and subtract, the noise."""
+    if job.algorithm_config.get("dp", {}).get("mode", "none") != "none":
+        return jax.random.wrap_key_data(np.frombuffer(os.urandom(8), np.uint32))
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(job.seed), round_index), site_index)
 
 
@@ -220,7 +227,10 @@ class SiteAgent:
     def _spend(self, round_index: int, steps: int) -> None:
         """Records what this update spends, durably, before it leaves; refuses to exceed the policy's epsilon."""
         ledger = {"run_id": self.run_id, "steps": self.ledger["steps"] + steps, "updates": self.ledger["updates"] + 1}
-        spent = privacy_cost(self.job, int(self.train.num_examples), steps=ledger["steps"], updates=ledger["updates"])
+        # DP-FedAvg is charged per round of the run (cohort sampling amplifies it), and per update
+        # sent when retries made those more: never less than what left this site.
+        charged = max(round_index + 1, ledger["updates"])
+        spent = privacy_cost(self.job, int(self.train.num_examples), steps=ledger["steps"], updates=charged)
         if spent.mechanism == "none":
             self.ledger = ledger
             return

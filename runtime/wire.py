@@ -55,9 +55,10 @@ __all__ = [
     "template_of",
 ]
 
-PROTOCOL_VERSION = "nordfl.runtime.v1.1"
+PROTOCOL_VERSION = "nordfl.runtime.v1.2"
 """Sent in ``JoinRequest.protocol_version``: the proto package and a revision of its meaning (v1.1: sites
-keep client state by ``TaskHeader.last_contribution``); coordinator and sites must agree exactly."""
+keep client state by ``TaskHeader.last_contribution``; v1.2: secure-aggregation steps, the round's
+attempt in the headers, privacy settings in the job); coordinator and sites must agree exactly."""
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 """Bytes per streamed data chunk (1 MiB): well under gRPC's default 4 MB message limit."""

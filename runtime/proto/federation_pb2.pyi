@@ -7,6 +7,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SecAggStep(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAIN: _ClassVar[SecAggStep]
+    ADVERTISE: _ClassVar[SecAggStep]
+    SHARE_KEYS: _ClassVar[SecAggStep]
+    MASKED_INPUT: _ClassVar[SecAggStep]
+    UNMASK_SHARES: _ClassVar[SecAggStep]
+PLAIN: SecAggStep
+ADVERTISE: SecAggStep
+SHARE_KEYS: SecAggStep
+MASKED_INPUT: SecAggStep
+UNMASK_SHARES: SecAggStep
+
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -58,28 +71,38 @@ class PollRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., site: _Optional[str] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "run_id", "round", "num_epochs", "manifest", "last_contribution")
+    __slots__ = ("kind", "run_id", "round", "num_epochs", "manifest", "last_contribution", "attempt", "secure_aggregation")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         WAIT: _ClassVar[TaskHeader.Kind]
         TRAIN: _ClassVar[TaskHeader.Kind]
         FINISHED: _ClassVar[TaskHeader.Kind]
+        SECAGG_SHARE_KEYS: _ClassVar[TaskHeader.Kind]
+        SECAGG_MASKED_INPUT: _ClassVar[TaskHeader.Kind]
+        SECAGG_UNMASK: _ClassVar[TaskHeader.Kind]
     WAIT: TaskHeader.Kind
     TRAIN: TaskHeader.Kind
     FINISHED: TaskHeader.Kind
+    SECAGG_SHARE_KEYS: TaskHeader.Kind
+    SECAGG_MASKED_INPUT: TaskHeader.Kind
+    SECAGG_UNMASK: TaskHeader.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     LAST_CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     kind: TaskHeader.Kind
     run_id: str
     round: int
     num_epochs: int
     manifest: Manifest
     last_contribution: int
-    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_epochs: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., last_contribution: _Optional[int] = ...) -> None: ...
+    attempt: int
+    secure_aggregation: bool
+    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_epochs: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., last_contribution: _Optional[int] = ..., attempt: _Optional[int] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -90,7 +113,7 @@ class TaskChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "site", "weight", "manifest", "metrics")
+    __slots__ = ("run_id", "round", "site", "weight", "manifest", "metrics", "attempt", "secagg_step", "refusal")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -104,13 +127,19 @@ class UpdateHeader(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_STEP_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     site: str
     weight: float
     manifest: Manifest
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., weight: _Optional[float] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    attempt: int
+    secagg_step: SecAggStep
+    refusal: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., weight: _Optional[float] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., attempt: _Optional[int] = ..., secagg_step: _Optional[_Union[SecAggStep, str]] = ..., refusal: _Optional[str] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data")

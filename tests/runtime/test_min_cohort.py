@@ -82,7 +82,7 @@ def test_enough_sites_close_the_round(tmp_path, federation):
     (["runtime.min_cohort=5"], "runtime.min_cohort: must be in [1, 4] (the federation's sites)"),
     (["runtime.min_cohort=0"], "runtime.min_cohort: must be in [1, 4]"),
     (["runtime.cohort_size=2"], "runtime.cohort_size: must be in [max(runtime.min_sites, runtime.min_cohort) = 3, 4]"),
-    (["runtime.secure_aggregation=true", "runtime.secagg_threshold=5"], "runtime.secagg_threshold: must be in [max(2, runtime.min_cohort) = 3, 4]"),
+    (["runtime.secure_aggregation=true", "runtime.secagg_threshold=5"], "runtime.secagg_threshold: secure aggregation needs threshold <= cohort: threshold in [max(runtime.min_cohort, runtime.min_sites, a majority of the 4 sites) = 3, cohort 4]"),
     (["runtime.secagg_threshold=3"], "runtime.secagg_threshold: is only used with runtime.secure_aggregation=true"),
     (["runtime.secure_aggregation=true", "algorithm.aggregator.name=median"], "algorithm.aggregator.name: must be weighted_mean"),
 ])

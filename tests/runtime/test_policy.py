@@ -22,7 +22,7 @@ def _job(algorithm="fedavg", min_cohort=3, secure_aggregation=False, dp=None, ro
 def accountant(monkeypatch):
     """A stand-in for the DP accounting: the tests here check the rules, not the arithmetic."""
     def cost(job, dp, num_examples, steps, updates, delta):
-        return PrivacyCost(dp["mechanism"], float(dp["epsilon"]), float(dp.get("delta", 1e-5)), steps or 0)
+        return PrivacyCost("dp_sgd", float(dp["epsilon"]), float(dp.get("delta", 1e-5)), steps or 0)
 
     monkeypatch.setattr(policy_module, "_accounted", cost)
 
@@ -60,24 +60,24 @@ def test_require_secure_aggregation():
 def test_require_dp(accountant):
     policy = SitePolicy(require_dp=True)
     message = _refused(policy, _job(), "require_dp")
-    assert "no differential privacy" in message
-    check_job(policy, _job(dp={"mechanism": "dp_sgd", "epsilon": 3.0}), 100)
+    assert "algorithm.dp.mode=none" in message
+    check_job(policy, _job(dp={"mode": "sgd", "epsilon": 3.0}), 100)
 
 
 def test_max_epsilon(accountant):
     policy = SitePolicy(max_epsilon=4.0)
-    message = _refused(policy, _job(dp={"mechanism": "dp_sgd", "epsilon": 7.5}), "max_epsilon")
+    message = _refused(policy, _job(dp={"mode": "sgd", "epsilon": 7.5}), "max_epsilon")
     assert "epsilon 7.5" in message and "epsilon <= 4" in message
     # A job without DP spends an unbounded epsilon: a maximum implies DP.
     assert "unbounded" in _refused(policy, _job(), "max_epsilon")
-    assert check_job(policy, _job(dp={"mechanism": "dp_sgd", "epsilon": 3.0}), 100).epsilon == 3.0
+    assert check_job(policy, _job(dp={"mode": "sgd", "epsilon": 3.0}), 100).epsilon == 3.0
 
 
 def test_max_delta(accountant):
     policy = SitePolicy(max_delta=1e-6)
-    message = _refused(policy, _job(dp={"mechanism": "dp_sgd", "epsilon": 1.0, "delta": 1e-4}), "max_delta")
+    message = _refused(policy, _job(dp={"mode": "sgd", "epsilon": 1.0, "delta": 1e-4}), "max_delta")
     assert "delta 0.0001" in message and "delta <= 1e-06" in message
-    check_job(policy, _job(dp={"mechanism": "dp_sgd", "epsilon": 1.0, "delta": 1e-7}), 100)
+    check_job(policy, _job(dp={"mode": "sgd", "epsilon": 1.0, "delta": 1e-7}), 100)
 
 
 def test_spending_past_the_maximum_is_refused():

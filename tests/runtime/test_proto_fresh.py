@@ -50,9 +50,11 @@ def test_service_and_messages_are_the_protocol():
         "JoinRequest": {"site": 1, "protocol_version": 2},
         "JoinReply": {"accepted": 1, "reason": 2, "run_id": 3, "job_json": 4},
         "PollRequest": {"run_id": 1, "site": 2, "wait_seconds": 3},
-        "TaskHeader": {"kind": 1, "run_id": 2, "round": 3, "num_epochs": 4, "manifest": 5},
+        "TaskHeader": {"kind": 1, "run_id": 2, "round": 3, "num_epochs": 4, "manifest": 5, "last_contribution": 6,
+                       "attempt": 7, "secure_aggregation": 8},
         "TaskChunk": {"header": 1, "data": 2},
-        "UpdateHeader": {"run_id": 1, "round": 2, "site": 3, "weight": 4, "manifest": 5, "metrics": 6},
+        "UpdateHeader": {"run_id": 1, "round": 2, "site": 3, "weight": 4, "manifest": 5, "metrics": 6, "attempt": 7,
+                         "secagg_step": 8, "refusal": 9},
         "UpdateChunk": {"header": 1, "data": 2},
         "SubmitReply": {"accepted": 1, "reason": 2},
     }
@@ -60,7 +62,9 @@ def test_service_and_messages_are_the_protocol():
         descriptor = pb.DESCRIPTOR.message_types_by_name[message]
         got = {f.name: f.number for f in descriptor.fields}
         assert {k: got.get(k) for k in fields} == fields, message
-    assert dict(pb.TaskHeader.Kind.items()) == {"WAIT": 0, "TRAIN": 1, "FINISHED": 2}
+    assert dict(pb.TaskHeader.Kind.items()) == {"WAIT": 0, "TRAIN": 1, "FINISHED": 2, "SECAGG_SHARE_KEYS": 3,
+                                                 "SECAGG_MASKED_INPUT": 4, "SECAGG_UNMASK": 5}
+    assert dict(pb.SecAggStep.items()) == {"PLAIN": 0, "ADVERTISE": 1, "SHARE_KEYS": 2, "MASKED_INPUT": 3, "UNMASK_SHARES": 4}
     for chunk in ("TaskChunk", "UpdateChunk"):
         oneof = pb.DESCRIPTOR.message_types_by_name[chunk].oneofs_by_name["part"]
         assert [f.name for f in oneof.fields] == ["header", "data"]
