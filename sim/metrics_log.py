@@ -78,3 +78,15 @@ class MetricsLog:
             if summary:
                 self._wandb.summary.update(_flatten(_clean(summary)))
             self._wandb.finish()
+
+
+def evaluation_row(evaluation, site_names) -> dict:
+    """An ``Evaluation`` as the metrics row fields ``nordfl-report`` and the leaderboards read."""
+    sites = {
+        name: {"loss": float(evaluation.sites.loss[i]), "accuracy": float(evaluation.sites.accuracy[i]),
+               "auc": float(evaluation.sites.auc[i])}
+        for i, name in enumerate(site_names)
+    }
+    pooled = evaluation.pooled
+    return {"train_loss": float(evaluation.train_loss), "test_loss": float(pooled.loss),
+            "test_accuracy": float(pooled.accuracy), "test_auc": float(pooled.auc), "sites": sites}

@@ -1,5 +1,8 @@
 """``nordfl-report``: mean ± std over seeds of simulator runs, as a table, Markdown, CSV and plots.
 
+Given suite folders (``nordfl-bench`` output, with ``suite.json``), it writes their leaderboards
+instead (``nordfl.sim.leaderboard``).
+
 A run folder is any directory holding ``metrics.jsonl`` (a simulator's Hydra run directory);
 a sweep folder holds run folders below it. Runs whose Hydra overrides differ only in
 ``seed`` form one configuration. Final metrics come from each run's last evaluation row.
@@ -193,7 +196,7 @@ def _without_shared_overrides(runs: list[Run]) -> list[Run]:
 # ---------------------------------------------------------------------------- averaging
 
 
-def _stat(values: Sequence[Optional[float]]) -> Stat:
+def stat(values: Sequence[Optional[float]]) -> Stat:
     """Mean ± sample std of the defined values; null (e.g. AUC on a multi-class task) is skipped."""
     defined = [float(v) for v in values if v is not None]
     if not defined:
@@ -214,7 +217,7 @@ def _curve(runs: Sequence[Run], metric: str) -> Curve:
         for row in run.rows:
             if row.get(metric) is not None:
                 by_round[row["round"]].append(row[metric])
-    stats = [_stat(by_round[r]) for r in sorted(by_round)]
+    stats = [stat(by_round[r]) for r in sorted(by_round)]
     return Curve(np.array(sorted(by_round), int), np.array([s.mean for s in stats]), np.array([s.std for s in stats]))
 
 
@@ -241,7 +244,7 @@ def _summarise_config(label: str, runs: Sequence[Run]) -> ConfigSummary:
         seeds=tuple(run.seed for run in runs),
         rounds=tuple(run.rows[-1]["round"] if run.rows else 0 for run in runs),
         finished=all(run.finished for run in runs),
-        final={metric: _stat([final.get(metric) for final in finals]) for metric in FINAL_METRICS},
+        final={metric: stat([final.get(metric) for final in finals]) for metric in FINAL_METRICS},
         worst_site=_worst_site(finals),
         curves={metric: _curve(runs, metric) for metric in METRICS},
     )
@@ -267,7 +270,7 @@ def _title(metric: str) -> str:
     return metric.replace("_", " ")
 
 
-def _stat_text(stat: Stat) -> str:
+def stat_text(stat: Stat) -> str:
     if math.isnan(stat.mean):
         return "n/a"
     return f"{stat.mean:.4f}" if math.isnan(stat.std) else f"{stat.mean:.4f} ± {stat.std:.4f}"
@@ -291,7 +294,7 @@ def _header(columns: Sequence[str]) -> list[str]:
 def _text_rows(summaries: Sequence[ConfigSummary], columns: Sequence[str]) -> list[list[str]]:
     """The cells shared by the printed table and report.md, so the two cannot disagree."""
     return [
-        [s.label, str(len(s.seeds)), _rounds_text(s), *(_stat_text(s.final[m]) for m in columns), _worst_text(s)]
+        [s.label, str(len(s.seeds)), _rounds_text(s), *(stat_text(s.final[m]) for m in columns), _worst_text(s)]
         for s in summaries
     ]
 
@@ -392,6 +395,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    if all((Path(folder) / "suite.json").exists() for folder in args.folders):
+        return _suite_main(args)
     try:
         summaries = summarise(args.folders)
         console = Console()
@@ -402,6 +407,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"nordfl-report: error: {error}", file=sys.stderr)
         return 2
     console.print(f"wrote {', '.join(path.name for path in paths)} to {out_dir}")
+    return 0
+
+
+def _suite_main(args: argparse.Namespace) -> int:
+    """Suite folders (``nordfl-bench`` output): their leaderboards, into each folder or ``--out``."""
+    from nordfl.sim.leaderboard import write_leaderboard  # the leaderboard builds on this module
+
+    console = Console()
+    for folder in args.folders:
+        out_dir = args.out / folder.name if args.out and len(args.folders) > 1 else args.out or folder
+        try:
+            paths = write_leaderboard(folder, out_dir)
+        except (ReportError, OSError) as error:
+            print(f"nordfl-report: error: {error}", file=sys.stderr)
+            return 2
+        console.print(f"wrote {', '.join(p.name for p in paths[:2])} and {len(paths) - 2} plot(s) to {out_dir}")
     return 0
 
 

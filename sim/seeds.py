@@ -39,6 +39,8 @@ class SeedBatch:
       seeds: the seeds, one run each.
       eval_task: score the models on this task's clients instead of ``task``'s (the pooled
         and local baselines train on other data than they are scored on).
+      evaluator: a simulator to score with (its task's clients); cells of a suite share one, so
+        its evaluation programs compile once per setting rather than once per cell.
 
     Example:
       >>> batch = SeedBatch(alg, task, options, seeds=(0, 1, 2))
@@ -56,6 +58,7 @@ class SeedBatch:
         *,
         aggregate: Aggregator = weighted_mean,
         eval_task: Optional[Task] = None,
+        evaluator: Optional[Simulator] = None,
     ):
         if not seeds:
             raise ValueError("seeds: expected at least one seed, got none")
@@ -63,8 +66,8 @@ class SeedBatch:
             raise ValueError("sim.data_on_host: must be false when several seeds share one program (the data is shared)")
         self.seeds = tuple(int(s) for s in seeds)
         self.sim = Simulator(algorithm, task, options, seed=self.seeds[0], aggregate=aggregate)
-        self.evaluator = self.sim
-        if eval_task is not None:
+        self.evaluator = evaluator or self.sim
+        if evaluator is None and eval_task is not None:
             self.evaluator = Simulator(algorithm, eval_task, options._replace(cohort_size=None), seed=self.seeds[0],
                                        aggregate=aggregate, devices=self.sim.devices)
         program = functools.partial(self.sim._round_program, gather_on_device=True)

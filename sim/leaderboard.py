@@ -1,0 +1,236 @@
+"""A suite's leaderboard: per setting, every algorithm's final test accuracy and loss (and,
+on natural splits, its worst site's accuracy) as mean ± std over seeds, rounds to the target
+accuracy, and a rank; plus accuracy-per-round plots. Written from the suite's run folders
+and ``suite.json`` alone, so ``nordfl-report <suite folder>`` rebuilds it at any time.
+
+Ranks are competition ranks ("1, 2, 2, 4") by mean test accuracy among the federated
+algorithms of a setting; the baselines (pooled, local) are shown for reference, unranked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import yaml
+from matplotlib.figure import Figure
+
+from nordfl.sim.report import ReportError, Stat, read_metrics, stat, stat_text
+
+MANIFEST = "suite.json"
+LEADERBOARD_MD = "leaderboard.md"
+LEADERBOARD_CSV = "leaderboard.csv"
+
+
+class Entry(NamedTuple):
+    """One algorithm in one setting, over its seeds."""
+
+    setting: str
+    algorithm: str
+    kind: str
+    seeds: int
+    accuracy: Stat
+    loss: Stat
+    worst_site_accuracy: Optional[Stat]  # natural splits only
+    rounds_to_target: Stat  # over the seeds that reached it
+    reached: int
+    curve: tuple[np.ndarray, np.ndarray, np.ndarray]  # rounds, mean, std of test accuracy
+    rank: Optional[int] = None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ReportError(f"{path}: cannot be read ({error})") from None
+
+
+def _entry(suite_dir: Path, folder: str, kind: str, seeds: list[int], target: float) -> Optional[Entry]:
+    """The entry of one cell, or None when none of its seeds has finished."""
+    setting, algorithm = folder.split("/", 1)
+    finals, curves, first_reach, natural = [], [], [], False
+    for seed in seeds:
+        run = suite_dir / folder / f"seed_{seed}"
+        if not (run / "summary.json").exists():
+            continue
+        finals.append(_read_json(run / "summary.json")["final"])
+        rows = [row for row in read_metrics(run / "metrics.jsonl") if row.get("test_accuracy") is not None]
+        curves.append({row["round"]: row["test_accuracy"] for row in rows})
+        first_reach.append(next((row["round"] for row in rows if row["test_accuracy"] >= target), None))
+        config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
+        natural = (config or {}).get("partition", {}).get("name") == "natural"
+    if not finals:
+        return None
+    worst = None
+    if natural:
+        worst = stat([min((s["accuracy"] for s in f["sites"].values() if s["accuracy"] is not None), default=None) for f in finals])
+    rounds = sorted(set().union(*curves))
+    per_round = [stat([c.get(r) for c in curves]) for r in rounds]
+    curve = (np.array(rounds), np.array([s.mean for s in per_round]), np.array([s.std for s in per_round]))
+    reached = [r for r in first_reach if r is not None]
+    return Entry(setting, algorithm, kind, len(finals), stat([f["test_accuracy"] for f in finals]),
+                 stat([f["test_loss"] for f in finals]), worst, stat(reached), len(reached), curve)
+
+
+def _ranked(entries: list[Entry]) -> list[Entry]:
+    """Competition ranks by mean accuracy among the federated entries; baselines keep None."""
+    scores = sorted((e.accuracy.mean for e in entries if e.kind == "federated" and not math.isnan(e.accuracy.mean)), reverse=True)
+    out = []
+    for e in entries:
+        rank = None
+        if e.kind == "federated" and not math.isnan(e.accuracy.mean):
+            rank = 1 + sum(score > e.accuracy.mean for score in scores)
+        out.append(e._replace(rank=rank))
+    return out
+
+
+def load_leaderboard(suite_dir: Path) -> tuple[dict, dict[str, list[Entry]]]:
+    """The suite's manifest and its entries per setting, ranked."""
+    suite_dir = Path(suite_dir)
+    if not (suite_dir / MANIFEST).exists():
+        raise ReportError(f"{suite_dir} has no {MANIFEST}: not a suite folder (run nordfl-bench first)")
+    manifest = _read_json(suite_dir / MANIFEST)
+    target = manifest["suite"]["target_accuracy"]
+    by_setting: dict[str, list[Entry]] = {setting: [] for setting in manifest["settings"]}
+    for folder in manifest["cell_order"]:
+        algorithm = folder.split("/", 1)[1]
+        entry = _entry(suite_dir, folder, manifest["kinds"].get(algorithm, "federated"), manifest["seeds"], target)
+        if entry is not None:
+            by_setting.setdefault(entry.setting, []).append(entry)
+    return manifest, {setting: _ranked(entries) for setting, entries in by_setting.items() if entries}
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _rounds_text(e: Entry) -> str:
+    if not e.reached:
+        return f"not reached (0/{e.seeds})"
+    mean, std = e.rounds_to_target
+    text = f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+    return text if e.reached == e.seeds else f"{text} ({e.reached}/{e.seeds})"
+
+
+def _short(s: Stat) -> str:
+    return stat_text(s)
+
+
+def _rank_text(e: Entry) -> str:
+    return str(e.rank) if e.rank is not None else "baseline"
+
+
+def _setting_table(entries: list[Entry], target: float) -> list[str]:
+    natural = any(e.worst_site_accuracy is not None for e in entries)
+    header = ["rank", "algorithm", "seeds", "test accuracy", "test loss", *(["worst-site accuracy"] if natural else []),
+              f"rounds to {target:.0%} accuracy"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h not in ("algorithm",) else "---" for h in header) + "|"]
+    order = sorted(entries, key=lambda e: (e.rank is None, e.rank or 0, e.algorithm))
+    for e in order:
+        cells = [_rank_text(e), e.algorithm, str(e.seeds), _short(e.accuracy), _short(e.loss)]
+        if natural:
+            cells.append(_short(e.worst_site_accuracy) if e.worst_site_accuracy is not None else "n/a")
+        cells.append(_rounds_text(e))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _overview(entries: dict[str, list[Entry]]) -> list[str]:
+    """Algorithms × settings: mean test accuracy ± std and the rank in that setting."""
+    settings = list(entries)
+    algorithms = list(dict.fromkeys(e.algorithm for es in entries.values() for e in es))
+    lines = ["| algorithm | " + " | ".join(settings) + " | mean rank |", "|---|" + "---:|" * (len(settings) + 1)]
+    for algorithm in algorithms:
+        cells, ranks = [], []
+        for setting in settings:
+            e = next((e for e in entries[setting] if e.algorithm == algorithm), None)
+            if e is None:
+                cells.append("")
+                continue
+            cells.append(f"{_short(e.accuracy)} ({_rank_text(e)})")
+            if e.rank is not None:
+                ranks.append(e.rank)
+        mean_rank = f"{np.mean(ranks):.2f}" if ranks else "n/a"
+        lines.append(f"| {algorithm} | " + " | ".join(cells) + f" | {mean_rank} |")
+    return lines
+
+
+def _provenance(manifest: dict) -> list[str]:
+    suite, versions, machine = manifest["suite"], manifest["versions"], manifest["machine"]
+    wall = manifest.get("wall_s", 0.0)
+    command = manifest.get("command") or f"nordfl-bench suite={suite['name']}" + (" mode=tune" if manifest["mode"] == "tune" else "")
+    return [
+        f"- command: `{command}`",
+        f"- mode: {manifest['mode']}; seeds: {', '.join(map(str, manifest['seeds']))}; target accuracy: {suite['target_accuracy']:.0%}",
+        f"- common overrides: `{' '.join(suite['common'])}`",
+        f"- training wall time (all cells): {wall:.0f} s ({wall / 60:.1f} min); started {manifest.get('started')}, "
+        f"finished {manifest.get('finished', 'not yet')}",
+        f"- machine: {machine['platform']}, {machine['cpu_count']} CPU cores, JAX backend {machine['jax_backend']} "
+        f"({len(machine['jax_devices'])} device(s))",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+    ]
+
+
+def write_leaderboard(suite_dir: Path, out_dir: Optional[Path] = None) -> list[Path]:
+    """Writes leaderboard.md, leaderboard.csv and one accuracy-per-round PNG per setting; returns the paths."""
+    suite_dir = Path(suite_dir)
+    out_dir = Path(out_dir or suite_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest, entries = load_leaderboard(suite_dir)
+    if not entries:
+        raise ReportError(f"{suite_dir}: no finished run yet")
+    suite = manifest["suite"]
+    target = suite["target_accuracy"]
+    lines = [f"# Leaderboard: {suite['name']}" + (" (tuning, validation split)" if manifest["mode"] == "tune" else ""), ""]
+    if suite.get("description"):
+        lines += [suite["description"].strip(), ""]
+    lines += _provenance(manifest) + [""]
+    lines += ["Final test accuracy, mean ± std over seeds (rank in the setting; baselines unranked):", ""] + _overview(entries) + [""]
+    paths = []
+    for setting, setting_entries in entries.items():
+        plot = out_dir / "curves" / f"{setting.replace('/', '_')}.png"
+        paths.append(_plot(setting, setting_entries, target, plot))
+        lines += [f"## {setting}", "", *_setting_table(setting_entries, target), "",
+                  f"![accuracy per round, {setting}](curves/{plot.name})", ""]
+    md = out_dir / LEADERBOARD_MD
+    md.write_text("\n".join(lines))
+    return [md, _write_csv(entries, out_dir / LEADERBOARD_CSV), *paths]
+
+
+def _number(value: float) -> str:
+    return "" if value is None or math.isnan(value) else repr(float(value))
+
+
+def _write_csv(entries: dict[str, list[Entry]], path: Path) -> Path:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["setting", "algorithm", "kind", "rank", "seeds", "test_accuracy_mean", "test_accuracy_std",
+                         "test_loss_mean", "test_loss_std", "worst_site_accuracy_mean", "worst_site_accuracy_std",
+                         "rounds_to_target_mean", "rounds_to_target_std", "seeds_reaching_target"])
+        for setting, setting_entries in entries.items():
+            for e in setting_entries:
+                worst = e.worst_site_accuracy or Stat(math.nan, math.nan)
+                writer.writerow([setting, e.algorithm, e.kind, "" if e.rank is None else e.rank, e.seeds,
+                                 *map(_number, e.accuracy), *map(_number, e.loss), *map(_number, worst),
+                                 *map(_number, e.rounds_to_target), e.reached])
+    return path
+
+
+def _plot(setting: str, entries: list[Entry], target: float, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    axes = figure.add_subplot()
+    for e in entries:
+        rounds, mean, std = e.curve
+        style = "-" if e.kind == "federated" else "--"
+        (line,) = axes.plot(rounds, mean, style, label=e.algorithm if e.kind == "federated" else f"{e.algorithm} (baseline)")
+        if e.seeds >= 2:
+            axes.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
+    axes.axhline(target, color="grey", linewidth=0.8, linestyle=":")
+    axes.set(xlabel="round", ylabel="test accuracy", title=f"{setting}: mean over seeds, band ±1 std")
+    axes.legend(fontsize="small", ncol=2)
+    figure.savefig(path, dpi=90)
+    return path

@@ -1,0 +1,496 @@
+"""Algorithm comparison suites: algorithms × settings × seeds, run with one command.
+
+A suite (``conf/suite/<name>.yaml``) fixes everything a comparison needs so that every
+algorithm gets the same tasks, partitions, budgets and seeds:
+
+- ``common``: simulator overrides every run shares (task, partition, rounds, local budget);
+- ``axes``: named axes of settings, each value a list of overrides; the settings are the
+  product of the axes (``alpha=0.5,stragglers=0.9``);
+- ``algorithms``: name -> overrides (``[algorithm=fedprox, sim.stragglers=keep]``);
+- ``baselines``: the non-federated references, ``pooled`` (all training data at one
+  site: the ceiling) and ``local`` (each site alone, scored on its own test set);
+- ``tuned``: setting -> algorithm -> overrides chosen by the tuning protocol
+  (``mode=tune``: a grid on a validation split carved out of each site's training rows);
+- ``seeds``, ``target_accuracy`` (for rounds-to-target) and ``tuning`` (grid, seeds,
+  validation fraction).
+
+Each (setting, algorithm) cell runs all its seeds as one compiled program (``SeedBatch``).
+Every seed writes an ordinary run folder (``metrics.jsonl``, ``summary.json``,
+``config.yaml``), so ``nordfl-report`` reads them too; ``suite.json`` at the top records
+the command, the suite, package versions, the machine and wall times, and the leaderboard
+(``sim.leaderboard``) is written from these files. A cell whose runs all finished with the
+same config is skipped on a rerun, so an interrupted suite continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import jax
+import numpy as np
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from nordfl.conf.schema import ConfigError, fail, model_kwargs
+from nordfl.sim.config import build, fingerprint_config, register
+from nordfl.sim.engine import Simulator
+from nordfl.sim.metrics_log import MetricsLog, evaluation_row
+from nordfl.sim.seeds import SeedBatch
+from nordfl.tasks import Task, classification_task, make_model
+from nordfl.tasks.data import pooled_dataset, single_client, validation_split
+
+register()
+
+BASELINES = ("pooled", "local")
+MODES = ("run", "tune")
+MANIFEST = "suite.json"
+PACKAGES = ("nordfl", "jax", "jaxlib", "flax", "optax", "numpy", "hydra-core", "omegaconf")
+
+
+class Suite(NamedTuple):
+    """A suite config, checked."""
+
+    name: str
+    description: str
+    seeds: tuple[int, ...]
+    target_accuracy: float
+    common: tuple[str, ...]
+    axes: dict[str, dict[str, tuple[str, ...]]]
+    algorithms: dict[str, tuple[str, ...]]
+    baselines: dict[str, tuple[str, ...]]
+    tuned: dict[str, dict[str, tuple[str, ...]]]
+    tuning_seeds: tuple[int, ...]
+    validation_fraction: float
+    grid: dict[str, dict[str, tuple]]  # algorithm or "all" -> override key -> values
+
+
+class Cell(NamedTuple):
+    """One (setting, algorithm) of the grid: its overrides and how it trains."""
+
+    setting: str
+    algorithm: str  # in tuning, "name@key=value,..." for one grid point
+    kind: str  # federated | pooled | local
+    overrides: tuple[str, ...]
+    point: tuple[str, ...] = ()  # in tuning, the grid point's own overrides
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.setting) / self.algorithm
+
+
+# ---------------------------------------------------------------------------- the suite config
+
+
+def _strings(key: str, value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not all(isinstance(item, str) for item in value):
+        fail(key, value, "must be a list of override strings like 'algorithm.client_lr=0.1'")
+    return tuple(value)
+
+
+def _mapping(key: str, value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        fail(key, value, "must be a mapping")
+    return value
+
+
+def load_suite(node: DictConfig) -> Suite:
+    """Checks a suite config node; every error names the key, the value and what was expected."""
+    raw = OmegaConf.to_container(node, resolve=True)
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        fail("suite.name", name, "must be a non-empty string")
+    seeds = raw.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        fail("suite.seeds", seeds, "must be a non-empty list of distinct integers")
+    target = raw.get("target_accuracy", 0.5)
+    if not isinstance(target, (int, float)) or not 0 < target <= 1:
+        fail("suite.target_accuracy", target, "must be in (0, 1]")
+    axes = {
+        axis: {str(value): _strings(f"suite.axes.{axis}.{value}", overrides) for value, overrides in _mapping(f"suite.axes.{axis}", values).items()}
+        for axis, values in _mapping("suite.axes", raw.get("axes")).items()
+    }
+    if not axes or any(not values for values in axes.values()):
+        fail("suite.axes", raw.get("axes"), "must name at least one axis, each with at least one value")
+    algorithms = {a: _strings(f"suite.algorithms.{a}", o) for a, o in _mapping("suite.algorithms", raw.get("algorithms")).items()}
+    if not algorithms:
+        fail("suite.algorithms", raw.get("algorithms"), "must name at least one algorithm")
+    baselines = {b: _strings(f"suite.baselines.{b}", o) for b, o in _mapping("suite.baselines", raw.get("baselines")).items()}
+    for baseline in baselines:
+        if baseline not in BASELINES:
+            fail("suite.baselines", baseline, f"must be one of {', '.join(BASELINES)}")
+        if baseline in algorithms:
+            fail(f"suite.algorithms.{baseline}", baseline, "is a baseline's name; rename the algorithm")
+    tuned = {
+        setting: {a: _strings(f"suite.tuned.{setting}.{a}", o) for a, o in _mapping(f"suite.tuned.{setting}", per).items()}
+        for setting, per in _mapping("suite.tuned", raw.get("tuned")).items()
+    }
+    tuning = _mapping("suite.tuning", raw.get("tuning"))
+    tuning_seeds = tuning.get("seeds", seeds[:2])
+    if not isinstance(tuning_seeds, list) or not tuning_seeds or not all(isinstance(t, int) for t in tuning_seeds):
+        fail("suite.tuning.seeds", tuning_seeds, "must be a non-empty list of integers")
+    fraction = tuning.get("validation_fraction", 0.2)
+    if not isinstance(fraction, float) or not 0 < fraction < 1:
+        fail("suite.tuning.validation_fraction", fraction, "must be a number in (0, 1)")
+    grid = {}
+    for owner, keys in _mapping("suite.tuning.grid", tuning.get("grid")).items():
+        if owner != "all" and owner not in algorithms and owner not in baselines:
+            fail("suite.tuning.grid", owner, f"must be 'all' or one of the suite's algorithms/baselines ({', '.join([*algorithms, *baselines])})")
+        grid[owner] = {}
+        for key, values in _mapping(f"suite.tuning.grid.{owner}", keys).items():
+            if not isinstance(values, list) or not values:
+                fail(f"suite.tuning.grid.{owner}.{key}", values, "must be a non-empty list of values")
+            grid[owner][key] = tuple(values)
+    suite = Suite(name, str(raw.get("description", "")), tuple(seeds), float(target), _strings("suite.common", raw.get("common")),
+                  axes, algorithms, baselines, tuned, tuple(tuning_seeds), fraction, grid)
+    for setting in tuned:
+        if setting not in settings(suite):
+            fail("suite.tuned", setting, f"must be one of the suite's settings ({', '.join(settings(suite))})")
+    return suite
+
+
+def settings(suite: Suite) -> dict[str, tuple[str, ...]]:
+    """Every setting of the suite (the product of its axes), name -> overrides, in config order."""
+    names = list(suite.axes)
+    out = {}
+    for values in itertools.product(*(suite.axes[axis].items() for axis in names)):
+        label = ",".join(f"{axis}={value}" for axis, (value, _) in zip(names, values))
+        out[label] = tuple(o for _, overrides in values for o in overrides)
+    return out
+
+
+def _grid_points(grid: dict[str, tuple]) -> list[tuple[str, tuple[str, ...]]]:
+    """(label, overrides) for each point of a grid; one empty point for no grid."""
+    keys = sorted(grid)
+    points = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values))
+        points.append((label, tuple(f"{k}={v}" for k, v in zip(keys, values))))
+    return points
+
+
+def plan_cells(suite: Suite, mode: str, only: Optional[Sequence[str]] = None, only_settings: Optional[Sequence[str]] = None) -> list[Cell]:
+    """The grid's cells in run order: per setting, the algorithms then the baselines.
+
+    ``run`` uses each algorithm's tuned overrides for the setting; ``tune`` expands each
+    algorithm into the points of its tuning grid (``all`` plus its own keys).
+    """
+    if mode not in MODES:
+        fail("mode", mode, f"must be one of {', '.join(MODES)}")
+    entries = {**{a: ("federated", o) for a, o in suite.algorithms.items()}, **{b: (b, o) for b, o in suite.baselines.items()}}
+    for key, chosen, known in (("only", only, entries), ("settings", only_settings, settings(suite))):
+        unknown = [c for c in chosen or () if c not in known]
+        if unknown:
+            fail(key, unknown, f"must be a subset of {', '.join(known)}")
+    cells = []
+    for setting, setting_overrides in settings(suite).items():
+        if only_settings and setting not in only_settings:
+            continue
+        for name, (kind, overrides) in entries.items():
+            if only and name not in only:
+                continue
+            base = (*suite.common, *setting_overrides, *overrides)
+            if mode == "run":
+                cells.append(Cell(setting, name, kind, (*base, *suite.tuned.get(setting, {}).get(name, ()))))
+                continue
+            grid = {**suite.grid.get("all", {}), **suite.grid.get(name, {})}
+            for label, point in _grid_points(grid):
+                cells.append(Cell(setting, f"{name}@{label}" if label else name, kind, (*base, *point), point))
+    return cells
+
+
+# ---------------------------------------------------------------------------- one cell
+
+
+@contextmanager
+def _hydra():
+    """Hydra's compose API, inside ``nordfl-bench`` (already initialised) or from plain Python."""
+    if GlobalHydra.instance().is_initialized():
+        yield
+    else:
+        with initialize_config_module("nordfl.conf", version_base=None):
+            yield
+
+
+def compose_run(overrides: Sequence[str]) -> DictConfig:
+    """A simulator run config (``conf/config.yaml``) with the cell's overrides."""
+    try:
+        with _hydra():
+            return compose("config", overrides=[*overrides, "logger.progress=false"])
+    except Exception as error:  # Hydra raises several types for a bad override; all are config errors here
+        raise ConfigError(f"suite overrides {list(overrides)}: {' '.join(str(error).split())}") from None
+
+
+def _init_params(cfg: DictConfig, seed: int):
+    return make_model(cfg.task.name, cfg.task.model, seed=seed, model_kwargs=model_kwargs(cfg.task)).init_params
+
+
+class CellResult(NamedTuple):
+    wall_s: float
+    first_round_s: float
+    final_accuracy: list[float]
+
+
+def _fingerprint(cell: Cell, cfg: DictConfig, mode: str, fraction: float) -> str:
+    text = json.dumps([cell.kind, mode, fraction if mode == "tune" else None, fingerprint_config(cfg)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def evaluator_for(task: Task, experiment) -> Simulator:
+    """A simulator used only to score models on ``task``'s clients (every site, all its rows)."""
+    options = experiment.options._replace(cohort_size=None, straggler_fraction=0.0, dropout_fraction=0.0)
+    return Simulator(experiment.algorithm, task, options, aggregate=experiment.aggregate)
+
+
+def _seed_folder(suite_dir: Path, cell: Cell, seed: int) -> Path:
+    return suite_dir / cell.folder / f"seed_{seed}"
+
+
+def cell_done(suite_dir: Path, cell: Cell, seeds: Sequence[int], fingerprint: str) -> bool:
+    """Every seed of the cell finished with this exact config (so a rerun may skip it)."""
+    for seed in seeds:
+        path = _seed_folder(suite_dir, cell, seed) / "summary.json"
+        if not path.exists() or json.loads(path.read_text()).get("fingerprint") != fingerprint:
+            return False
+    return True
+
+
+def _combine_local(rows: list[dict], site_names) -> dict:
+    """The local baseline's row: every site's model scored on every site's test set, averaged
+    over the models (FLamby's convention), so it answers "what would one hospital's model
+    alone give the federation's patients", comparable with the pooled and federated rows."""
+    def mean(values):
+        defined = [v for v in values if v is not None and np.isfinite(v)]
+        return float(np.mean(defined)) if defined else None
+
+    sites = {n: {k: mean([r["sites"][n][k] for r in rows]) for k in ("loss", "accuracy", "auc")} for n in site_names}
+    return {k: mean([r[k] for r in rows]) for k in ("train_loss", "test_loss", "test_accuracy", "test_auc")} | {"sites": sites}
+
+
+def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequence[int], suite_dir: Path, fingerprint: str,
+             logger: DictConfig, evaluator: Optional[Simulator] = None,
+             on_round: Callable[[int], None] = lambda r: None) -> CellResult:
+    """Trains every seed of one cell together and writes one run folder per seed.
+
+    ``evaluator`` scores the models on ``task``'s clients (shared by the cells of a setting).
+    """
+    options = experiment.options
+    site_names = [c.name for c in task.data.clients]
+    alone = options._replace(cohort_size=None, straggler_fraction=0.0, dropout_fraction=0.0)
+    evaluator = evaluator or evaluator_for(task, experiment)
+
+    def batch(train_task: Task, batch_options) -> SeedBatch:
+        return SeedBatch(experiment.algorithm, train_task, batch_options, seeds, aggregate=experiment.aggregate, evaluator=evaluator)
+
+    if cell.kind == "federated":
+        batches = [batch(task, options)]
+    elif cell.kind == "pooled":
+        batches = [batch(classification_task(task.name, pooled_dataset(task.data), task.model), alone)]
+    else:  # local: one model per site, each trained on its own rows only
+        batches = [batch(classification_task(task.name, single_client(task.data, i), task.model), alone)
+                   for i in range(len(site_names))]
+    inits = [_init_params(cfg, s) for s in seeds]
+    states = [batch.init(inits) for batch in batches]
+    logs = []
+    for seed in seeds:
+        run_cfg = cfg.copy()
+        run_cfg.seed = seed
+        folder = _seed_folder(suite_dir, cell, seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg))
+        logs.append(MetricsLog(folder, config=OmegaConf.to_container(run_cfg, resolve=True), use_wandb=logger.wandb,
+                               project=logger.project, mode=logger.mode, run_name=f"{cell.setting}/{cell.algorithm}/seed_{seed}"))
+    rounds, eval_every = cfg.sim.rounds, cfg.sim.eval_every
+    train_sizes = np.array(task.data.train_sizes(), np.float64)
+    start = time.perf_counter()
+    first_round_s = 0.0
+    finals: list[dict] = [{} for _ in seeds]
+    for r in range(1, rounds + 1):
+        stepped = [batch.run_round(state) for batch, state in zip(batches, states)]
+        states = [state for state, _ in stepped]
+        metrics = [jax.device_get(m) for _, m in stepped]
+        if r == 1:
+            first_round_s = time.perf_counter() - start
+        evaluations = None
+        if r % eval_every == 0 or r == rounds:
+            evaluations = [batch.evaluate(state.server.params) for batch, state in zip(batches, states)]
+        for i in range(len(seeds)):
+            if cell.kind == "local":
+                client_loss = float(np.sum([m.client_loss[i] for m in metrics] * train_sizes) / max(train_sizes.sum(), 1))
+                row = {"round": r, "client_loss": client_loss, "num_clients": len(site_names), "update_norm": None}
+            else:
+                m = metrics[0]
+                row = {"round": r, "client_loss": float(m.client_loss[i]), "num_clients": int(m.num_clients[i]),
+                       "update_norm": float(m.update_norm[i])}
+            if evaluations is not None:
+                if cell.kind == "local":
+                    finals[i] = _combine_local([evaluation_row(e[i], site_names) for e in evaluations], site_names)
+                else:
+                    finals[i] = evaluation_row(evaluations[0][i], site_names)
+                row |= finals[i]
+            row["elapsed_s"] = time.perf_counter() - start
+            logs[i].log(row)
+        on_round(r)
+    wall_s = time.perf_counter() - start
+    for i, seed in enumerate(seeds):
+        summary = {
+            "algorithm": cell.algorithm, "kind": cell.kind, "setting": cell.setting, "task": task.data.name, "seed": seed,
+            "rounds": rounds, "final": finals[i], "first_round_s": first_round_s, "train_s": wall_s,
+            "num_clients": len(site_names), "fingerprint": fingerprint,
+        }
+        logs[i].close(summary)
+        path = _seed_folder(suite_dir, cell, seed) / "summary.json"
+        path.write_text(json.dumps(summary, indent=2, default=float).replace("NaN", "null"))
+    return CellResult(wall_s, first_round_s, [f.get("test_accuracy", float("nan")) for f in finals])
+
+
+# ---------------------------------------------------------------------------- the whole suite
+
+
+def provenance() -> dict:
+    """What a number in a paper needs to be traced back: versions and the machine."""
+    versions = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    devices = jax.devices()
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpu_count": __import__("os").cpu_count(), "jax_backend": jax.default_backend(),
+               "jax_devices": [str(d) for d in devices]}
+    return {"versions": versions, "machine": machine}
+
+
+class SuiteRun(NamedTuple):
+    suite: Suite
+    cells: list[Cell]
+    seeds: tuple[int, ...]
+    mode: str
+
+
+def prepare(bench: DictConfig) -> SuiteRun:
+    """Checks the bench config and plans the cells, before anything runs."""
+    suite = load_suite(bench.suite)
+    mode = bench.get("mode", "run")
+    if mode not in MODES:
+        fail("mode", mode, f"must be one of {', '.join(MODES)}")
+    seeds = bench.get("seeds")
+    if seeds is None:
+        seeds = suite.tuning_seeds if mode == "tune" else suite.seeds
+    seeds = tuple(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        fail("seeds", list(seeds), "must be a non-empty list of distinct integers")
+    only, only_settings = bench.get("only"), bench.get("settings")
+    cells = plan_cells(suite, mode, list(only) if only else None, list(only_settings) if only_settings else None)
+    return SuiteRun(suite, cells, seeds, mode)
+
+
+def build_cell(cell: Cell, run: SuiteRun):
+    """The cell's config, task and experiment (a ConfigError names a bad override before training)."""
+    cfg = compose_run((*cell.overrides, f"seed={run.seeds[0]}"))
+    experiment = build(cfg)
+    task = experiment.task
+    if run.mode == "tune":
+        task = classification_task(task.name, validation_split(task.data, run.suite.validation_fraction, cfg.task.data_seed), task.model)
+    return cfg, task, experiment
+
+
+def _write_manifest(suite_dir: Path, manifest: dict) -> None:
+    path = suite_dir / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(path)
+
+
+def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
+    """Runs (or continues) every cell of the suite into ``suite_dir`` and returns the manifest.
+
+    All cells are built and checked first, so a bad override fails before any training.
+    """
+    run = prepare(bench)
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    built = [(cell, *build_cell(cell, run)) for cell in run.cells]
+    previous = json.loads((suite_dir / MANIFEST).read_text()) if (suite_dir / MANIFEST).exists() else {}
+    if previous and previous.get("suite", {}).get("name") != run.suite.name:
+        fail("suite", run.suite.name, f"must match the suite already in {suite_dir} ({previous['suite'].get('name')}); use a new folder")
+    manifest = {
+        "suite": run.suite._asdict(), "mode": run.mode, "seeds": list(run.seeds),
+        "command": "nordfl-bench " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "nordfl-bench" else None,
+        "settings": list(dict.fromkeys(c.setting for c in run.cells)),
+        "cells": previous.get("cells", {}), **provenance(),
+        "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")), "wall_s": previous.get("wall_s", 0.0),
+    }
+    manifest["cell_order"] = [str(c.folder) for c in run.cells]
+    manifest["kinds"] = {c.algorithm: c.kind for c in run.cells}
+    manifest["grid_points"] = {c.algorithm: list(c.point) for c in run.cells if c.point}
+    _write_manifest(suite_dir, manifest)
+    start = time.perf_counter()
+    total_runs = len(run.cells) * len(run.seeds)
+    reporter = reporter or (lambda event, **fields: None)
+    reporter("start", total=total_runs, cells=len(run.cells))
+    evaluators: dict[str, Simulator] = {}  # one per evaluation data set: its programs compile once
+    for cell, cfg, task, experiment in built:
+        fingerprint = _fingerprint(cell, cfg, run.mode, run.suite.validation_fraction)
+        if cell_done(suite_dir, cell, run.seeds, fingerprint):
+            reporter("skip", cell=cell, runs=len(run.seeds))
+            continue
+        reporter("cell", cell=cell, rounds=cfg.sim.rounds)
+        data_key = json.dumps([OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "partition")], sort_keys=True)
+        if data_key not in evaluators:
+            evaluators[data_key] = evaluator_for(task, experiment)
+        result = run_cell(cell, cfg, task, experiment, run.seeds, suite_dir, fingerprint, bench.logger, evaluators[data_key],
+                          on_round=lambda r, cell=cell: reporter("round", cell=cell, round=r, rounds=cfg.sim.rounds))
+        manifest["cells"][str(cell.folder)] = {"wall_s": result.wall_s, "first_round_s": result.first_round_s,
+                                               "seeds": list(run.seeds), "fingerprint": fingerprint}
+        manifest["wall_s"] = manifest.get("wall_s", 0.0) + result.wall_s
+        _write_manifest(suite_dir, manifest)
+        reporter("done", cell=cell, runs=len(run.seeds), result=result)
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest["last_invocation_s"] = time.perf_counter() - start
+    _write_manifest(suite_dir, manifest)
+    return manifest
+
+
+def choose_hyperparameters(suite_dir: Path) -> dict[str, dict[str, list[str]]]:
+    """The tuning protocol's choice: per setting and algorithm, the grid point with the best mean
+    final validation accuracy over the tuning seeds (ties: the lower validation loss).
+
+    Returns ``{setting: {algorithm: [overrides]}}``, the ``tuned`` section of a suite config.
+    """
+    manifest = json.loads((suite_dir / MANIFEST).read_text())
+    if manifest.get("mode") != "tune":
+        fail("mode", manifest.get("mode"), f"must be tune in {suite_dir / MANIFEST} to choose hyperparameters")
+    best: dict[tuple[str, str], tuple[float, float, list[str]]] = {}
+    for folder in manifest["cell_order"]:
+        setting, algorithm = folder.split("/", 1)
+        finals = []
+        for seed in manifest["seeds"]:
+            path = suite_dir / folder / f"seed_{seed}" / "summary.json"
+            if path.exists():
+                finals.append(json.loads(path.read_text())["final"])
+        if len(finals) < len(manifest["seeds"]):
+            continue  # an unfinished grid point is not chosen
+        accuracy = float(np.mean([f["test_accuracy"] for f in finals]))
+        loss = float(np.mean([f["test_loss"] for f in finals]))
+        name = algorithm.split("@", 1)[0]
+        score = (accuracy, -loss)
+        if (setting, name) not in best or score > best[(setting, name)][:2]:
+            best[(setting, name)] = (*score, manifest["grid_points"].get(algorithm, []))
+    chosen: dict[str, dict[str, list[str]]] = {}
+    for (setting, name), (_, _, overrides) in best.items():
+        chosen.setdefault(setting, {})[name] = overrides
+    return chosen
