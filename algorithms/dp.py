@@ -33,6 +33,7 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax.tree_utils as otu
 
 from nordfl.algorithms import _checks
@@ -62,11 +63,18 @@ def dp_sgd(l2_clip: float, noise_multiplier: float, owner: str = "dp") -> DPSGD:
 
 
 def sampling_rate(num_examples, batch_size: int):
-    """Poisson sampling rate q = min(1, B / n) of a site with ``num_examples`` rows (floats or arrays)."""
+    """Poisson sampling rate of a site with ``num_examples`` rows: q = min(1, B / n).
+
+    On a JAX array: the float32 threshold the local loop compares its uniform draws with. On a
+    Python int: the probability those draws ACTUALLY include a row, what the accountant must
+    use: float32 uniforms are multiples of 2^-23, so P(u < q32) = ceil(q32 * 2^23) / 2^23
+    (at most 1.2e-7 above q).
+    """
     if isinstance(num_examples, jax.Array):
         n = jnp.maximum(num_examples, 1).astype(jnp.float32)
         return jnp.minimum(jnp.float32(1.0), jnp.float32(batch_size) / n)
-    return min(1.0, batch_size / max(int(num_examples), 1))
+    q32 = min(np.float32(1.0), np.float32(batch_size) / np.float32(max(int(num_examples), 1)))
+    return math.ceil(float(q32) * 2**23) / 2**23
 
 
 def physical_batch_size(batch_size: int) -> int:

@@ -2,6 +2,7 @@
 dp-accounting's for the steps each site ran, and a run stops checkpointed at the budget."""
 
 import json
+import math
 
 import dp_accounting
 import numpy as np
@@ -23,6 +24,13 @@ def _compose(*overrides):
         return compose("config", overrides=list(overrides))
 
 
+def _inclusion_probability(batch_size, n):
+    """P(u < float32(B / n)) for float32 uniforms u, multiples of 2^-23: the rate the loop implements."""
+    if n <= batch_size:
+        return 1.0
+    return math.ceil(float(np.float32(batch_size) / np.float32(n)) * 2**23) / 2**23
+
+
 def _direct_epsilon(cfg, task, rounds, z):
     """Max over the 4 hospitals (all in every round) of the RDP epsilon of their Poisson-sampled steps."""
     a = cfg.algorithm
@@ -31,7 +39,7 @@ def _direct_epsilon(cfg, task, rounds, z):
         n = len(client.train.y)
         steps = rounds * a.num_epochs * -(-n // a.batch_size)
         accountant = rdp.RdpAccountant()
-        event = dp_accounting.PoissonSampledDpEvent(min(1.0, a.batch_size / n), dp_accounting.GaussianDpEvent(z))
+        event = dp_accounting.PoissonSampledDpEvent(_inclusion_probability(a.batch_size, n), dp_accounting.GaussianDpEvent(z))
         accountant.compose(event, steps)
         worst = max(worst, accountant.get_epsilon(a.dp.delta))
     return worst
