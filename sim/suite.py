@@ -12,7 +12,8 @@ algorithm gets the same tasks, partitions, budgets and seeds:
 - ``tuned``: setting -> algorithm -> overrides chosen by the tuning protocol
   (``mode=tune``: a grid on a validation split carved out of each site's training rows);
 - ``seeds``, ``target_accuracy`` (for rounds-to-target) and ``tuning`` (grid, seeds,
-  validation fraction).
+  validation fraction, and ``fix``: axes tuned at one value only, e.g. stragglers at 0, the
+  choice then holding for every value of that axis).
 
 Each (setting, algorithm) cell runs all its seeds as one compiled program (``SeedBatch``).
 Every seed writes an ordinary run folder (``metrics.jsonl``, ``summary.json``,
@@ -41,8 +42,8 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from nordfl.conf.schema import ConfigError, fail, model_kwargs
-from nordfl.sim.config import build, fingerprint_config, register
+from nordfl.conf.schema import ConfigError, build_algorithm, build_task, fail, model_kwargs
+from nordfl.sim.config import Experiment, build_options, fingerprint_config, register
 from nordfl.sim.engine import Simulator
 from nordfl.sim.metrics_log import MetricsLog, evaluation_row
 from nordfl.sim.seeds import SeedBatch
@@ -72,6 +73,7 @@ class Suite(NamedTuple):
     tuning_seeds: tuple[int, ...]
     validation_fraction: float
     grid: dict[str, dict[str, tuple]]  # algorithm or "all" -> override key -> values
+    tuning_fix: dict[str, str]  # axis -> value: tune only there; the choice holds for every value of that axis
 
 
 class Cell(NamedTuple):
@@ -154,12 +156,37 @@ def load_suite(node: DictConfig) -> Suite:
             if not isinstance(values, list) or not values:
                 fail(f"suite.tuning.grid.{owner}.{key}", values, "must be a non-empty list of values")
             grid[owner][key] = tuple(values)
+    fix = {str(k): str(v) for k, v in _mapping("suite.tuning.fix", tuning.get("fix")).items()}
+    for axis, value in fix.items():
+        if value not in axes.get(axis, {}):
+            fail(f"suite.tuning.fix.{axis}", value, f"must name an axis and one of its values ({', '.join(f'{a}: {list(v)}' for a, v in axes.items())})")
     suite = Suite(name, str(raw.get("description", "")), tuple(seeds), float(target), _strings("suite.common", raw.get("common")),
-                  axes, algorithms, baselines, tuned, tuple(tuning_seeds), fraction, grid)
-    for setting in tuned:
-        if setting not in settings(suite):
-            fail("suite.tuned", setting, f"must be one of the suite's settings ({', '.join(settings(suite))})")
+                  axes, algorithms, baselines, tuned, tuple(tuning_seeds), fraction, grid, fix)
+    for key in tuned:
+        pairs = _pairs(key)
+        if not pairs or any(value not in axes.get(axis, {}) for axis, value in pairs.items()):
+            fail("suite.tuned", key, "must name settings as axis=value pairs of the suite's axes, e.g. " + next(iter(settings(suite))))
     return suite
+
+
+def _pairs(setting: str) -> dict[str, str]:
+    """``"data=(1,1),stragglers=0.5"`` -> ``{"data": "(1,1)", "stragglers": "0.5"}`` (values may hold commas)."""
+    pairs, axis = {}, None
+    for part in setting.split(","):
+        if "=" in part:
+            axis, value = part.split("=", 1)
+            pairs[axis] = value
+        elif axis is not None:
+            pairs[axis] += "," + part
+    return pairs
+
+
+def tuned_overrides(suite: Suite, setting: str, algorithm: str) -> tuple[str, ...]:
+    """The tuned overrides that apply to ``setting``: every ``tuned`` key whose axis=value pairs it
+    contains (a key naming fewer axes holds for all values of the others), fewer axes first."""
+    pairs = _pairs(setting)
+    keys = [k for k in suite.tuned if _pairs(k).items() <= pairs.items()]
+    return tuple(o for k in sorted(keys, key=lambda k: len(_pairs(k))) for o in suite.tuned[k].get(algorithm, ()))
 
 
 def settings(suite: Suite) -> dict[str, tuple[str, ...]]:
@@ -204,11 +231,15 @@ def plan_cells(suite: Suite, mode: str, only: Optional[Sequence[str]] = None, on
                 continue
             base = (*suite.common, *setting_overrides, *overrides)
             if mode == "run":
-                cells.append(Cell(setting, name, kind, (*base, *suite.tuned.get(setting, {}).get(name, ()))))
+                cells.append(Cell(setting, name, kind, (*base, *tuned_overrides(suite, setting, name))))
+                continue
+            if any(_pairs(setting).get(axis) != value for axis, value in suite.tuning_fix.items()):
                 continue
             grid = {**suite.grid.get("all", {}), **suite.grid.get(name, {})}
             for label, point in _grid_points(grid):
-                cells.append(Cell(setting, f"{name}@{label}" if label else name, kind, (*base, *point), point))
+                # Only the final validation score counts in tuning: evaluate once, at the end.
+                overrides = (*base, *point, "sim.eval_every=${sim.rounds}")
+                cells.append(Cell(setting, f"{name}@{label}" if label else name, kind, overrides, point))
     return cells
 
 
@@ -399,14 +430,26 @@ def prepare(bench: DictConfig) -> SuiteRun:
     return SuiteRun(suite, cells, seeds, mode)
 
 
-def build_cell(cell: Cell, run: SuiteRun):
-    """The cell's config, task and experiment (a ConfigError names a bad override before training)."""
+def _data_key(cfg: DictConfig) -> str:
+    return json.dumps([OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "partition")], sort_keys=True)
+
+
+def build_cell(cell: Cell, run: SuiteRun, tasks: dict[str, Task]):
+    """The cell's config, task and experiment (a ConfigError names a bad value before training).
+
+    Cells with the same task and partition share one ``Task`` from ``tasks`` (built once).
+    """
     cfg = compose_run((*cell.overrides, f"seed={run.seeds[0]}"))
-    experiment = build(cfg)
-    task = experiment.task
-    if run.mode == "tune":
-        task = classification_task(task.name, validation_split(task.data, run.suite.validation_fraction, cfg.task.data_seed), task.model)
-    return cfg, task, experiment
+    key = _data_key(cfg)
+    if key not in tasks:
+        task = build_task(cfg)
+        if run.mode == "tune":
+            data = validation_split(task.data, run.suite.validation_fraction, cfg.task.data_seed)
+            task = classification_task(task.name, data, task.model)
+        tasks[key] = task
+    task = tasks[key]
+    algorithm, aggregate = build_algorithm(cfg, task.loss_fn, len(task.data.clients))
+    return cfg, task, Experiment(task, algorithm, aggregate, build_options(cfg, len(task.data.clients)))
 
 
 def _write_manifest(suite_dir: Path, manifest: dict) -> None:
@@ -423,7 +466,8 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
     """
     run = prepare(bench)
     suite_dir.mkdir(parents=True, exist_ok=True)
-    built = [(cell, *build_cell(cell, run)) for cell in run.cells]
+    tasks: dict[str, Task] = {}
+    built = [(cell, *build_cell(cell, run, tasks)) for cell in run.cells]
     previous = json.loads((suite_dir / MANIFEST).read_text()) if (suite_dir / MANIFEST).exists() else {}
     if previous and previous.get("suite", {}).get("name") != run.suite.name:
         fail("suite", run.suite.name, f"must match the suite already in {suite_dir} ({previous['suite'].get('name')}); use a new folder")
@@ -449,7 +493,7 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
             reporter("skip", cell=cell, runs=len(run.seeds))
             continue
         reporter("cell", cell=cell, rounds=cfg.sim.rounds)
-        data_key = json.dumps([OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "partition")], sort_keys=True)
+        data_key = _data_key(cfg)
         if data_key not in evaluators:
             evaluators[data_key] = evaluator_for(task, experiment)
         result = run_cell(cell, cfg, task, experiment, run.seeds, suite_dir, fingerprint, bench.logger, evaluators[data_key],
@@ -487,6 +531,8 @@ def choose_hyperparameters(suite_dir: Path) -> dict[str, dict[str, list[str]]]:
         accuracy = float(np.mean([f["test_accuracy"] for f in finals]))
         loss = float(np.mean([f["test_loss"] for f in finals]))
         name = algorithm.split("@", 1)[0]
+        fixed = manifest["suite"].get("tuning_fix", {})
+        setting = ",".join(f"{a}={v}" for a, v in _pairs(setting).items() if a not in fixed)
         score = (accuracy, -loss)
         if (setting, name) not in best or score > best[(setting, name)][:2]:
             best[(setting, name)] = (*score, manifest["grid_points"].get(algorithm, []))

@@ -1,0 +1,184 @@
+"""Comparison suites: the quick suite end to end (its leaderboard checked), reruns give the same
+numbers, and the suite config, tuning choice and ranking logic on small hand-made inputs."""
+
+import csv
+import json
+import math
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from nordfl.conf.schema import ConfigError
+from nordfl.sim.leaderboard import LEADERBOARD_CSV, LEADERBOARD_MD, load_leaderboard, write_leaderboard
+from nordfl.sim.suite import choose_hyperparameters, load_suite, plan_cells, run_suite, settings
+
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+def bench_config(*overrides):
+    with initialize_config_module("nordfl.conf", version_base=None):
+        return compose("bench", overrides=["logger.progress=false", *overrides])
+
+
+def read_csv(path):
+    with open(path) as f:
+        return {(row["setting"], row["algorithm"]): row for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The quick suite, as CI and first-time users run it."""
+    folder = tmp_path_factory.mktemp("quick")
+    manifest = run_suite(bench_config("suite=quick"), folder)
+    write_leaderboard(folder)
+    return folder, manifest
+
+
+@pytest.mark.slow
+def test_quick_suite_leaderboard_has_every_algorithm_with_mean_and_std_over_seeds(quick):
+    folder, manifest = quick
+    rows = read_csv(folder / LEADERBOARD_CSV)
+    assert {name for _, name in rows} == {*ALGORITHMS, "pooled", "local"}
+    for (setting, name), row in rows.items():
+        assert int(row["seeds"]) == 5, name
+        for metric in ("test_accuracy", "test_loss", "worst_site_accuracy"):
+            mean, std = float(row[f"{metric}_mean"]), float(row[f"{metric}_std"])
+            assert math.isfinite(mean) and math.isfinite(std) and std >= 0, (name, metric)
+        assert (row["rank"] == "") == (name in ("pooled", "local"))
+    assert sorted(int(rows[("split=natural", a)]["rank"]) for a in ALGORITHMS)[0] == 1
+    # The centralised ceiling beats each hospital alone on the federation's patients.
+    pooled, local = rows[("split=natural", "pooled")], rows[("split=natural", "local")]
+    assert float(pooled["test_accuracy_mean"]) >= float(local["test_accuracy_mean"])
+    markdown = (folder / LEADERBOARD_MD).read_text()
+    for name in (*ALGORITHMS, "pooled", "local"):
+        assert f"| {name} | 5 |" in markdown
+    assert (folder / "curves" / "split=natural.png").stat().st_size > 10_000
+    # Traceable: the manifest records versions, the machine and wall times.
+    assert manifest["versions"]["jax"] and manifest["machine"]["cpu_count"] >= 1
+    assert manifest["wall_s"] > 0 and len(manifest["cells"]) == 9
+
+
+@pytest.mark.slow
+def test_a_suite_run_twice_with_the_same_seeds_gives_identical_numbers(quick, tmp_path):
+    folder, _ = quick
+    again = tmp_path / "again"
+    run_suite(bench_config("suite=quick", "only=[scaffold,local]"), again)
+    write_leaderboard(again)
+    first, second = read_csv(folder / LEADERBOARD_CSV), read_csv(again / LEADERBOARD_CSV)
+    assert set(second) == {("split=natural", "scaffold"), ("split=natural", "local")}
+    for key, row in second.items():
+        assert {k: v for k, v in row.items() if k != "rank"} == {k: v for k, v in first[key].items() if k != "rank"}
+    # Rerunning into a finished suite folder trains nothing: every cell is skipped.
+    events = []
+    run_suite(bench_config("suite=quick", "only=[scaffold,local]"), again, reporter=lambda event, **_: events.append(event))
+    assert events.count("skip") == 2 and "cell" not in events
+
+
+SUITE = {
+    "name": "toy", "seeds": [0, 1, 2], "target_accuracy": 0.8, "common": ["task=heart"],
+    "axes": {"alpha": {"0": ["task.alpha=0"], "1": ["task.alpha=1"]}, "stragglers": {"0": [], "0.5": ["sim.straggler_fraction=0.5"]}},
+    "algorithms": {"fedavg": ["algorithm=fedavg"], "fedprox": ["algorithm=fedprox"]},
+    "baselines": {"pooled": ["algorithm=fedavg"]},
+    "tuning": {"seeds": [0], "grid": {"all": {"algorithm.client_lr": [0.1, 0.3]}, "fedprox": {"algorithm.mu": [0.0, 1.0]}}},
+    "tuned": {"alpha=1,stragglers=0.5": {"fedprox": ["algorithm.mu=1.0"]}},
+}
+
+
+def test_suite_settings_are_the_product_of_its_axes_and_tuned_values_reach_their_cells():
+    suite = load_suite(OmegaConf.create(SUITE))
+    assert list(settings(suite)) == ["alpha=0,stragglers=0", "alpha=0,stragglers=0.5", "alpha=1,stragglers=0", "alpha=1,stragglers=0.5"]
+    cells = plan_cells(suite, "run")
+    assert len(cells) == 4 * 3
+    tuned = [c for c in cells if c.setting == "alpha=1,stragglers=0.5" and c.algorithm == "fedprox"][0]
+    assert tuned.overrides == ("task=heart", "task.alpha=1", "sim.straggler_fraction=0.5", "algorithm=fedprox", "algorithm.mu=1.0")
+    # Tuning expands each algorithm into its grid: fedavg and pooled 2 points, fedprox 2 x 2.
+    tune = plan_cells(suite, "tune", only_settings=["alpha=0,stragglers=0"])
+    assert all(c.overrides[-1] == "sim.eval_every=${sim.rounds}" for c in tune)
+    assert sorted(c.algorithm for c in tune) == sorted([
+        "fedavg@client_lr=0.1", "fedavg@client_lr=0.3", "pooled@client_lr=0.1", "pooled@client_lr=0.3",
+        "fedprox@client_lr=0.1,mu=0.0", "fedprox@client_lr=0.1,mu=1.0", "fedprox@client_lr=0.3,mu=0.0", "fedprox@client_lr=0.3,mu=1.0",
+    ])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": [0, 0]}, "suite.seeds: must be a non-empty list of distinct integers, got [0, 0]"),
+    ({"baselines": {"central": []}}, "suite.baselines: must be one of pooled, local, got 'central'"),
+    ({"algorithms": {"fedavg": "algorithm=fedavg"}}, "suite.algorithms.fedavg: must be a list of override strings"),
+    ({"tuned": {"alpha=2,stragglers=0": {}}}, "suite.tuned: must name settings as axis=value pairs of the suite's axes"),
+    ({"tuning": {"fix": {"stragglers": "0.7"}}}, "suite.tuning.fix.stragglers: must name an axis and one of its values"),
+    ({"target_accuracy": 1.5}, "suite.target_accuracy: must be in (0, 1], got 1.5"),
+    ({"tuning": {"grid": {"fedsgd": {"algorithm.client_lr": [0.1]}}}}, "suite.tuning.grid: must be 'all' or one of"),
+])
+def test_bad_suite_configs_are_refused_naming_the_key(change, message):
+    with pytest.raises(ConfigError) as error:
+        load_suite(OmegaConf.create(SUITE | change))
+    assert message in str(error.value)
+
+
+def test_unknown_algorithm_subset_is_refused():
+    suite = load_suite(OmegaConf.create(SUITE))
+    with pytest.raises(ConfigError, match=r"only: must be a subset of fedavg, fedprox, pooled, got \['fedsgd'\]"):
+        plan_cells(suite, "run", only=["fedsgd"])
+
+
+def _fake_suite(folder, mode, results, target=0.8, grid_points=None, fix=None):
+    """A suite folder written by hand: results[(setting, algorithm)] = per-seed (accuracy, loss, accuracies per round)."""
+    settings_ = list(dict.fromkeys(s for s, _ in results))
+    manifest = {"suite": {"name": "toy", "target_accuracy": target, "common": [], "description": "", "tuning_fix": fix or {}},
+                "mode": mode,
+                "seeds": [0, 1], "settings": settings_, "cell_order": [f"{s}/{a}" for s, a in results],
+                "kinds": {a: ("pooled" if a == "pooled" else "federated") for _, a in results}, "grid_points": grid_points or {},
+                "versions": {"jax": "x"}, "machine": {"platform": "p", "cpu_count": 2, "jax_backend": "cpu", "jax_devices": ["d"]},
+                "wall_s": 1.0}
+    (folder / "suite.json").write_text(json.dumps(manifest))
+    for (setting, algorithm), seeds in results.items():
+        for seed, (accuracy, loss, curve) in enumerate(seeds):
+            run = folder / setting / algorithm / f"seed_{seed}"
+            run.mkdir(parents=True)
+            final = {"test_accuracy": accuracy, "test_loss": loss, "sites": {"a": {"accuracy": accuracy - 0.1}, "b": {"accuracy": accuracy}}}
+            (run / "summary.json").write_text(json.dumps({"final": final}))
+            rows = [{"round": r + 1, "client_loss": 1.0, "test_accuracy": a, "test_loss": loss} for r, a in enumerate(curve)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            (run / "config.yaml").write_text("partition:\n  name: natural\n")
+
+
+def test_leaderboard_ranks_reports_rounds_to_target_and_worst_site(tmp_path):
+    _fake_suite(tmp_path, "run", {
+        ("split=a", "fedavg"): [(0.80, 0.5, [0.5, 0.8, 0.8]), (0.90, 0.4, [0.85, 0.9, 0.9])],
+        ("split=a", "scaffold"): [(0.85, 0.5, [0.5, 0.6, 0.85]), (0.85, 0.5, [0.5, 0.6, 0.85])],
+        ("split=a", "fedprox"): [(0.70, 0.6, [0.5, 0.6, 0.7]), (0.70, 0.6, [0.5, 0.6, 0.7])],
+        ("split=a", "pooled"): [(0.95, 0.3, [0.95] * 3), (0.95, 0.3, [0.95] * 3)],
+    })
+    _, entries = load_leaderboard(tmp_path)
+    by_name = {e.algorithm: e for e in entries["split=a"]}
+    assert (by_name["fedavg"].rank, by_name["scaffold"].rank, by_name["fedprox"].rank, by_name["pooled"].rank) == (1, 1, 3, None)
+    assert by_name["fedavg"].accuracy.mean == pytest.approx(0.85) and by_name["fedavg"].accuracy.std == pytest.approx(math.sqrt(0.005))
+    assert by_name["fedavg"].rounds_to_target.mean == 1.5 and by_name["fedavg"].reached == 2  # rounds 2 and 1
+    assert by_name["fedprox"].reached == 0
+    assert by_name["scaffold"].worst_site_accuracy.mean == pytest.approx(0.75)
+    write_leaderboard(tmp_path)
+    markdown = (tmp_path / LEADERBOARD_MD).read_text()
+    assert "| 1 | fedavg | 2 | 0.8500 ± 0.0707 |" in markdown and "not reached (0/2)" in markdown
+
+
+def test_tuning_picks_the_best_validation_accuracy_and_breaks_ties_by_loss(tmp_path):
+    points = {"fedavg@lr=0.1": ["algorithm.client_lr=0.1"], "fedavg@lr=0.3": ["algorithm.client_lr=0.3"],
+              "fedprox@mu=0": ["algorithm.mu=0"], "fedprox@mu=1": ["algorithm.mu=1"]}
+    _fake_suite(tmp_path, "tune", {
+        ("data=x,stragglers=0", "fedavg@lr=0.1"): [(0.7, 0.5, [0.7]), (0.8, 0.5, [0.8])],
+        ("data=x,stragglers=0", "fedavg@lr=0.3"): [(0.8, 0.5, [0.8]), (0.8, 0.5, [0.8])],
+        ("data=x,stragglers=0", "fedprox@mu=0"): [(0.8, 0.4, [0.8]), (0.8, 0.4, [0.8])],
+        ("data=x,stragglers=0", "fedprox@mu=1"): [(0.8, 0.3, [0.8]), (0.8, 0.3, [0.8])],
+    }, grid_points=points, fix={"stragglers": "0"})
+    # Tuned with stragglers fixed at 0, the choice is keyed by the data axis alone ...
+    chosen = choose_hyperparameters(tmp_path)
+    assert chosen == {"data=x": {"fedavg": ["algorithm.client_lr=0.3"], "fedprox": ["algorithm.mu=1"]}}
+    # ... and so holds for every straggler level when the suite runs.
+    suite = load_suite(OmegaConf.create({**SUITE, "axes": {"data": {"x": [], "y": []}, "stragglers": {"0": [], "0.5": []}},
+                                         "tuned": chosen, "tuning": {"fix": {"stragglers": "0"}}}))
+    cells = {(c.setting, c.algorithm): c.overrides for c in plan_cells(suite, "run")}
+    assert cells[("data=x,stragglers=0.5", "fedprox")][-1] == "algorithm.mu=1"
+    assert cells[("data=y,stragglers=0.5", "fedprox")][-1] == "algorithm=fedprox"
+    tune = plan_cells(suite, "tune")  # only stragglers=0 is tuned: 2 data values x (fedavg, fedprox, pooled)
+    assert len(tune) == 2 * 3 and all(c.setting.endswith("stragglers=0") for c in tune)
