@@ -78,12 +78,15 @@ def _entry(suite_dir: Path, folder: str, kind: str, seeds: list[int], target: fl
 
 def _ranked(entries: list[Entry]) -> list[Entry]:
     """Competition ranks by mean accuracy among the federated entries; baselines keep None."""
-    scores = sorted((e.accuracy.mean for e in entries if e.kind == "federated" and not math.isnan(e.accuracy.mean)), reverse=True)
+    def score(e: Entry) -> float:
+        return round(e.accuracy.mean, 9)  # equal accuracies tie, whatever the order of summation
+
+    scores = [score(e) for e in entries if e.kind == "federated" and not math.isnan(e.accuracy.mean)]
     out = []
     for e in entries:
         rank = None
         if e.kind == "federated" and not math.isnan(e.accuracy.mean):
-            rank = 1 + sum(score > e.accuracy.mean for score in scores)
+            rank = 1 + sum(s > score(e) for s in scores)
         out.append(e._replace(rank=rank))
     return out
 
@@ -171,6 +174,10 @@ def _provenance(manifest: dict) -> list[str]:
         f"- machine: {machine['platform']}, {machine['cpu_count']} CPU cores, JAX backend {machine['jax_backend']} "
         f"({len(machine['jax_devices'])} device(s))",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+        *([f"- tuning budget: {len(manifest['cell_order'])} (setting, grid point) cells × {len(manifest['seeds'])} seeds = "
+           f"{len(manifest['cell_order']) * len(manifest['seeds'])} runs; validation split: "
+           f"{suite.get('validation_fraction', 0):.0%} of each site's training rows; test rows never used"]
+          if manifest["mode"] == "tune" else []),
     ]
 
 
