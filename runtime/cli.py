@@ -86,7 +86,7 @@ def cmd_coordinator(args) -> int:
     if coordinator.stopped:
         return _err(coordinator.stopped)
     for site, metrics in sorted(coordinator.final_metrics.items()):
-        shown = "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()))
+        shown = "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())) or "scores kept at the site (DP)"
         print(f"final model at {site}: {shown}")
     print(f"coordinator: finished {coordinator.round} rounds; audit log {Path(args.state) / 'audit.jsonl'}", flush=True)
     return 0
@@ -161,29 +161,59 @@ def _dry_run(args) -> int:
     return 0
 
 
+PRIVATE_DEMO = {
+    # DP-SGD at every site (patient-level) and secure aggregation: nothing un-noised leaves a site,
+    # and the coordinator sees only the sum of the masked updates.
+    "sgd": ["runtime.secure_aggregation=true", "algorithm.dp.mode=sgd", "algorithm.dp.clip=1.0",
+            "algorithm.dp.noise_multiplier=1.5", "algorithm.dp.delta=1e-5"],
+    # DP-FedAvg with distributed noise (site-level): each site adds its share of the noise before masking.
+    "update": ["runtime.secure_aggregation=true", "algorithm.dp.mode=update", "algorithm.dp.noise=distributed",
+               "algorithm.dp.clip=1.0", "algorithm.dp.noise_multiplier=5.0", "algorithm.dp.delta=1e-5"],
+}
+PRIVATE_DEMO_POLICY = ("# a DPO's policy for the demo: every rule on\nmax_epsilon: 15.0\nmax_delta: 1.0e-5\nmin_cohort: 3\n"
+                       "require_secure_aggregation: true\nrequire_dp: true\n")
+
+
 def cmd_demo(args) -> int:
     """Provisions 4 hospitals, writes each its data, runs coordinator and sites as separate processes."""
+    import json
+
     from nordfl.runtime import tls
     from nordfl.runtime.site_data import write_site_files
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="nordfl-demo-"))
     files = {name.replace(" ", "_"): path for name, path in write_site_files(root / "data").items()}
     tls.provision(root / "federation", sorted(files))
-    print(f"demo: federation of {', '.join(sorted(files))} in {root}", flush=True)
+    private = PRIVATE_DEMO[args.dp] if args.private else []
+    print(f"demo: federation of {', '.join(sorted(files))} in {root}"
+          + (f"; private: secure aggregation, DP ({args.dp}), a site policy at each site" if args.private else ""), flush=True)
     port = args.port or _free_port()
     base = [sys.executable, "-m", "nordfl.runtime.cli"]
     coordinator = subprocess.Popen(base + ["coordinator", "--federation", str(root / "federation"), "--state",
                                            str(root / "coordinator"), "--address", f"localhost:{port}",
-                                           f"algorithm={args.algorithm}", f"runtime.rounds={args.rounds}"])
+                                           f"algorithm={args.algorithm}", f"runtime.rounds={args.rounds}", *private])
+    policy = []
+    if args.private:
+        (root / "policy.yaml").write_text(PRIVATE_DEMO_POLICY)
+        policy = ["--policy", str(root / "policy.yaml")]
     sites = [
         subprocess.Popen(base + ["site", "--name", name, "--coordinator", f"localhost:{port}", "--certs",
                                  str(root / "federation" / "sites" / name), "--data", str(path), "--state",
-                                 str(root / "sites" / name)], stdout=subprocess.DEVNULL)
+                                 str(root / "sites" / name), *policy], stdout=subprocess.DEVNULL)
         for name, path in sorted(files.items())
     ]
     codes = [p.wait() for p in sites] + [coordinator.wait()]
     for log in [root / "coordinator" / "audit.jsonl"] + [root / "sites" / n / "audit.jsonl" for n in sorted(files)]:
         cmd_audit(argparse.Namespace(log=str(log)))
+    if args.private:  # each site's epsilon ledger: the last privacy_spent entry of its audit log
+        for name in sorted(files):
+            log = root / "sites" / name / "audit.jsonl"
+            spent = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            spent = [e for e in spent if e["event"] == "privacy_spent"]
+            if spent:
+                e = spent[-1]
+                print(f"{name}: spent epsilon {float(e['epsilon']):.3g} at delta {e['delta']:g} ({e['mechanism']}, "
+                      f"{e['steps']} local steps, {e['updates']} updates); policy sha256 {e['policy_sha256'][:16]}...")
     if not args.dir and all(c == 0 for c in codes) and not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if all(c == 0 for c in codes) else 1
@@ -248,6 +278,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="keep everything in this folder (default: a temporary one, removed after)")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--private", action="store_true",
+                   help="secure aggregation and differential privacy on, every site under a privacy policy")
+    p.add_argument("--dp", choices=sorted(PRIVATE_DEMO), default="sgd",
+                   help="--private: DP-SGD at the sites (sgd, default) or DP-FedAvg with distributed noise (update)")
     p.set_defaults(func=cmd_demo)
     return parser
 

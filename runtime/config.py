@@ -97,6 +97,10 @@ def check_runtime(cfg: DictConfig, num_sites: int) -> None:
         if cfg.algorithm.aggregator.name != "weighted_mean":
             fail("algorithm.aggregator.name", cfg.algorithm.aggregator.name,
                  "must be weighted_mean with runtime.secure_aggregation=true (the coordinator only sees the sum)")
+    dp = cfg.algorithm.get("dp")
+    if dp is not None and dp.mode == "update" and dp.noise == "distributed" and not r.secure_aggregation:
+        fail("algorithm.dp.noise", dp.noise, "needs runtime.secure_aggregation=true: without it the coordinator sees each "
+             "site's update with only 1/m of the noise; use central noise or turn secure aggregation on")
     else:
         for key in ("secagg_threshold", "secagg_bits"):
             if r[key] is not None:

@@ -5,8 +5,16 @@ checked: identity, run, round, cohort, duplicate, shape/dtype against the algori
 template, SHA-256, NaN/Inf, norm and weight bounds; a bad one is rejected and logged and
 the round goes on), aggregate, ``server_update``, write the state atomically, log it. A
 round closes when every cohort site answered, or at ``round_timeout`` if at least
-``min_sites`` did; otherwise it is retried. After a restart the coordinator resumes at the
-last completed round with the same run id, so nothing completed is lost.
+``min_sites`` did; otherwise it is retried. An aggregate of fewer than ``min_cohort`` sites
+is never applied (``round_refused_min_cohort``; the round is retried). After a restart the
+coordinator resumes at the last completed round with the same run id, so nothing completed
+is lost.
+
+With ``runtime.secure_aggregation`` a round runs the four steps of ``secagg`` (keys, shares,
+masked inputs, unmasking; ``secure_round.CoordinatorRound``), each closed when all its sites
+answered or at ``round_timeout``; the coordinator receives masked inputs only and applies the
+unmasked SUM (weighted update, weight, count) through the algorithm's ``server_update``. Fewer
+than the threshold at any step aborts the attempt, which is retried with fresh keys.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from nordfl.runtime.audit import AuditLog
 from nordfl.runtime.config import Job, build_job, check_runtime, compose_config, job_from_config
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
+from nordfl.runtime.secagg import SecAggAborted, SecAggError
+from nordfl.runtime.secure_round import STEP_NAMES, CoordinatorRound, aggregate_of
 from nordfl.runtime.store import load_tree, save_tree
 from nordfl.tasks import Examples
 
@@ -52,6 +62,10 @@ class Limits(NamedTuple):
 
 class Rejected(Exception):
     """An update or request refused, with the reason given back to the site and logged."""
+
+
+class Stale(Rejected):
+    """A message for an earlier attempt of the open round: refused, but the site stays in this attempt."""
 
 
 class Stopped(Exception):
@@ -94,6 +108,7 @@ class Coordinator:
         self.update_template = self._update_template(built.model.init_params)
         self._server_update = jax.jit(lambda state, updates, weights: self.algorithm.server_update(
             state, self.aggregate(updates, weights)))
+        self._server_update_from = jax.jit(self.algorithm.server_update)  # secure aggregation: from the unmasked sum
         state_path = self.state_dir / STATE_FILE
         self.job_sha256 = wire.sha256_hex(job.to_json().encode())
         if state_path.exists():
@@ -118,6 +133,7 @@ class Coordinator:
         self.refused: set[str] = set()  # sites whose update this attempt was rejected: not sent the task again
         self.deadline: Optional[float] = None
         self.stopped: Optional[str] = None
+        self.secure: Optional[CoordinatorRound] = None  # the open attempt's secure aggregation, if on
         self.open = self._open_round(attempt=1) if self.round < job.rounds else None
 
     # ------------------------------------------------------------------ round life cycle
@@ -145,8 +161,10 @@ class Coordinator:
         specs, payload = wire.encode(self.algorithm.broadcast(self.server))
         opened = OpenRound(self.round, attempt, self._cohort(), payload, wire.manifest_to_proto(specs, payload))
         self.updates, self.refused, self.deadline = {}, set(), None
+        if self.job.secure_aggregation:
+            self.secure = CoordinatorRound(self.job, self.run_id, opened.index, attempt, opened.cohort, self.update_template)
         self.audit.record("round_open", durable=False, round=opened.index, attempt=attempt, cohort=list(opened.cohort),
-                          broadcast_sha256=opened.manifest.sha256)
+                          broadcast_sha256=opened.manifest.sha256, secure_aggregation=self.job.secure_aggregation)
         return opened
 
     def tick(self) -> None:
@@ -154,7 +172,9 @@ class Coordinator:
         with self.lock:
             if self.open is None or self.deadline is None or time.monotonic() < self.deadline:
                 return
-            if len(self.updates) < self.limits.min_sites:
+            if self.secure is not None:
+                self._secure_timeout()
+            elif len(self.updates) < self.limits.min_sites:
                 self._retry_or_stop(f"only {len(self.updates)} of min_sites={self.limits.min_sites} sites answered")
             else:
                 self._close_round(reason="timeout")
@@ -166,7 +186,7 @@ class Coordinator:
                             f"state kept at round {self.round}, restart to retry")
             self.audit.record("stopped", round=self.round, reason=self.stopped)
             self.log(f"coordinator: {self.stopped}")
-            self.open = None
+            self.open = self.secure = None
         else:
             self.audit.record("round_retry", durable=False, round=self.round, attempt=self.open.attempt,
                               answered=sorted(self.updates), reason=why)
@@ -192,18 +212,97 @@ class Coordinator:
         stacked = jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *[self.updates[s][0] for s in sites])
         weights = jnp.asarray([self.updates[s][1] for s in sites], jnp.float32)
         self.server, metrics = self._server_update(self.server, stacked, weights)
+        losses = [self.updates[s][2].get("train_loss", float("nan")) for s in sites]
+        self._finish_round(sites, float(np.nanmean(losses)) if losses else float("nan"), float(metrics.update_norm), reason)
+
+    def _finish_round(self, sites: list[str], mean_loss: float, update_norm: float, reason: str, **audit_fields) -> None:
+        """Bookkeeping once the aggregate of ``sites`` has been applied: save, log, open the next round."""
         self.last_contribution |= {site: self.round for site in sites}
         self.round += 1
         self._save_state()
-        losses = [self.updates[s][2].get("train_loss", float("nan")) for s in sites]
         self.audit.record("round_closed", round=self.round - 1, reason=reason, contributors=sites,
-                          update_norm=float(metrics.update_norm))
-        self.log(f"round {self.round}/{self.job.rounds}: {len(sites)} sites ({', '.join(sites)}), "
-                 f"mean train loss {np.nanmean(losses):.4f}, update norm {float(metrics.update_norm):.4f}")
+                          update_norm=update_norm, **audit_fields)
+        secure = " (secure aggregation)" if self.job.secure_aggregation else ""
+        self.log(f"round {self.round}/{self.job.rounds}: {len(sites)} sites ({', '.join(sites)}){secure}, "
+                 f"mean train loss {mean_loss:.4f}, update norm {update_norm:.4f}")
         self.open = self._open_round(attempt=1) if self.round < self.job.rounds else None
         if self.open is None:
+            self.secure = None
             self.audit.record("finished", round=self.round)
         self.lock.notify_all()
+
+    # ------------------------------------------------------------------ secure aggregation
+    def _secure_timeout(self) -> None:
+        """The deadline of a secure-aggregation step passed: close it with whoever answered, or retry."""
+        secure = self.secure
+        if secure.step == 0 and len(secure.answered) < self.limits.min_sites:
+            self._retry_or_stop(f"only {len(secure.answered)} of min_sites={self.limits.min_sites} sites answered")
+            return
+        self._advance_secure("timeout")
+
+    def _advance_secure(self, reason: str) -> None:
+        secure = self.secure
+        step = STEP_NAMES[secure.step]
+        answered, missing = sorted(secure.answered), sorted(secure.expected - secure.answered)
+        try:
+            result = secure.advance()
+        except SecAggAborted as e:
+            self.audit.record("secagg_aborted", round=self.round, attempt=self.open.attempt, step=step, reason=str(e))
+            self._retry_or_stop(f"secure aggregation aborted at step {step!r}: {e}")
+            return
+        self.audit.record("secagg_step_closed", durable=False, round=self.round, attempt=self.open.attempt, step=step,
+                          reason=reason, answered=answered, missing=missing)
+        if result is None:
+            self.deadline = time.monotonic() + self.limits.round_timeout
+            self.lock.notify_all()
+            return
+        sites = sorted((secure.names[i] for i in result.sites), key=self.site_index.__getitem__)
+        if self._cohort_too_small(sites):
+            return
+        aggregate, mean_loss = aggregate_of(result.total, self.update_template)
+        self.server, metrics = self._server_update_from(self.server, aggregate)
+        bound = result.error_bound / float(aggregate.total_weight) if float(aggregate.total_weight) > 0 else None
+        self._finish_round(sites, mean_loss, float(metrics.update_norm), reason, secure_aggregation=True,
+                           total_weight=float(aggregate.total_weight), mean_error_bound=bound,
+                           step_seconds=[round(t, 4) for t in secure.step_seconds])
+
+    def _submit_secure(self, site: str, header: pb.UpdateHeader, chunks) -> pb.SubmitReply:
+        """One site's secure-aggregation message: checked against the open round, attempt and step, then fed to the protocol."""
+        step = int(header.secagg_step)
+        with self.lock:
+            self._check_secure(site, header)
+        if header.refusal:  # the site cannot take this step (e.g. it restarted and lost its keys): leave it out
+            with self.lock:
+                self.refused.add(site)
+            self.audit.record("secagg_site_refused", durable=False, site=site, round=int(header.round),
+                              attempt=int(header.attempt), step=pb.SecAggStep.Name(step), reason=header.refusal)
+            return pb.SubmitReply(accepted=True)
+        _, total, sha = wire.manifest_from_proto(header.manifest)
+        payload = wire.join_chunks((c.data for c in chunks), expected_total=total, max_total=self.limits.max_message_bytes)
+        wire.check_payload(payload, total, sha)
+        with self.lock:
+            self._check_secure(site, header)
+            try:
+                step_name = self.secure.add(site, step, payload)
+            except (SecAggError, ValueError) as e:
+                raise Rejected(f"secure aggregation: {e}") from None
+            if self.deadline is None:
+                self.deadline = time.monotonic() + self.limits.round_timeout
+            self.audit.record("secagg_received", durable=False, site=site, round=int(header.round), attempt=int(header.attempt),
+                              step=step_name, sha256=sha, bytes=total)
+            if self.secure.complete():
+                self._advance_secure("all answered")
+        return pb.SubmitReply(accepted=True)
+
+    def _check_secure(self, site: str, header: pb.UpdateHeader) -> None:
+        if self.secure is None or self.open is None:
+            raise Rejected("a secure-aggregation message, but no securely aggregated round is open")
+        if header.round != self.open.index or header.attempt != self.open.attempt:
+            raise Stale(f"late or replayed secure-aggregation message for round {header.round} attempt {header.attempt}; "
+                           f"the open round is {self.open.index} attempt {self.open.attempt}")
+        if not self.secure.waiting_for(site):
+            raise Rejected(f"site {site} is not expected in step {STEP_NAMES[self.secure.step]!r} of round {header.round} "
+                           "(not in it, or already answered)")
 
     def _save_state(self) -> None:
         save_tree(self.state_dir / STATE_FILE, self.server, run_id=self.run_id, round=self.round,
@@ -249,7 +348,9 @@ class Coordinator:
                 if self.finished:
                     return self._finished(site)
                 task = self.open
-                if task is not None and site in task.cohort and site not in self.updates and site not in self.refused:
+                if task is not None and site not in self.refused and (
+                        self.secure.waiting_for(site) if self.secure is not None
+                        else site in task.cohort and site not in self.updates):
                     if self.deadline is None:  # the clock starts when the first site fetches the round
                         self.deadline = time.monotonic() + self.limits.round_timeout
                     break
@@ -257,9 +358,16 @@ class Coordinator:
                 if remaining <= 0:
                     return iter([pb.TaskChunk(header=self._header(site, pb.TaskHeader.WAIT, self.round))])
                 self.lock.wait(timeout=remaining)
+            if self.secure is not None and self.secure.step > 0:
+                kind, payload = self.secure.task(site)
+                manifest = wire.manifest_to_proto([], payload)
+                self.audit.record("task_sent", durable=False, site=site, round=task.index, attempt=task.attempt,
+                                  kind=pb.TaskHeader.Kind.Name(kind), sha256=manifest.sha256)
+                return self._stream(self._header(site, kind, task.index, manifest=manifest, attempt=task.attempt), payload)
         self.audit.record("task_sent", durable=False, site=site, round=task.index, attempt=task.attempt, sha256=task.manifest.sha256)
-        header = self._header(site, pb.TaskHeader.TRAIN, task.index, manifest=task.manifest,
-                              num_epochs=int(self.job.algorithm_config["num_epochs"]))
+        header = self._header(site, pb.TaskHeader.TRAIN, task.index, manifest=task.manifest, attempt=task.attempt,
+                              num_epochs=int(self.job.algorithm_config["num_epochs"]),
+                              secure_aggregation=self.job.secure_aggregation)
         return self._stream(header, task.payload)
 
     def _finished(self, site: str) -> Iterator[pb.TaskChunk]:
@@ -298,6 +406,13 @@ class Coordinator:
                 with self.lock:
                     self.lock.notify_all()
                 return pb.SubmitReply(accepted=True)
+            if header.secagg_step != pb.PLAIN:
+                if not self.job.secure_aggregation:
+                    raise Rejected("a secure-aggregation message in a run without runtime.secure_aggregation")
+                return self._submit_secure(site, header, chunks)
+            if self.job.secure_aggregation:
+                raise Rejected("this run uses secure aggregation: a plain update is refused (the coordinator must only "
+                               "see masked inputs)")
             with self.lock:
                 self._check_open(site, header)
             if total > self.limits.max_message_bytes:
@@ -325,7 +440,8 @@ class Coordinator:
             return pb.SubmitReply(accepted=True)
         except (Rejected, wire.WireError) as e:
             with self.lock:  # a deterministic site would send the same bad update again: not this attempt
-                if header is not None and self.open is not None and header.round == self.open.index and identity:
+                if header is not None and self.open is not None and header.round == self.open.index and identity \
+                        and not isinstance(e, Stale):
                     self.refused.add(identity)
             self.audit.record("update_rejected", durable=False, site=identity, round=int(header.round) if header else None,
                               sha256=header.manifest.sha256 if header else None, reason=str(e))

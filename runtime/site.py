@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nordfl.algorithms import ClientData
-from nordfl.runtime import wire
+from nordfl.runtime import secagg, secure_round, wire
 from nordfl.runtime.audit import AuditLog
 from nordfl.runtime.config import Job, build_job
 from nordfl.runtime.policy import PolicyViolation, PrivacyCost, SitePolicy, check_job, check_spend, privacy_cost
@@ -63,6 +63,22 @@ def _metrics_row(metrics) -> dict:
     return {k: float(v) for k, v in zip(metrics._fields, metrics) if np.isfinite(float(v))}
 
 
+SECAGG_TASKS = {pb.TaskHeader.SECAGG_SHARE_KEYS: pb.SHARE_KEYS, pb.TaskHeader.SECAGG_MASKED_INPUT: pb.MASKED_INPUT,
+                pb.TaskHeader.SECAGG_UNMASK: pb.UNMASK_SHARES}
+"""The coordinator's secure-aggregation tasks and the step each is answered with."""
+
+
+class _HeldRound(NamedTuple):
+    """A securely aggregated round in progress at this site: its protocol client and the vector it will mask."""
+
+    round: int
+    attempt: int
+    client: Any
+    vector: np.ndarray
+    specs: list
+    steps: int
+
+
 class LocalSetup(NamedTuple):
     """What a site builds from a job and its own rows: the same objects at every site and in a dry run."""
 
@@ -81,13 +97,17 @@ def local_setup(name: str, examples, job: Job) -> LocalSetup:
     return LocalSetup(built.algorithm, built.fns, train, test, built.model.init_params)
 
 
+def uses_dp(job: Job) -> bool:
+    return job.algorithm_config.get("dp", {}).get("mode", "none") != "none"
+
+
 def round_key(job: Job, round_index: int, site_index: int) -> jax.Array:
     """The PRNG key of a site's local training in a round (the simulator derives the same one).
 
     With DP the key is fresh secret randomness instead: the DP noise (and DP-SGD's sampling)
     must be unknown to the coordinator, which knows the job's seed and could otherwise
     recompute, and subtract, the noise."""
-    if job.algorithm_config.get("dp", {}).get("mode", "none") != "none":
+    if uses_dp(job):
         return jax.random.wrap_key_data(np.frombuffer(os.urandom(8), np.uint32))
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(job.seed), round_index), site_index)
 
@@ -118,6 +138,7 @@ class SiteAgent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(self.state_dir / "audit.jsonl", actor=f"site:{name}")
         self.policy = policy
+        self.secure: Optional[_HeldRound] = None  # this site's part of a securely aggregated round, in memory only
         if policy is not None:
             self.audit.record("policy_loaded", path=policy.path, sha256=policy.sha256, rules=policy.rules())
         self.final_metrics: Optional[dict] = None
@@ -166,6 +187,9 @@ class SiteAgent:
             if header.round > self.pending_round >= 0:  # the coordinator moved past our pending round
                 self._commit() if header.last_contribution == self.pending_round else self._discard()
             if header.kind == pb.TaskHeader.WAIT:
+                continue
+            if header.kind in SECAGG_TASKS:
+                self._secure_step(stub, reply.run_id, header, payload)
                 continue
             message = self._decode(header, payload)
             if header.kind == pb.TaskHeader.FINISHED:
@@ -267,7 +291,7 @@ class SiteAgent:
         header = first.header
         specs, total, sha = wire.manifest_from_proto(header.manifest)
         payload = wire.join_chunks((c.data for c in stream), expected_total=total, max_total=max(total, 0))
-        if specs:
+        if specs or total:
             wire.check_payload(payload, total, sha)
         return header, payload
 
@@ -284,10 +308,14 @@ class SiteAgent:
         self._spend(r, int(out.metrics.num_steps))
         self.pending_round, self.pending_state = r, out.client_state
         save_tree(self.state_dir / "pending_state.npz", out.client_state, round=r, run_id=self.run_id)
+        if header.secure_aggregation:
+            return self._secure_start(stub, run_id, header, out)
         specs, payload = wire.encode(out.update)
         manifest = wire.manifest_to_proto(specs, payload)  # hashes the payload once, for the header and the log
         metrics = {"train_loss": float(out.metrics.train_loss), "num_steps": float(out.metrics.num_steps)}
         metrics |= {f"test_{k}": v for k, v in _metrics_row(test_metrics).items()}
+        if uses_dp(self.job):  # losses and scores are not noised: outside the DP guarantee, so they stay here
+            metrics = {"num_steps": metrics["num_steps"]}
         head = pb.UpdateHeader(run_id=run_id, round=r, site=self.name, weight=float(out.weight),
                                manifest=manifest, metrics=metrics)
         chunks = [pb.UpdateChunk(header=head)] + [pb.UpdateChunk(data=bytes(c)) for c in wire.chunks(payload, self.chunk_size)]
@@ -302,10 +330,73 @@ class SiteAgent:
             self.log(f"{self.name}: round {r} update rejected: {result.reason}")
             self._discard()
 
+    # ------------------------------------------------------------------ secure aggregation
+    def _secure_start(self, stub, run_id: str, header: pb.TaskHeader, out) -> None:
+        """Keeps the trained update in memory as the round's vector and advertises fresh keys (step 0)."""
+        r, attempt = int(header.round), int(header.attempt)
+        if not self.job.secure_aggregation:
+            raise SiteRefused("the coordinator asked for secure aggregation, which the job it sent does not have")
+        loss = 0.0 if uses_dp(self.job) else float(out.metrics.train_loss)  # not noised: not sent under DP
+        vector = secure_round.vector_of(out.update, float(out.weight), loss)
+        client = secagg.SecAggClient(secure_round.config_of(self.job), run_id, secure_round.protocol_round(r, attempt),
+                                     secure_round.site_id(self.job, self.name))
+        specs = wire.template_of(out.update)
+        self.secure = _HeldRound(r, attempt, client, vector, specs, int(out.metrics.num_steps))
+        self._secure_send(stub, run_id, header, pb.ADVERTISE, client.advertise().to_bytes())
+
+    def _secure_step(self, stub, run_id: str, header: pb.TaskHeader, payload: bytes) -> None:
+        """Steps 1-3: answers the coordinator's protocol message; a step this site cannot take is refused, with why."""
+        r, attempt = int(header.round), int(header.attempt)
+        step = SECAGG_TASKS[header.kind]
+        self.audit.record("task_received", durable=False, kind=pb.TaskHeader.Kind.Name(header.kind), round=r, attempt=attempt,
+                          sha256=header.manifest.sha256)
+        held = self.secure
+        try:
+            if held is None or (held.round, held.attempt) != (r, attempt):
+                raise secagg.SecAggError(f"no secure-aggregation state for round {r} attempt {attempt} (restarted?)")
+            if step == pb.SHARE_KEYS:
+                message = held.client.share_keys(secagg.Roster.from_bytes(payload))
+            elif step == pb.MASKED_INPUT:
+                message = held.client.masked_input(held.vector, secagg.ForwardedShares.from_bytes(payload))
+            else:
+                request = secagg.UnmaskRequest.from_bytes(payload)
+                limit = max(self.job.min_cohort, self.policy.min_cohort or 0) if self.policy else self.job.min_cohort
+                if len(request.survivors) < limit:  # this site's own check of the minimum cohort
+                    raise secagg.UnmaskRefused(f"only {len(request.survivors)} survivors; the minimum cohort is {limit}")
+                message = held.client.unmask(request)
+        except (secagg.SecAggError, secagg.SecAggAborted) as e:
+            self.audit.record("secagg_refused", round=r, attempt=attempt, step=pb.SecAggStep.Name(step), reason=str(e))
+            self.log(f"{self.name}: round {r}: secure aggregation step {pb.SecAggStep.Name(step)} refused: {e}")
+            self._secure_send(stub, run_id, header, step, b"", refusal=str(e))
+            return
+        data = message.to_bytes()
+        if step == pb.MASKED_INPUT:
+            # Durable before it leaves: the masked vector's contents (names, shapes), never its values.
+            self.audit.record("update_sent", round=r, attempt=attempt, secure_aggregation=True, sha256=wire.sha256_hex(data),
+                              tensors=[[s.name, s.dtype, list(s.shape)] for s in held.specs] + [["weight", "float64", []],
+                                                                                                  ["count", "float64", []],
+                                                                                                  ["train_loss", "float64", []]],
+                              masked_values=int(len(held.vector)), bytes=len(data), clipped=held.client.clipped)
+            if held.client.clipped:
+                self.log(f"{self.name}: round {r}: {held.client.clipped} value(s) clipped to runtime.secagg_clip_range="
+                         f"{self.job.secagg_clip_range:g} before masking")
+        self._secure_send(stub, run_id, header, step, data)
+
+    def _secure_send(self, stub, run_id: str, header: pb.TaskHeader, step: int, data: bytes, refusal: str = "") -> None:
+        head = pb.UpdateHeader(run_id=run_id, round=header.round, site=self.name, attempt=header.attempt, secagg_step=step,
+                               manifest=wire.manifest_to_proto([], data), refusal=refusal)
+        chunks = [pb.UpdateChunk(header=head)] + [pb.UpdateChunk(data=bytes(c)) for c in wire.chunks(data, self.chunk_size)]
+        result = stub.SubmitUpdate(iter(chunks))
+        self.audit.record("update_result", durable=False, round=int(header.round), attempt=int(header.attempt),
+                          step=pb.SecAggStep.Name(step), accepted=result.accepted, reason=result.reason)
+        if not result.accepted:
+            self.log(f"{self.name}: round {header.round} {pb.SecAggStep.Name(step)} rejected: {result.reason}")
+
     def _finish(self, stub, run_id: str, header: pb.TaskHeader, message) -> dict:
         metrics = _metrics_row(self._evaluate(message.params, self.test, jnp.ones(len(self.test.y), bool)))
+        # Under DP the test scores (of patients too) are not sent: an empty report only says "done".
         head = pb.UpdateHeader(run_id=run_id, round=header.round, site=self.name, weight=0.0,
-                               manifest=wire.manifest_to_proto([], b""), metrics=metrics)
+                               manifest=wire.manifest_to_proto([], b""), metrics={} if uses_dp(self.job) else metrics)
         try:
             stub.SubmitUpdate(iter([pb.UpdateChunk(header=head)]))
         except grpc.RpcError as e:  # the run is over either way; the coordinator may already have left
@@ -388,6 +479,10 @@ def dry_run(name: str, data_paths: Sequence[Path], job: Job, *, policy: Optional
     if not job.secure_aggregation:  # the received model's scores on the test rows travel with a plain update
         scores = setup.fns.evaluate(message.params, setup.test, jnp.ones(len(setup.test.y), bool))
         metrics |= {f"test_{k}": v for k, v in _metrics_row(scores).items()}
+    if uses_dp(job):
+        metrics = {"num_steps": float(steps)}
+    elif job.secure_aggregation:
+        metrics = {"train_loss (inside the masked vector)": metrics["train_loss"]}
     preview = EgressPreview(name, tensors, float(out.weight), metrics, len(payload), wire.sha256_hex(payload),
                             spent._replace(steps=steps), job.secure_aggregation, policy.sha256 if policy else None)
     if audit is not None:
