@@ -31,7 +31,7 @@ from nordfl.sim import checkpoint
 from nordfl.sim.config import ConfigError, build, fingerprint_config, register
 from nordfl.sim.devices import use_cpu_cores
 from nordfl.sim.engine import Evaluation, Simulator
-from nordfl.sim.metrics_log import MetricsLog
+from nordfl.sim.metrics_log import MetricsLog, evaluation_row
 
 register()
 
@@ -66,17 +66,6 @@ def _privacy_summary(cfg: DictConfig, privacy, rounds_done: int, site_names: lis
     else:
         block |= {"unit": "one site (all its rows), per run", "sampling": "cohort without replacement", "noise": d.noise}
     return block
-
-
-def _eval_row(evaluation: Evaluation, site_names: list[str]) -> dict:
-    sites = {
-        name: {"loss": float(evaluation.sites.loss[i]), "accuracy": float(evaluation.sites.accuracy[i]),
-               "auc": float(evaluation.sites.auc[i])}
-        for i, name in enumerate(site_names)
-    }
-    pooled = evaluation.pooled
-    return {"train_loss": evaluation.train_loss, "test_loss": pooled.loss, "test_accuracy": pooled.accuracy,
-            "test_auc": pooled.auc, "sites": sites}
 
 
 def _fingerprint(cfg: DictConfig) -> str:
@@ -150,7 +139,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
             evaluation = None
             if state.round % cfg.sim.eval_every == 0 or state.round == rounds:
                 evaluation = sim.evaluate(state.server.params)
-                row |= _eval_row(evaluation, site_names)
+                row |= evaluation_row(evaluation, site_names)
             row["elapsed_s"] = time.perf_counter() - start
             log.log(row)
             done = state.round - start_round
@@ -168,7 +157,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
     result = RunResult(evaluation, site_names, state.round, first_round_s, train_s, float(np.mean(overheads)), epsilon, stopped)
     summary = {
         "algorithm": cfg.algorithm.name, "task": task.data.name, "seed": cfg.seed, "rounds": rounds,
-        "final": _eval_row(evaluation, site_names), "padding_overhead": result.padding_overhead,
+        "final": evaluation_row(evaluation, site_names), "padding_overhead": result.padding_overhead,
         "first_round_s": first_round_s, "train_s": train_s, "num_clients": len(site_names), "cohort_size": sim.cohort_size,
     }
     if privacy is not None:

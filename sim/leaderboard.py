@@ -126,9 +126,9 @@ def _rank_text(e: Entry) -> str:
     return str(e.rank) if e.rank is not None else "baseline"
 
 
-def _setting_table(entries: list[Entry], target: float) -> list[str]:
+def _setting_table(entries: list[Entry], target: float, scored_on: str) -> list[str]:
     natural = any(e.worst_site_accuracy is not None for e in entries)
-    header = ["rank", "algorithm", "seeds", "test accuracy", "test loss", *(["worst-site accuracy"] if natural else []),
+    header = ["rank", "algorithm", "seeds", f"{scored_on} accuracy", f"{scored_on} loss", *(["worst-site accuracy"] if natural else []),
               f"rounds to {target:.0%} accuracy"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h not in ("algorithm",) else "---" for h in header) + "|"]
     order = sorted(entries, key=lambda e: (e.rank is None, e.rank or 0, e.algorithm))
@@ -195,12 +195,14 @@ def write_leaderboard(suite_dir: Path, out_dir: Optional[Path] = None) -> list[P
     if suite.get("description"):
         lines += [suite["description"].strip(), ""]
     lines += _provenance(manifest) + [""]
-    lines += ["Final test accuracy, mean ± std over seeds (rank in the setting; baselines unranked):", ""] + _overview(entries) + [""]
+    scored_on = "validation" if manifest["mode"] == "tune" else "test"
+    lines += [f"Final {scored_on} accuracy, mean ± std over seeds (rank in the setting; baselines unranked):", ""]
+    lines += _overview(entries) + [""]
     paths = []
     for setting, setting_entries in entries.items():
         plot = out_dir / "curves" / f"{setting.replace('/', '_')}.png"
         paths.append(_plot(setting, setting_entries, target, plot))
-        lines += [f"## {setting}", "", *_setting_table(setting_entries, target), "",
+        lines += [f"## {setting}", "", *_setting_table(setting_entries, target, scored_on), "",
                   f"![accuracy per round, {setting}](curves/{plot.name})", ""]
     md = out_dir / LEADERBOARD_MD
     md.write_text("\n".join(lines))

@@ -452,6 +452,13 @@ def build_cell(cell: Cell, run: SuiteRun, tasks: dict[str, Task]):
     return cfg, task, Experiment(task, algorithm, aggregate, build_options(cfg, len(task.data.clients)))
 
 
+def _command() -> Optional[str]:
+    """The command line that ran the suite, without where its output went (a local path)."""
+    if Path(sys.argv[0]).name != "nordfl-bench":
+        return None
+    return " ".join(["nordfl-bench", *(a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "logger.progress=")))])
+
+
 def _write_manifest(suite_dir: Path, manifest: dict) -> None:
     path = suite_dir / MANIFEST
     tmp = path.with_suffix(".tmp")
@@ -473,7 +480,7 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
         fail("suite", run.suite.name, f"must match the suite already in {suite_dir} ({previous['suite'].get('name')}); use a new folder")
     manifest = {
         "suite": run.suite._asdict(), "mode": run.mode, "seeds": list(run.seeds),
-        "command": "nordfl-bench " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "nordfl-bench" else None,
+        "command": _command(),
         "settings": list(dict.fromkeys(c.setting for c in run.cells)),
         "cells": previous.get("cells", {}), **provenance(),
         "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")), "wall_s": previous.get("wall_s", 0.0),
