@@ -209,11 +209,14 @@ def cmd_demo(args) -> int:
         for name in sorted(files):
             log = root / "sites" / name / "audit.jsonl"
             spent = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            final = [e["metrics"] for e in spent if e["event"] == "finished"]
             spent = [e for e in spent if e["event"] == "privacy_spent"]
             if spent:
                 e = spent[-1]
+                scores = "  ".join(f"{k} {v:.3f}" for k, v in sorted(final[-1].items())) if final else "none"
                 print(f"{name}: spent epsilon {float(e['epsilon']):.3g} at delta {e['delta']:g} ({e['mechanism']}, "
-                      f"{e['steps']} local steps, {e['updates']} updates); policy sha256 {e['policy_sha256'][:16]}...")
+                      f"{e['steps']} local steps, {e['updates']} updates); policy sha256 {e['policy_sha256'][:16]}...; "
+                      f"final model on its test rows (kept at the site): {scores}")
     if not args.dir and all(c == 0 for c in codes) and not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if all(c == 0 for c in codes) else 1

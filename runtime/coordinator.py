@@ -212,8 +212,8 @@ class Coordinator:
         stacked = jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *[self.updates[s][0] for s in sites])
         weights = jnp.asarray([self.updates[s][1] for s in sites], jnp.float32)
         self.server, metrics = self._server_update(self.server, stacked, weights)
-        losses = [self.updates[s][2].get("train_loss", float("nan")) for s in sites]
-        self._finish_round(sites, float(np.nanmean(losses)) if losses else float("nan"), float(metrics.update_norm), reason)
+        losses = [self.updates[s][2]["train_loss"] for s in sites if "train_loss" in self.updates[s][2]]
+        self._finish_round(sites, float(np.mean(losses)) if losses else float("nan"), float(metrics.update_norm), reason)
 
     def _finish_round(self, sites: list[str], mean_loss: float, update_norm: float, reason: str, **audit_fields) -> None:
         """Bookkeeping once the aggregate of ``sites`` has been applied: save, log, open the next round."""
@@ -223,8 +223,9 @@ class Coordinator:
         self.audit.record("round_closed", round=self.round - 1, reason=reason, contributors=sites,
                           update_norm=update_norm, **audit_fields)
         secure = " (secure aggregation)" if self.job.secure_aggregation else ""
+        loss = f"{mean_loss:.4f}" if np.isfinite(mean_loss) else "not sent (DP)"
         self.log(f"round {self.round}/{self.job.rounds}: {len(sites)} sites ({', '.join(sites)}){secure}, "
-                 f"mean train loss {mean_loss:.4f}, update norm {update_norm:.4f}")
+                 f"mean train loss {loss}, update norm {update_norm:.4f}")
         self.open = self._open_round(attempt=1) if self.round < self.job.rounds else None
         if self.open is None:
             self.secure = None
@@ -260,6 +261,8 @@ class Coordinator:
         if self._cohort_too_small(sites):
             return
         aggregate, mean_loss = aggregate_of(result.total, self.update_template)
+        if self.job.algorithm_config.get("dp", {}).get("mode", "none") != "none":
+            mean_loss = float("nan")  # the sites put 0 there: a loss is not noised, so it is not sent under DP
         self.server, metrics = self._server_update_from(self.server, aggregate)
         bound = result.error_bound / float(aggregate.total_weight) if float(aggregate.total_weight) > 0 else None
         self._finish_round(sites, mean_loss, float(metrics.update_norm), reason, secure_aggregation=True,
