@@ -200,10 +200,12 @@ def write_leaderboard(suite_dir: Path, out_dir: Optional[Path] = None) -> list[P
     lines += _overview(entries) + [""]
     paths = []
     for setting, setting_entries in entries.items():
+        lines += [f"## {setting}", "", *_setting_table(setting_entries, target, scored_on), ""]
+        if manifest["mode"] == "tune":
+            continue  # tuning evaluates once, at the end: there is no curve to draw
         plot = out_dir / "curves" / f"{setting.replace('/', '_')}.png"
         paths.append(_plot(setting, setting_entries, target, plot))
-        lines += [f"## {setting}", "", *_setting_table(setting_entries, target, scored_on), "",
-                  f"![accuracy per round, {setting}](curves/{plot.name})", ""]
+        lines += [f"![accuracy per round, {setting}](curves/{plot.name})", ""]
     md = out_dir / LEADERBOARD_MD
     md.write_text("\n".join(lines))
     return [md, _write_csv(entries, out_dir / LEADERBOARD_CSV), *paths]
