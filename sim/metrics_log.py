@@ -90,3 +90,23 @@ def evaluation_row(evaluation, site_names) -> dict:
     pooled = evaluation.pooled
     return {"train_loss": float(evaluation.train_loss), "test_loss": float(pooled.loss),
             "test_accuracy": float(pooled.accuracy), "test_auc": float(pooled.auc), "sites": sites}
+
+
+def upload_to_wandb(run_dir: Path, *, config: dict, project: str, mode: Optional[str], run_name: str,
+                    group: Optional[str] = None, summary: Optional[dict] = None) -> None:
+    """Sends a finished run folder's ``metrics.jsonl`` to W&B as one run.
+
+    ``nordfl-bench`` trains the seeds of a cell together, and W&B keeps one active run per
+    process, so each seed is uploaded after its cell, one run at a time.
+    """
+    import wandb
+
+    run = wandb.init(project=project, config=config, dir=str(run_dir), mode=wandb_mode(mode), name=run_name, group=group,
+                     reinit="finish_previous")
+    for line in (Path(run_dir) / FILENAME).read_text().splitlines():
+        if line:
+            row = json.loads(line)
+            run.log(_flatten(row), step=row["round"])
+    if summary:
+        run.summary.update(_flatten(_clean(summary)))
+    run.finish()

@@ -38,6 +38,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
+import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
@@ -45,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from nordfl.conf.schema import ConfigError, build_algorithm, build_task, fail, model_kwargs
 from nordfl.sim.config import Experiment, build_options, fingerprint_config, register
 from nordfl.sim.engine import Simulator
-from nordfl.sim.metrics_log import MetricsLog, evaluation_row
+from nordfl.sim.metrics_log import MetricsLog, evaluation_row, upload_to_wandb
 from nordfl.sim.seeds import SeedBatch
 from nordfl.tasks import Task, classification_task, make_model
 from nordfl.tasks.data import pooled_dataset, single_client, validation_split
@@ -342,8 +343,7 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
         folder = _seed_folder(suite_dir, cell, seed)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg))
-        logs.append(MetricsLog(folder, config=OmegaConf.to_container(run_cfg, resolve=True), use_wandb=logger.wandb,
-                               project=logger.project, mode=logger.mode, run_name=f"{cell.setting}/{cell.algorithm}/seed_{seed}"))
+        logs.append(MetricsLog(folder, config={}, use_wandb=False, project=logger.project, mode=None, run_name=folder.name))
     rounds, eval_every = cfg.sim.rounds, cfg.sim.eval_every
     train_sizes = np.array(task.data.train_sizes(), np.float64)
     start = time.perf_counter()
@@ -382,9 +382,13 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
             "rounds": rounds, "final": finals[i], "first_round_s": first_round_s, "train_s": wall_s,
             "num_clients": len(site_names), "fingerprint": fingerprint,
         }
-        logs[i].close(summary)
-        path = _seed_folder(suite_dir, cell, seed) / "summary.json"
-        path.write_text(json.dumps(summary, indent=2, default=float).replace("NaN", "null"))
+        folder = _seed_folder(suite_dir, cell, seed)
+        if logger.wandb:
+            config = yaml.safe_load((folder / "config.yaml").read_text())
+            upload_to_wandb(folder, config=config, project=logger.project, mode=logger.mode,
+                            run_name=f"{cell.setting}/{cell.algorithm}/seed_{seed}", group=f"{cell.setting}/{cell.algorithm}",
+                            summary=summary)
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float).replace("NaN", "null"))
     return CellResult(wall_s, first_round_s, [f.get("test_accuracy", float("nan")) for f in finals])
 
 

@@ -75,6 +75,14 @@ def test_a_suite_run_twice_with_the_same_seeds_gives_identical_numbers(quick, tm
     assert events.count("skip") == 2 and "cell" not in events
 
 
+@pytest.mark.slow
+def test_suite_runs_go_to_weights_and_biases_one_run_per_seed(tmp_path):
+    run_suite(bench_config("suite=quick", "only=[pooled]", "seeds=[0,1]", "logger.wandb=true", "logger.mode=offline"), tmp_path)
+    for seed in (0, 1):
+        offline = list((tmp_path / "split=natural" / "pooled" / f"seed_{seed}" / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+
+
 SUITE = {
     "name": "toy", "seeds": [0, 1, 2], "target_accuracy": 0.8, "common": ["task=heart"],
     "axes": {"alpha": {"0": ["task.alpha=0"], "1": ["task.alpha=1"]}, "stragglers": {"0": [], "0.5": ["sim.straggler_fraction=0.5"]}},
