@@ -63,15 +63,15 @@ def test_quick_suite_leaderboard_has_every_algorithm_with_mean_and_std_over_seed
 def test_a_suite_run_twice_with_the_same_seeds_gives_identical_numbers(quick, tmp_path):
     folder, _ = quick
     again = tmp_path / "again"
-    run_suite(bench_config("suite=quick", "only=[scaffold,local]"), again)
+    run_suite(bench_config("suite=quick", "only=[scaffold,pooled]"), again)
     write_leaderboard(again)
     first, second = read_csv(folder / LEADERBOARD_CSV), read_csv(again / LEADERBOARD_CSV)
-    assert set(second) == {("split=natural", "scaffold"), ("split=natural", "local")}
+    assert set(second) == {("split=natural", "scaffold"), ("split=natural", "pooled")}
     for key, row in second.items():
         assert {k: v for k, v in row.items() if k != "rank"} == {k: v for k, v in first[key].items() if k != "rank"}
     # Rerunning into a finished suite folder trains nothing: every cell is skipped.
     events = []
-    run_suite(bench_config("suite=quick", "only=[scaffold,local]"), again, reporter=lambda event, **_: events.append(event))
+    run_suite(bench_config("suite=quick", "only=[scaffold,pooled]"), again, reporter=lambda event, **_: events.append(event))
     assert events.count("skip") == 2 and "cell" not in events
 
 
