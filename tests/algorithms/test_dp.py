@@ -94,7 +94,7 @@ FACTORIES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("name", ["fedavg", pytest.param("fedprox", marks=pytest.mark.slow), pytest.param("scaffold", marks=pytest.mark.slow)])
 def test_full_batch_dp_sgd_without_noise_or_clipping_is_the_non_private_algorithm(softmax_model, name):
     # batch_size >= every n: q = 1, Poisson sampling takes every row, and both loops take
     # one full-batch step per epoch. Clip 1e30 never scales, noise 0 adds nothing.
@@ -125,7 +125,7 @@ def test_poisson_local_sgd_matches_a_numpy_loop_over_the_same_draws(softmax_mode
         for e in range(epochs):
             for s in range(-(-n // batch)):
                 sample_key, _ = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, e), s))
-                draws = np.array([jax.random.uniform(jax.random.fold_in(sample_key, r)) for r in range(n)])
+                draws = np.asarray(jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(sample_key, r)))(np.arange(n)))
                 rows = np.flatnonzero(draws < q)
                 p = {"linear": {"kernel": w, "bias": b}}
                 sw, sb, _ = _np_clipped_sum(p, c.x, c.y, rows, clip)
@@ -173,7 +173,7 @@ def test_update_dp_clips_each_update_and_divides_by_the_planned_cohort(softmax_m
     np.testing.assert_allclose(state.params["linear"]["bias"], b + sum(e[1] for e in expected) / m, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("placement", ["central", "distributed"])
+@pytest.mark.parametrize("placement", ["central", pytest.param("distributed", marks=pytest.mark.slow)])
 def test_update_dp_noise_on_the_mean_has_std_z_clip_over_m(placement):
     # A model of 8 000 zeros whose loss is constant: every update is 0, the mean is pure noise.
     params = {"w": jnp.zeros(8_000)}

@@ -81,6 +81,7 @@ def test_bad_dp_values_are_named(overrides, message):
         build(_compose(*overrides))
 
 
+@pytest.mark.slow  # two short runs of the heart task (~15 s)
 def test_epsilon_per_round_is_dp_accountings_and_the_run_stops_checkpointed_at_the_budget(tmp_path):
     z = 2.0
     common = [*DP_SGD, f"algorithm.dp.noise_multiplier={z}", "sim.rounds=6", "sim.checkpoint_every=100"]
@@ -108,6 +109,7 @@ def test_epsilon_per_round_is_dp_accountings_and_the_run_stops_checkpointed_at_t
     assert [json.loads(line)["round"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.slow  # one short run (~8 s)
 def test_dp_fedavg_run_reports_site_level_epsilon(tmp_path):
     z = 1.5
     overrides = ["algorithm.dp.mode=update", "algorithm.dp.clip=0.5", f"algorithm.dp.noise_multiplier={z}",
