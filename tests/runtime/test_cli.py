@@ -60,3 +60,30 @@ def test_demo_trains_four_hospitals_over_mtls(tmp_path):
         assert f"final model at {site}: accuracy" in done.stdout
     assert "round 2/2" in done.stdout
     assert done.stdout.count("chain intact") == 5  # the coordinator's and every site's audit log
+
+
+
+@pytest.mark.slow
+def test_private_demo_runs_dp_and_secure_aggregation_to_completion(tmp_path):
+    """DP-SGD + secure aggregation + a policy at every site, as separate processes over mTLS; each site's
+    epsilon ledger matches the accountant for the steps it ran, and the coordinator never saw a plain update."""
+    from nordfl.algorithms import accounting
+    from nordfl.algorithms.dp import sampling_rate
+    from nordfl.runtime.site_data import load_site_table
+    from nordfl.tasks.heart import prepare_site
+
+    done = _run("demo", "--private", "--rounds", "2", "--dir", tmp_path / "demo", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "round 2/2: 4 sites" in done.stdout and "(secure aggregation)" in done.stdout
+    assert done.stdout.count("chain intact") == 5
+    coordinator = [json.loads(line) for line in (tmp_path / "demo" / "coordinator" / "audit.jsonl").read_text().splitlines()]
+    assert not any(e["event"] == "update_accepted" for e in coordinator)
+    for site in ("Cleveland", "Hungary", "Switzerland", "VA_Long_Beach"):
+        log = [json.loads(line) for line in (tmp_path / "demo" / "sites" / site / "audit.jsonl").read_text().splitlines()]
+        policy = next(e for e in log if e["event"] == "policy_loaded")
+        spent = [e for e in log if e["event"] == "privacy_spent"]
+        assert [e["round"] for e in spent] == [0, 1] and 0 < spent[0]["epsilon"] < spent[1]["epsilon"] <= 15
+        assert all(e["policy_sha256"] == policy["sha256"] and e["mechanism"] == "dp_sgd" for e in spent)
+        rows = len(prepare_site(site, load_site_table([tmp_path / "demo" / "data" / site / "heart.csv"]), seed=0).train.y)
+        assert spent[-1]["epsilon"] == pytest.approx(accounting.epsilon_spent(1.5, sampling_rate(rows, 16), spent[-1]["steps"], 1e-5))
+        assert f"{site}: spent epsilon" in done.stdout
