@@ -28,8 +28,8 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
-__all__ = ["PolicyError", "PolicyViolation", "PrivacyCost", "SitePolicy", "check_job", "check_spend", "load_policy",
-           "privacy_cost", "RULES"]
+__all__ = ["PolicyError", "PolicyViolation", "PrivacyCost", "SitePolicy", "check_job", "check_job_budget", "check_spend",
+           "load_policy", "privacy_cost", "RULES"]
 
 RULES = ("allowed_algorithms", "max_epsilon", "max_delta", "min_cohort", "require_secure_aggregation", "require_dp")
 """The policy file's keys, in the order ``check_job`` checks them."""
@@ -224,9 +224,29 @@ def check_job(policy: SitePolicy, job, num_examples: int) -> PrivacyCost:
     return cost
 
 
-def check_spend(policy: Optional[SitePolicy], spent: PrivacyCost) -> None:
+def check_spend(policy: Optional[SitePolicy], spent: PrivacyCost, job=None) -> None:
     """Raises ``PolicyViolation`` if epsilon already spent plus the next update (``spent``) passes the
-    policy's maximum (retried rounds spend too, so the plan can be exceeded)."""
+    policy's maximum, or the job's own ``algorithm.dp.epsilon_budget`` (retried rounds spend too, so
+    the plan can be exceeded)."""
     if policy is not None and policy.max_epsilon is not None and not spent.epsilon <= policy.max_epsilon:
         raise PolicyViolation("max_epsilon", f"epsilon {spent.epsilon:.4g} after this update ({spent.steps} steps)",
                               f"epsilon <= {policy.max_epsilon:.4g}", "the site stops sending rather than exceed it")
+    budget = _job_budget(job)
+    if budget is not None and not spent.epsilon <= budget:
+        raise PolicyViolation("algorithm.dp.epsilon_budget", f"epsilon {spent.epsilon:.4g} after this update "
+                              f"({spent.steps} steps)", f"epsilon <= {budget:.4g}", "the job's own budget; the site stops")
+
+
+def check_job_budget(job, planned: PrivacyCost) -> None:
+    """The job's own ``algorithm.dp.epsilon_budget`` against its planned cost at this site, as the simulator
+    checks it: refused unless ``algorithm.dp.stop_at_budget`` (then the site stops at the budget)."""
+    budget = _job_budget(job)
+    if budget is not None and planned.epsilon > budget and not job.algorithm_config["dp"].get("stop_at_budget"):
+        raise PolicyViolation("algorithm.dp.epsilon_budget", f"planned epsilon {planned.epsilon:.4g} at this site "
+                              f"over {job.rounds} rounds", f"epsilon <= {budget:.4g}",
+                              "raise the noise, run fewer rounds, or set algorithm.dp.stop_at_budget=true")
+
+
+def _job_budget(job) -> Optional[float]:
+    dp = _dp_settings(job) if job is not None else None
+    return None if dp is None or dp.get("epsilon_budget") is None else float(dp["epsilon_budget"])

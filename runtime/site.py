@@ -36,7 +36,8 @@ from nordfl.algorithms import ClientData
 from nordfl.runtime import secagg, secure_round, wire
 from nordfl.runtime.audit import AuditLog
 from nordfl.runtime.config import Job, build_job
-from nordfl.runtime.policy import PolicyViolation, PrivacyCost, SitePolicy, check_job, check_spend, privacy_cost
+from nordfl.runtime.policy import (PolicyViolation, PrivacyCost, SitePolicy, check_job, check_job_budget, check_spend,
+                                   privacy_cost)
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
 from nordfl.runtime.site_data import load_site_table
@@ -76,7 +77,6 @@ class _HeldRound(NamedTuple):
     client: Any
     vector: np.ndarray
     specs: list
-    steps: int
 
 
 class LocalSetup(NamedTuple):
@@ -228,13 +228,14 @@ class SiteAgent:
         """The site's policy against the job, before any training; returns the job's planned privacy cost."""
         num_examples = int(self.train.num_examples)
         try:
-            if self.policy is None:
-                return privacy_cost(job, num_examples)
-            planned = check_job(self.policy, job, num_examples)
+            planned = privacy_cost(job, num_examples) if self.policy is None else check_job(self.policy, job, num_examples)
+            check_job_budget(job, planned)
         except PolicyViolation as e:
             self.audit.record("policy_refused", run_id=self.run_id, rule=e.rule, job_value=str(e.job_value),
-                              limit=str(e.limit), policy_sha256=self.policy.sha256)
+                              limit=str(e.limit), policy_sha256=self.policy.sha256 if self.policy else None)
             raise SiteRefused(f"{self.name}: refused the job of run {self.run_id}: {e}") from None
+        if self.policy is None:
+            return planned
         self.audit.record("policy_accepted", run_id=self.run_id, policy_sha256=self.policy.sha256,
                           planned_epsilon=_json_number(planned.epsilon), delta=planned.delta, mechanism=planned.mechanism)
         return planned
@@ -259,10 +260,10 @@ class SiteAgent:
             self.ledger = ledger
             return
         try:
-            check_spend(self.policy, spent)
+            check_spend(self.policy, spent, self.job)
         except PolicyViolation as e:
             self.audit.record("policy_refused", run_id=self.run_id, round=round_index, rule=e.rule,
-                              job_value=str(e.job_value), limit=str(e.limit), policy_sha256=self.policy.sha256)
+                              job_value=str(e.job_value), limit=str(e.limit), policy_sha256=self.policy.sha256 if self.policy else None)
             raise SiteRefused(f"{self.name}: stopped before round {round_index}'s update left: {e}") from None
         tmp = self.state_dir / (LEDGER_FILE + ".tmp")
         tmp.write_text(json.dumps(ledger))
@@ -341,7 +342,7 @@ class SiteAgent:
         client = secagg.SecAggClient(secure_round.config_of(self.job), run_id, secure_round.protocol_round(r, attempt),
                                      secure_round.site_id(self.job, self.name))
         specs = wire.template_of(out.update)
-        self.secure = _HeldRound(r, attempt, client, vector, specs, int(out.metrics.num_steps))
+        self.secure = _HeldRound(r, attempt, client, vector, specs)
         self._secure_send(stub, run_id, header, pb.ADVERTISE, client.advertise().to_bytes())
 
     def _secure_step(self, stub, run_id: str, header: pb.TaskHeader, payload: bytes) -> None:

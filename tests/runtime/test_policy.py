@@ -140,3 +140,31 @@ def test_a_site_refuses_the_coordinators_job_before_training(tmp_path):
     refused = next(e for e in log if e["event"] == "policy_refused")
     assert refused["rule"] == "require_secure_aggregation" and refused["policy_sha256"] == loaded["sha256"]
     assert not any(e["event"] in ("update_sent", "task_received") for e in log)  # refused before any training
+
+
+def test_the_jobs_own_epsilon_budget(accountant):
+    from nordfl.runtime.policy import check_job_budget
+
+    job = _job(dp={"mode": "sgd", "epsilon": 9.0, "epsilon_budget": 5.0})
+    with pytest.raises(PolicyViolation, match=r"algorithm.dp.epsilon_budget: the job's value is planned epsilon 9 at this site"):
+        check_job_budget(job, check_job(SitePolicy(), job, 100))
+    stopping = _job(dp={"mode": "sgd", "epsilon": 9.0, "epsilon_budget": 5.0, "stop_at_budget": True})
+    check_job_budget(stopping, check_job(SitePolicy(), stopping, 100))  # runs, and stops at the budget:
+    with pytest.raises(PolicyViolation, match="algorithm.dp.epsilon_budget"):
+        check_spend(None, PrivacyCost("dp_sgd", 5.1, 1e-5, 30), stopping)
+
+
+def test_planned_epsilon_is_the_accountants():
+    from nordfl.algorithms import accounting
+    from nordfl.runtime.policy import privacy_cost
+
+    sgd = _job(dp={"mode": "sgd", "noise_multiplier": 1.5, "delta": 1e-5}, rounds=10)
+    sgd.algorithm_config.update(batch_size=16, num_epochs=2, drop_remainder=False)
+    planned = privacy_cost(sgd, num_examples=199)
+    assert planned.mechanism == "dp_sgd" and planned.steps == 10 * 2 * 13
+    assert planned.epsilon == pytest.approx(accounting.epsilon_spent(1.5, 16 / 199, 260, 1e-5))
+    assert privacy_cost(sgd, 199, steps=26, updates=1).epsilon < planned.epsilon  # one round of the ledger
+    update = _job(dp={"mode": "update", "noise": "distributed", "noise_multiplier": 5.0, "delta": 1e-5}, rounds=10)
+    cost = privacy_cost(update, num_examples=199)
+    assert cost.mechanism == "dp_fedavg_distributed"
+    assert cost.epsilon == pytest.approx(accounting.site_level_epsilon(5.0, 4, 4, 10, 1e-5))
