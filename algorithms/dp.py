@@ -248,14 +248,18 @@ def with_update_dp(algorithm: Algorithm, options: UpdateDP, noise_seed: int = 0)
     noise the site adds N(0, (z C)^2 / m) from its own ``key`` (the runtime must feed that
     key site-secret entropy, or the coordinator could subtract the noise).
     Server: from the weighted mean (a sum over the total weight) it rebuilds the sum, adds
-    N(0, (z C)^2) with ``central`` noise (key: ``noise_seed`` folded with the round; keep the
-    seed secret at the coordinator), divides by ``m`` and hands that to the inner
+    N(0, (z C)^2) with ``central`` noise (key: the 64-bit ``noise_seed`` folded with the round;
+    keep the seed secret at the coordinator), divides by ``m`` and hands that to the inner
     ``server_update``. Distributed noise carries the full (z C)^2 only if all m sites
     contribute; account with fewer and the guarantee is weaker.
 
     Needs the weighted-mean aggregator (a sum), and an inner server state with a ``round``.
     """
     clip, z, placement, m = options
+    if not isinstance(noise_seed, (int, np.integer)) or isinstance(noise_seed, bool) or not 0 <= noise_seed < 2**64:
+        raise ValueError(f"dp: noise_seed must be an integer in [0, 2**64), got {noise_seed!r}")
+    # All 64 bits of the seed make the key (jax.random.key keeps only 32 of a Python int without x64).
+    seed_words = np.array([(int(noise_seed) >> 32) & 0xFFFFFFFF, int(noise_seed) & 0xFFFFFFFF], np.uint32)
 
     def client_update(message, client_state, data: ClientData, key: PRNGKey, num_epochs_to_run=None) -> ClientOutput:
         out = algorithm.client_update(message, client_state, data, key, num_epochs_to_run)
@@ -268,7 +272,7 @@ def with_update_dp(algorithm: Algorithm, options: UpdateDP, noise_seed: int = 0)
     def server_update(state, aggregate: Aggregate):
         total = otu.tree_scale(aggregate.total_weight, aggregate.mean)
         if placement == "central":
-            key = jax.random.fold_in(jax.random.key(noise_seed), state.round)
+            key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(seed_words)), state.round)
             total = add_gaussian_noise(total, z * clip, key)
         mean = otu.tree_scale(1.0 / m, total)
         return algorithm.server_update(state, aggregate._replace(mean=mean))

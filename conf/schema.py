@@ -174,7 +174,7 @@ def build_algorithm(
         dp = {"mode": d.mode, "clip": d.clip, "noise_multiplier": d.noise_multiplier}
         if d.mode == "update":
             dp |= {"noise": d.noise, "expected_clients": expected_clients or num_clients,
-                   "noise_seed": secrets.randbits(31) if noise_seed is None else noise_seed}
+                   "noise_seed": secrets.randbits(64) if noise_seed is None else noise_seed}
     try:
         algorithm = make_algorithm(a.name, loss_fn, server=present(a.server), dp=dp, **hyper)
     except ValueError as e:

@@ -160,7 +160,7 @@ def build(cfg: DictConfig) -> Experiment:
     options = build_options(cfg, num_clients)
     privacy = build_privacy(cfg, task, options)
     algorithm, aggregate = build_algorithm(
-        cfg, task.loss_fn, num_clients, expected_clients=options.cohort_size or num_clients, noise_seed=cfg.seed,
+        cfg, task.loss_fn, num_clients, expected_clients=options.cohort_size or num_clients, noise_seed=int(cfg.seed) % 2**64,
     )
     return Experiment(task, algorithm, aggregate, options, privacy)
 

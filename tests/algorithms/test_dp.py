@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nordfl.algorithms import ClientData, fedavg, fedprox, make_algorithm, scaffold, weighted_mean
+from nordfl.algorithms import ClientData, ModelDelta, fedavg, fedprox, make_algorithm, scaffold, weighted_mean
+from nordfl.algorithms.base import Aggregate
 from nordfl.algorithms import dp
 from nordfl.sim.packing import pack_clients
 from nordfl.tasks import Examples
@@ -226,3 +227,19 @@ def test_every_algorithm_takes_dp_through_the_registry(softmax_model, mode):
         message, state = alg.broadcast(alg.server_init(params)), alg.client_init(params)
         out = jax.eval_shape(alg.client_update, message, state, data, jax.random.key(0))  # traces the DP path
         assert out.update.delta["linear"]["kernel"].shape == params["linear"]["kernel"].shape
+
+
+def test_central_noise_uses_all_64_bits_of_its_seed():
+    # jax.random.key(seed) keeps only the low 32 bits of a Python int without x64: 2**40 and
+    # 2**41 would give the same noise, and a 32-bit secret can be searched exhaustively.
+    params = {"w": jnp.zeros(64)}
+    loss_fn = lambda p, batch, mask: 0.0 * jnp.sum(p["w"])  # noqa: E731
+    aggregate = Aggregate({"w": jnp.zeros(64)}, jnp.float32(3.0), jnp.float32(3.0))
+    noise = []
+    for seed in (2**40, 2**41, 2**40):
+        alg = dp.with_update_dp(fedavg(loss_fn, client_lr=0.1), dp.update_dp(1.0, 1.0, "central", 3), noise_seed=seed)
+        state, _ = alg.server_update(alg.server_init(params), aggregate._replace(mean=ModelDelta(aggregate.mean)))
+        noise.append(np.asarray(state.params["w"]))
+    assert not np.allclose(noise[0], noise[1]) and np.array_equal(noise[0], noise[2])
+    with pytest.raises(ValueError, match=r"noise_seed must be an integer in \[0, 2\*\*64\), got -1"):
+        dp.with_update_dp(fedavg(loss_fn, client_lr=0.1), dp.update_dp(1.0, 1.0, "central", 3), noise_seed=-1)
