@@ -49,6 +49,11 @@ def test_noise_for_epsilon_inverts_epsilon_spent():
     z = accounting.noise_for_epsilon(target, q, steps, delta)
     assert accounting.epsilon_spent(z, q, steps, delta) <= target
     assert accounting.epsilon_spent(z * 0.995, q, steps, delta) > target
+
+
+@pytest.mark.slow  # each evaluation of the sampled-without-replacement RDP curve takes ~0.5 s
+def test_site_level_noise_for_epsilon_inverts_site_level_epsilon():
+    target, delta = 3.0, 1e-5
     zs = accounting.site_level_noise_for_epsilon(target, 20, 5, 30, delta)
     assert accounting.site_level_epsilon(zs, 20, 5, 30, delta) <= target < accounting.site_level_epsilon(zs * 0.995, 20, 5, 30, delta)
 
