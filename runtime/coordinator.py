@@ -348,6 +348,9 @@ class Coordinator:
             while True:
                 if self.stopped:
                     raise Stopped(f"run stopped: {self.stopped}")
+                ok, reason = self.admitted(site)  # again after every wait: a long poll can outlast a revocation
+                if not ok:
+                    raise Rejected(reason)
                 if self.finished:
                     return self._finished(site)
                 task = self.open
