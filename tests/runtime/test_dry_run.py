@@ -45,3 +45,16 @@ def test_dry_run_applies_the_site_policy(tmp_path, data, capsys, no_network):
     err = capsys.readouterr().err
     assert code == 2
     assert "site policy rule min_cohort: the job's value is runtime.min_cohort=3, the policy's limit is at least 5" in err
+
+
+def test_dry_run_shows_the_epsilon_one_round_would_spend(tmp_path, data, capsys, no_network):
+    from nordfl.algorithms import accounting
+
+    code = cli.main(["site", "--dry-run", "--name", "Cleveland", "--data", str(data), "runtime.secure_aggregation=true",
+                     "algorithm.dp.mode=sgd", "algorithm.dp.noise_multiplier=1.5", "algorithm.num_epochs=1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    steps = 13  # ceil(199 training rows / 16) DP-SGD steps in one epoch
+    epsilon = accounting.epsilon_spent(1.5, 16 / 199, steps, 1e-5)
+    assert f"differential privacy: dp_sgd, this round would spend epsilon {epsilon:.4g} at delta 1e-05 ({steps} step(s))" in out
+    assert "secure aggregation is on" in out and "train_loss" not in out  # under DP the loss is not sent
