@@ -26,20 +26,9 @@ import numpy as np
 from nordfl.algorithms.base import Aggregate
 from nordfl.runtime.config import Job
 from nordfl.runtime.proto import federation_pb2 as pb
-from nordfl.runtime.secagg import (
-    Advertise,
-    ForwardedShares,
-    MaskedInput,
-    Roster,
-    SecAggConfig,
-    SecAggResult,
-    SecAggServer,
-    ShareKeys,
-    UnmaskRequest,
-    UnmaskShares,
-)
+from nordfl.runtime.secagg import Advertise, MaskedInput, SecAggConfig, SecAggResult, SecAggServer, ShareKeys, UnmaskShares
 
-__all__ = ["EXTRA", "CoordinatorRound", "aggregate_of", "config_of", "protocol_round", "site_id", "vector_of"]
+__all__ = ["EXTRA", "STEP_NAMES", "CoordinatorRound", "aggregate_of", "config_of", "protocol_round", "site_id", "vector_of"]
 
 EXTRA = 3
 """Values after the update in the vector: weight, contributor count, training loss."""
@@ -153,20 +142,3 @@ class CoordinatorRound:
         self.step += 1
         self.expected, self.answered = set(self._tasks), set()
         return None
-
-    def present(self) -> list[str]:
-        """The sites still in the protocol after the last closed step."""
-        ids = (self.server.u1, self.server.u2, self.server.u3)[self.step - 1] if self.step else ()
-        return sorted(self.names[i] for i in ids)
-
-
-def parse_forwarded(payload: bytes) -> ForwardedShares:
-    return ForwardedShares.from_bytes(payload)
-
-
-def parse_roster(payload: bytes) -> Roster:
-    return Roster.from_bytes(payload)
-
-
-def parse_unmask_request(payload: bytes) -> UnmaskRequest:
-    return UnmaskRequest.from_bytes(payload)
