@@ -43,12 +43,14 @@ class ProgressReporter:
         self.trained_runs = 0
 
     def __call__(self, event: str, **fields) -> None:
-        if event == "start":
-            self.total = fields["total"]
+        if event == "start":  # runs an earlier invocation finished count as done from the start
+            self.total, self.done = fields["total"], fields["finished"]
             self.progress.start()
-            self.bar = self.progress.add_task("suite", total=self.total, status="")
+            self.bar = self.progress.add_task("suite", total=self.total, completed=self.done, status="")
+            if fields["finished"]:
+                self.console.print(f"continuing: {fields['finished']} of {self.total} runs already finished")
         elif event == "skip":
-            self._advance(fields["runs"], trained=False)
+            pass  # counted at the start
         elif event == "cell":
             self.cell_start = time.perf_counter()
             self.progress.update(self.bar, status=f"{fields['cell'].setting} {fields['cell'].algorithm}")

@@ -496,11 +496,12 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
     start = time.perf_counter()
     total_runs = len(run.cells) * len(run.seeds)
     reporter = reporter or (lambda event, **fields: None)
-    reporter("start", total=total_runs, cells=len(run.cells))
+    fingerprints = [_fingerprint(cell, cfg, run.mode, run.suite.validation_fraction) for cell, cfg, _, _ in built]
+    finished = [cell_done(suite_dir, cell, run.seeds, f) for (cell, *_), f in zip(built, fingerprints)]
+    reporter("start", total=total_runs, cells=len(run.cells), finished=sum(finished) * len(run.seeds))
     evaluators: dict[str, Simulator] = {}  # one per evaluation data set: its programs compile once
-    for cell, cfg, task, experiment in built:
-        fingerprint = _fingerprint(cell, cfg, run.mode, run.suite.validation_fraction)
-        if cell_done(suite_dir, cell, run.seeds, fingerprint):
+    for (cell, cfg, task, experiment), fingerprint, done in zip(built, fingerprints, finished):
+        if done:
             reporter("skip", cell=cell, runs=len(run.seeds))
             continue
         reporter("cell", cell=cell, rounds=cfg.sim.rounds)
@@ -549,5 +550,5 @@ def choose_hyperparameters(suite_dir: Path) -> dict[str, dict[str, list[str]]]:
             best[(setting, name)] = (*score, manifest["grid_points"].get(algorithm, []))
     chosen: dict[str, dict[str, list[str]]] = {}
     for (setting, name), (_, _, overrides) in best.items():
-        chosen.setdefault(setting, {})[name] = overrides
+        chosen.setdefault(setting, {})[name] = list(overrides)  # a copy: no YAML anchors when dumped
     return chosen
