@@ -38,7 +38,7 @@ import optax.tree_utils as otu
 
 from nordfl.algorithms import _checks
 from nordfl.algorithms.base import Aggregate, Algorithm, ClientData, ClientMetrics, ClientOutput, LossFn, Params, PRNGKey, PyTree
-from nordfl.algorithms.local import LocalSchedule, steps_per_epoch
+from nordfl.algorithms.local import LocalSchedule, sgd_init, sgd_result, sgd_step, step_counts
 
 DP_MODES = ("none", "sgd", "update")
 NOISE_PLACEMENTS = ("central", "distributed")
@@ -179,10 +179,8 @@ def dp_local_sgd(
       Final params and ``ClientMetrics``; ``num_steps`` is the DP-SGD steps taken, what the
       site's privacy ledger records.
     """
-    learning_rate, num_epochs, batch_size, drop_remainder = schedule
-    num_rows = jax.tree_util.tree_leaves(data.examples)[0].shape[0]
-    max_steps = steps_per_epoch(num_rows, batch_size, drop_remainder)
-    own_steps = steps_per_epoch(data.num_examples, batch_size, drop_remainder)
+    learning_rate, num_epochs, batch_size, _ = schedule
+    num_rows, max_steps, own_steps = step_counts(data, schedule)
     if epochs_to_run is None:
         epochs_to_run = num_epochs
     q = sampling_rate(jnp.asarray(data.num_examples), batch_size)
@@ -193,25 +191,19 @@ def dp_local_sgd(
 
     def run_step(carry, inputs):
         epoch, step = inputs
-        params, loss_sum, num_steps = carry
         # Keys by (epoch, step) and draws by row index, never by the padded shapes: a padded
         # client samples exactly the batches it would sample alone.
         sample_key, noise_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, epoch), step))
         draws = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(sample_key, i)))(rows)
         selected = real & (draws < q)
-        loss, grads = grad_fn(params, data.examples, selected, noise_key)
-        stepped = jax.tree_util.tree_map(lambda p, g: p - learning_rate * g, params, grads)
+        loss, grads = grad_fn(carry[0], data.examples, selected, noise_key)
         active = (epoch < epochs_to_run) & (step < own_steps)
-        params = otu.tree_where(active, stepped, params)
-        loss_sum = loss_sum + jnp.where(active, loss, 0.0)
-        return (params, loss_sum, num_steps + active.astype(jnp.int32)), None
+        return sgd_step(carry, loss, grads, active, learning_rate), None
 
     epochs = jnp.repeat(jnp.arange(num_epochs, dtype=jnp.int32), max_steps)
     steps = jnp.tile(jnp.arange(max_steps, dtype=jnp.int32), num_epochs)
-    init = (params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-    (params, loss_sum, num_steps), _ = jax.lax.scan(run_step, init, (epochs, steps))
-    mean_loss = loss_sum / jnp.maximum(num_steps, 1).astype(jnp.float32)
-    return params, ClientMetrics(train_loss=mean_loss, num_steps=num_steps)
+    carry, _ = jax.lax.scan(run_step, sgd_init(params), (epochs, steps))
+    return sgd_result(carry)
 
 
 # ----------------------------------------------------------------------------- DP-FedAvg

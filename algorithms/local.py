@@ -112,6 +112,32 @@ def epoch_orders(key: PRNGKey, num_epochs: int, num_examples: jax.Array, num_row
     return jax.vmap(shuffle_order, in_axes=(0, None, None))(round_keys, num_examples, num_rows)
 
 
+def step_counts(data: ClientData, schedule: LocalSchedule) -> tuple[int, int, jax.Array]:
+    """(padded rows, steps per epoch over them, the client's own steps per epoch): the loop's bounds."""
+    num_rows = jax.tree_util.tree_leaves(data.examples)[0].shape[0]
+    max_steps = steps_per_epoch(num_rows, schedule.batch_size, schedule.drop_remainder)
+    return num_rows, max_steps, steps_per_epoch(data.num_examples, schedule.batch_size, schedule.drop_remainder)
+
+
+def sgd_step(carry, loss, grads, active, learning_rate: float):
+    """One SGD step on the carry ``(params, loss_sum, num_steps)``, taken only where ``active``."""
+    params, loss_sum, num_steps = carry
+    stepped = jax.tree_util.tree_map(lambda p, g: p - learning_rate * g, params, grads)
+    params = otu.tree_where(active, stepped, params)
+    return params, loss_sum + jnp.where(active, loss, 0.0), num_steps + active.astype(jnp.int32)
+
+
+def sgd_init(params: Params):
+    """The loop's starting carry: ``(params, loss_sum 0.0, num_steps 0)``."""
+    return params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+
+
+def sgd_result(carry) -> tuple[Params, ClientMetrics]:
+    """The final params and ``ClientMetrics`` (mean loss over the steps taken) from the loop's carry."""
+    params, loss_sum, num_steps = carry
+    return params, ClientMetrics(train_loss=loss_sum / jnp.maximum(num_steps, 1).astype(jnp.float32), num_steps=num_steps)
+
+
 def local_sgd(
     grad_fn: GradFn,
     params: Params,
@@ -137,9 +163,7 @@ def local_sgd(
       unchanged with ``num_steps == 0``.
     """
     learning_rate, num_epochs, batch_size, drop_remainder = schedule
-    num_rows = jax.tree_util.tree_leaves(data.examples)[0].shape[0]
-    max_steps = steps_per_epoch(num_rows, batch_size, drop_remainder)
-    own_steps = steps_per_epoch(data.num_examples, batch_size, drop_remainder)
+    num_rows, max_steps, own_steps = step_counts(data, schedule)
     if epochs_to_run is None:
         epochs_to_run = num_epochs
     # Pad the orders so every step reads a full batch; masked rows never count.
@@ -152,23 +176,17 @@ def local_sgd(
 
         def run_step(carry, inputs):
             step, rows = inputs
-            params, loss_sum, num_steps = carry
             mask = step * batch_size + jnp.arange(batch_size) < data.num_examples
             batch = jax.tree_util.tree_map(lambda a: a[rows], data.examples)
-            loss, grads = grad_fn(params, batch, mask)
-            stepped = jax.tree_util.tree_map(lambda p, g: p - learning_rate * g, params, grads)
+            loss, grads = grad_fn(carry[0], batch, mask)
             active = (epoch < epochs_to_run) & (step < own_steps)
-            params = otu.tree_where(active, stepped, params)
-            loss_sum = loss_sum + jnp.where(active, loss, 0.0)
-            return (params, loss_sum, num_steps + active.astype(jnp.int32)), None
+            return sgd_step(carry, loss, grads, active, learning_rate), None
 
         carry, _ = jax.lax.scan(run_step, carry, (jnp.arange(max_steps), batches))
         return carry, None
 
-    init = (params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-    (params, loss_sum, num_steps), _ = jax.lax.scan(run_epoch, init, (jnp.arange(num_epochs), orders))
-    mean_loss = loss_sum / jnp.maximum(num_steps, 1).astype(jnp.float32)
-    return params, ClientMetrics(train_loss=mean_loss, num_steps=num_steps)
+    carry, _ = jax.lax.scan(run_epoch, sgd_init(params), (jnp.arange(num_epochs), orders))
+    return sgd_result(carry)
 
 
 def client_weight(num_examples: jax.Array, num_steps: jax.Array, weighting: str) -> jax.Array:
