@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from nordfl.conf.schema import ConfigError
 from nordfl.sim.leaderboard import LEADERBOARD_CSV, LEADERBOARD_MD, load_leaderboard, write_leaderboard
-from nordfl.sim.suite import choose_hyperparameters, load_suite, plan_cells, run_suite, settings
+from nordfl.sim.suite import choose_hyperparameters, run_suite
+from nordfl.sim.suite_config import load_suite, plan_cells, settings
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
