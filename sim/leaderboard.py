@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -203,7 +204,7 @@ def write_leaderboard(suite_dir: Path, out_dir: Optional[Path] = None) -> list[P
         lines += [f"## {setting}", "", *_setting_table(setting_entries, target, scored_on), ""]
         if manifest["mode"] == "tune":
             continue  # tuning evaluates once, at the end: there is no curve to draw
-        plot = out_dir / "curves" / f"{setting.replace('/', '_')}.png"
+        plot = out_dir / "curves" / (re.sub(r"[^A-Za-z0-9._=-]+", "_", setting).strip("_") + ".png")  # a plain link target
         paths.append(_plot(setting, setting_entries, target, plot))
         lines += [f"![accuracy per round, {setting}](curves/{plot.name})", ""]
     md = out_dir / LEADERBOARD_MD

@@ -54,7 +54,7 @@ def test_quick_suite_leaderboard_has_every_algorithm_with_mean_and_std_over_seed
     markdown = (folder / LEADERBOARD_MD).read_text()
     for name in (*ALGORITHMS, "pooled", "local"):
         assert f"| {name} | 5 |" in markdown
-    assert (folder / "curves" / "split=natural.png").stat().st_size > 10_000
+    assert (folder / "curves" / "split=natural.png").stat().st_size > 10_000  # "data=(1,1)" would be data=_1_1
     # Traceable: the manifest records versions, the machine and wall times.
     assert manifest["versions"]["jax"] and manifest["machine"]["cpu_count"] >= 1
     assert manifest["wall_s"] > 0 and len(manifest["cells"]) == 9
