@@ -257,6 +257,9 @@ def build_cell(cell: Cell, run: SuiteRun, tasks: dict[str, Task]):
     Cells with the same task and partition share one ``Task`` from ``tasks`` (built once).
     """
     cfg = compose_run((*cell.overrides, f"seed={run.seeds[0]}"))
+    if cfg.algorithm.dp.mode != "none":  # suites neither account nor cap epsilon: a private result needs its ledger
+        fail(f"suite {run.suite.name}, {cell.setting}/{cell.algorithm}: algorithm.dp.mode", cfg.algorithm.dp.mode,
+             "must be none in a comparison suite (its runs do not account epsilon); compare private runs with nordfl-sim")
     key = _data_key(cfg)
     if key not in tasks:
         task = build_task(cfg)

@@ -125,6 +125,14 @@ def test_bad_suite_configs_are_refused_naming_the_key(change, message):
     assert message in str(error.value)
 
 
+def test_a_suite_refuses_differential_privacy_it_would_not_account(tmp_path):
+    bench = bench_config("suite=quick", "only=[fedavg]", "seeds=[0,1]")
+    bench.suite.common = [*bench.suite.common, "algorithm.dp.mode=sgd", "algorithm.dp.noise_multiplier=1.0"]
+    with pytest.raises(ConfigError, match="algorithm.dp.mode: must be none in a comparison suite"):
+        run_suite(bench, tmp_path)
+    assert not (tmp_path / "suite.json").exists()  # refused before anything was written
+
+
 def test_unknown_algorithm_subset_is_refused():
     suite = load_suite(OmegaConf.create(SUITE))
     with pytest.raises(ConfigError, match=r"only: must be a subset of fedavg, fedprox, pooled, got \['fedsgd'\]"):
