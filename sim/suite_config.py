@@ -122,10 +122,13 @@ def load_suite(node: DictConfig) -> Suite:
             fail(f"suite.tuning.fix.{axis}", value, f"must name an axis and one of its values ({', '.join(f'{a}: {list(v)}' for a, v in axes.items())})")
     suite = Suite(name, str(raw.get("description", "")), tuple(seeds), float(target), _strings("suite.common", raw.get("common")),
                   axes, algorithms, baselines, tuned, tuple(tuning_seeds), fraction, grid, fix)
-    for key in tuned:
+    for key, per_algorithm in tuned.items():
         pairs = setting_pairs(key)
         if not pairs or any(value not in axes.get(axis, {}) for axis, value in pairs.items()):
             fail("suite.tuned", key, "must name settings as axis=value pairs of the suite's axes, e.g. " + next(iter(settings(suite))))
+        for name in per_algorithm:
+            if name not in algorithms and name not in baselines:
+                fail(f"suite.tuned.{key}", name, f"must be one of the suite's algorithms/baselines ({', '.join([*algorithms, *baselines])})")
     return suite
 
 

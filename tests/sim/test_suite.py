@@ -117,6 +117,7 @@ def test_suite_settings_are_the_product_of_its_axes_and_tuned_values_reach_their
     ({"tuned": {"alpha=2,stragglers=0": {}}}, "suite.tuned: must name settings as axis=value pairs of the suite's axes"),
     ({"tuning": {"fix": {"stragglers": "0.7"}}}, "suite.tuning.fix.stragglers: must name an axis and one of its values"),
     ({"target_accuracy": 1.5}, "suite.target_accuracy: must be in (0, 1], got 1.5"),
+    ({"tuned": {"alpha=1": {"fedsgd": []}}}, "suite.tuned.alpha=1: must be one of the suite's algorithms/baselines"),
     ({"tuning": {"grid": {"fedsgd": {"algorithm.client_lr": [0.1]}}}}, "suite.tuning.grid: must be 'all' or one of"),
 ])
 def test_bad_suite_configs_are_refused_naming_the_key(change, message):
@@ -131,6 +132,17 @@ def test_a_suite_refuses_differential_privacy_it_would_not_account(tmp_path):
     with pytest.raises(ConfigError, match="algorithm.dp.mode: must be none in a comparison suite"):
         run_suite(bench, tmp_path)
     assert not (tmp_path / "suite.json").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("name", ["quick", "heart", "synthetic", "label_skew"])
+def test_every_shipped_suite_loads_and_plans_in_both_modes(name):
+    from nordfl.sim.suite import compose_run, prepare
+
+    for mode in ("run", "tune"):
+        run = prepare(bench_config(f"suite={name}", f"mode={mode}"))
+        assert len({c.setting for c in run.cells}) >= 1 and len(run.seeds) >= (5 if mode == "run" else 2)
+        cfg = compose_run(run.cells[-1].overrides)  # its overrides compose into a simulator config
+        assert cfg.sim.rounds >= 10
 
 
 def test_unknown_algorithm_subset_is_refused():
