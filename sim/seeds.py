@@ -37,10 +37,9 @@ class SeedBatch:
     Args:
       algorithm, task, options, aggregate: as for ``Simulator``.
       seeds: the seeds, one run each.
-      eval_task: score the models on this task's clients instead of ``task``'s (the pooled
-        and local baselines train on other data than they are scored on).
-      evaluator: a simulator to score with (its task's clients); cells of a suite share one, so
-        its evaluation programs compile once per setting rather than once per cell.
+      evaluator: a simulator to score with, on its task's clients (default: ``task``'s). The pooled
+        and local baselines train on other data than they are scored on; cells of a suite share
+        one, so its evaluation programs compile once per data set rather than once per cell.
 
     Example:
       >>> batch = SeedBatch(alg, task, options, seeds=(0, 1, 2))
@@ -57,7 +56,6 @@ class SeedBatch:
         seeds: Sequence[int],
         *,
         aggregate: Aggregator = weighted_mean,
-        eval_task: Optional[Task] = None,
         evaluator: Optional[Simulator] = None,
     ):
         if not seeds:
@@ -67,9 +65,6 @@ class SeedBatch:
         self.seeds = tuple(int(s) for s in seeds)
         self.sim = Simulator(algorithm, task, options, seed=self.seeds[0], aggregate=aggregate)
         self.evaluator = evaluator or self.sim
-        if evaluator is None and eval_task is not None:
-            self.evaluator = Simulator(algorithm, eval_task, options._replace(cohort_size=None), seed=self.seeds[0],
-                                       aggregate=aggregate, devices=self.sim.devices)
         program = functools.partial(self.sim._round_program, gather_on_device=True)
         self._round = jax.jit(jax.vmap(program, in_axes=(0, 0, None, 0, 0)), donate_argnums=(1,))
 
