@@ -31,7 +31,7 @@ from nordfl.sim import checkpoint
 from nordfl.sim.config import ConfigError, build, fingerprint_config, register
 from nordfl.sim.devices import use_cpu_cores
 from nordfl.sim.engine import Evaluation, Simulator
-from nordfl.sim.metrics_log import MetricsLog, evaluation_row
+from nordfl.sim.metrics_log import MetricsLog, evaluation_row, write_summary
 
 register()
 
@@ -165,7 +165,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
     log.close(summary)
     summary_path = run_dir / "summary.json"
     if state.round > start_round or not summary_path.exists():  # resuming a finished run keeps its real timings
-        summary_path.write_text(json.dumps(summary, indent=2, default=float).replace("NaN", "null"))
+        write_summary(summary_path, summary)
     return result
 
 

@@ -119,10 +119,6 @@ def _rounds_text(e: Entry) -> str:
     return text if e.reached == e.seeds else f"{text} ({e.reached}/{e.seeds})"
 
 
-def _short(s: Stat) -> str:
-    return stat_text(s)
-
-
 def _rank_text(e: Entry) -> str:
     return str(e.rank) if e.rank is not None else "baseline"
 
@@ -134,9 +130,9 @@ def _setting_table(entries: list[Entry], target: float, scored_on: str) -> list[
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h not in ("algorithm",) else "---" for h in header) + "|"]
     order = sorted(entries, key=lambda e: (e.rank is None, e.rank or 0, e.algorithm))
     for e in order:
-        cells = [_rank_text(e), e.algorithm, str(e.seeds), _short(e.accuracy), _short(e.loss)]
+        cells = [_rank_text(e), e.algorithm, str(e.seeds), stat_text(e.accuracy), stat_text(e.loss)]
         if natural:
-            cells.append(_short(e.worst_site_accuracy) if e.worst_site_accuracy is not None else "n/a")
+            cells.append(stat_text(e.worst_site_accuracy) if e.worst_site_accuracy is not None else "n/a")
         cells.append(_rounds_text(e))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -154,7 +150,7 @@ def _overview(entries: dict[str, list[Entry]]) -> list[str]:
             if e is None:
                 cells.append("")
                 continue
-            cells.append(f"{_short(e.accuracy)} ({_rank_text(e)})")
+            cells.append(f"{stat_text(e.accuracy)} ({_rank_text(e)})")
             if e.rank is not None:
                 ranks.append(e.rank)
         mean_rank = f"{np.mean(ranks):.2f}" if ranks else "n/a"

@@ -80,6 +80,11 @@ class MetricsLog:
             self._wandb.finish()
 
 
+def write_summary(path: Path, summary: dict) -> None:
+    """``summary.json``: a finished run's final numbers, with undefined ones (NaN) written as null."""
+    Path(path).write_text(json.dumps(summary, indent=2, default=float).replace("NaN", "null"))
+
+
 def evaluation_row(evaluation, site_names) -> dict:
     """An ``Evaluation`` as the metrics row fields ``nordfl-report`` and the leaderboards read."""
     sites = {

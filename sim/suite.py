@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -37,7 +38,6 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
-import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from nordfl.conf.schema import ConfigError, build_algorithm, build_task, fail, model_kwargs
 from nordfl.sim.config import Experiment, build_options, fingerprint_config, register
 from nordfl.sim.engine import Simulator
-from nordfl.sim.metrics_log import MetricsLog, evaluation_row, upload_to_wandb
+from nordfl.sim.metrics_log import MetricsLog, evaluation_row, upload_to_wandb, write_summary
 from nordfl.sim.seeds import SeedBatch
 from nordfl.sim.suite_config import MODES, Cell, Suite, setting_pairs, load_suite, plan_cells
 from nordfl.tasks import Task, classification_task, make_model
@@ -94,10 +94,14 @@ def _fingerprint(cell: Cell, cfg: DictConfig, mode: str, fraction: float) -> str
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _every_client_fully(options):
+    """Options with every client in every round and no stragglers or dropouts: for the baselines and for scoring."""
+    return options._replace(cohort_size=None, straggler_fraction=0.0, dropout_fraction=0.0)
+
+
 def evaluator_for(task: Task, experiment) -> Simulator:
     """A simulator used only to score models on ``task``'s clients (every site, all its rows)."""
-    options = experiment.options._replace(cohort_size=None, straggler_fraction=0.0, dropout_fraction=0.0)
-    return Simulator(experiment.algorithm, task, options, aggregate=experiment.aggregate)
+    return Simulator(experiment.algorithm, task, _every_client_fully(experiment.options), aggregate=experiment.aggregate)
 
 
 def _seed_folder(suite_dir: Path, cell: Cell, seed: int) -> Path:
@@ -134,7 +138,7 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
     """
     options = experiment.options
     site_names = [c.name for c in task.data.clients]
-    alone = options._replace(cohort_size=None, straggler_fraction=0.0, dropout_fraction=0.0)
+    alone = _every_client_fully(options)
     evaluator = evaluator or evaluator_for(task, experiment)
 
     def batch(train_task: Task, batch_options) -> SeedBatch:
@@ -149,10 +153,11 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
                    for i in range(len(site_names))]
     inits = [_init_params(cfg, s) for s in seeds]
     states = [batch.init(inits) for batch in batches]
-    logs = []
+    logs, configs = [], []
     for seed in seeds:
         run_cfg = cfg.copy()
         run_cfg.seed = seed
+        configs.append(OmegaConf.to_container(run_cfg, resolve=True))
         folder = _seed_folder(suite_dir, cell, seed)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg))
@@ -197,11 +202,10 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
         }
         folder = _seed_folder(suite_dir, cell, seed)
         if logger.wandb:
-            config = yaml.safe_load((folder / "config.yaml").read_text())
-            upload_to_wandb(folder, config=config, project=logger.project, mode=logger.mode,
+            upload_to_wandb(folder, config=configs[i], project=logger.project, mode=logger.mode,
                             run_name=f"{cell.setting}/{cell.algorithm}/seed_{seed}", group=f"{cell.setting}/{cell.algorithm}",
                             summary=summary)
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float).replace("NaN", "null"))
+        write_summary(folder / "summary.json", summary)
     return CellResult(wall_s, first_round_s, [f.get("test_accuracy", float("nan")) for f in finals])
 
 
@@ -218,7 +222,7 @@ def provenance() -> dict:
             versions[package] = None
     devices = jax.devices()
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": __import__("os").cpu_count(), "jax_backend": jax.default_backend(),
+               "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
                "jax_devices": [str(d) for d in devices]}
     return {"versions": versions, "machine": machine}
 
