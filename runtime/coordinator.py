@@ -34,6 +34,7 @@ import numpy as np
 from nordfl.algorithms import ClientData
 from nordfl.runtime import tls, wire
 from nordfl.runtime.audit import AuditLog
+from nordfl.runtime.policy import uses_dp
 from nordfl.runtime.config import Job, build_job, check_runtime, compose_config, job_from_config
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
@@ -261,7 +262,7 @@ class Coordinator:
         if self._cohort_too_small(sites):
             return
         aggregate, mean_loss = aggregate_of(result.total, self.update_template)
-        if self.job.algorithm_config.get("dp", {}).get("mode", "none") != "none":
+        if uses_dp(self.job):
             mean_loss = float("nan")  # the sites put 0 there: a loss is not noised, so it is not sent under DP
         self.server, metrics = self._server_update_from(self.server, aggregate)
         bound = result.error_bound / float(aggregate.total_weight) if float(aggregate.total_weight) > 0 else None

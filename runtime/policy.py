@@ -157,6 +157,11 @@ def privacy_cost(job, num_examples: int, steps: Optional[int] = None, updates: O
     return _accounted(job, dp, num_examples, steps, updates, delta)
 
 
+def uses_dp(job) -> bool:
+    """Whether the job trains with differential privacy (``algorithm.dp.mode`` other than none)."""
+    return _dp_settings(job) is not None
+
+
 def _dp_settings(job) -> Optional[dict]:
     """The job's DP settings (``algorithm.dp``), or None when the job uses no DP."""
     dp = job.algorithm_config.get("dp")

@@ -37,7 +37,7 @@ from nordfl.runtime import secagg, secure_round, wire
 from nordfl.runtime.audit import AuditLog
 from nordfl.runtime.config import Job, build_job
 from nordfl.runtime.policy import (PolicyViolation, PrivacyCost, SitePolicy, check_job, check_job_budget, check_spend,
-                                   privacy_cost)
+                                   privacy_cost, uses_dp)
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
 from nordfl.runtime.site_data import load_site_table
@@ -95,10 +95,6 @@ def local_setup(name: str, examples, job: Job) -> LocalSetup:
     train = ClientData(Examples(jnp.asarray(split.train.x), jnp.asarray(split.train.y)), jnp.int32(len(split.train.y)))
     test = Examples(jnp.asarray(split.test.x), jnp.asarray(split.test.y))
     return LocalSetup(built.algorithm, built.fns, train, test, built.model.init_params)
-
-
-def uses_dp(job: Job) -> bool:
-    return job.algorithm_config.get("dp", {}).get("mode", "none") != "none"
 
 
 def round_key(job: Job, round_index: int, site_index: int) -> jax.Array:
