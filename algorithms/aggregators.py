@@ -34,13 +34,24 @@ def _num_clients(weights: jax.Array) -> jax.Array:
 
 
 def weighted_mean(updates: Update, weights: jax.Array) -> Aggregate:
-    """``sum_i w_i u_i / sum_i w_i``; 0 when the weights sum to 0."""
+    """``sum_i w_i u_i / sum_i w_i``; 0 when the weights sum to 0.
+
+    The sum is one contraction over the client axis (a matrix-vector product, which XLA
+    splits over the devices the clients are sharded on); a reduction of ``w * u`` ran at a
+    thirtieth of its speed on CPU. Only if the sum is not finite is it redone with the
+    clients of weight 0 masked out, so a NaN in the update of a client that does not count
+    (dropped, padding) never reaches the mean.
+    """
     total = jnp.sum(weights)
     safe_total = jnp.where(total > 0, total, 1.0)
 
     def leaf_mean(u):
-        w = _per_client(weights, u)
-        return jnp.sum(jnp.where(w > 0, w * u, 0.0), axis=0) / safe_total
+        fast = jnp.tensordot(weights, u, axes=1)
+
+        def masked():
+            return jnp.tensordot(weights, jnp.where(_per_client(weights > 0, u), u, 0.0), axes=1)
+
+        return jax.lax.cond(jnp.all(jnp.isfinite(fast)), lambda: fast, masked) / safe_total
 
     return Aggregate(jax.tree_util.tree_map(leaf_mean, updates), total, _num_clients(weights))
 

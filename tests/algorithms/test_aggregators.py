@@ -27,6 +27,18 @@ def test_weighted_mean():
     assert float(agg.num_clients) == 6
 
 
+@pytest.mark.parametrize("garbage", [np.nan, np.inf])
+def test_weighted_mean_ignores_non_finite_updates_of_weight_zero(garbage):
+    updates = {k: v.copy() for k, v in UPDATES.items()}
+    updates["a"][1], updates["b"][1] = garbage, garbage
+    clean = weighted_mean(_jax(UPDATES), jnp.asarray(WEIGHTS))
+    agg = weighted_mean(_jax(updates), jnp.asarray(WEIGHTS))
+    for k in updates:
+        np.testing.assert_allclose(agg.mean[k], clean.mean[k], rtol=1e-6)
+    updates["a"][0, 0, 0] = np.nan  # a counted client's NaN is a real divergence: it must show
+    assert np.isnan(np.asarray(weighted_mean(_jax(updates), jnp.asarray(WEIGHTS)).mean["a"][0, 0]))
+
+
 @pytest.mark.parametrize("num_valid", [6, 5])  # even and odd number of participating clients
 def test_coordinate_median(num_valid):
     weights = WEIGHTS.copy()
