@@ -79,11 +79,16 @@ class SimulatorOptions(NamedTuple):
     eval_chunk_size: int = 256
 
 
-CPU_CHUNK_BYTES = 48 * 2**20
+ROUND_COMPILER_OPTIONS = {"cpu": {"xla_cpu_copy_insertion_use_region_analysis": True}}
+"""XLA options for the round program, by platform. Without region analysis XLA's CPU backend
+copied two of the MLP's weight matrices at every local step (a loop-carried buffer read by
+the forward and backward dots and overwritten by the SGD update): W3 6.3 -> 5.4 s a round."""
+
+CPU_CHUNK_BYTES = 24 * 2**20
 """Working set per CPU device that ``auto_chunk_size`` fills. Each SGD step of a client reads
 and writes its whole model, so a chunk whose models stay in cache runs near the arithmetic
-rate, and a larger one streams them from memory: W3 (a 2.7 MB MLP, 2 cores) ran at 33, 52,
-63 and 42 GFLOP/s with 50, 2, 5 and 10 clients per device (docs/benchmarks.md)."""
+rate, and a larger one streams them from memory: W3 (a 2.7 MB MLP, 2 cores) ran at 52, 82,
+74, 72 and 40 GFLOP/s with 1, 2, 3, 5 and 50 clients per device (docs/benchmarks.md)."""
 
 
 def auto_chunk_size(params, row_bytes: int, rows: int, num_devices: int, platform: str) -> Optional[int]:
@@ -152,7 +157,10 @@ class Simulator:
         self._train_eval_buckets = bucket_specs(train_sizes, plan_buckets(train_sizes, batch_size=1, max_buckets=options.max_buckets))
         self._pooled_test = task.data.pooled_test()
 
-        self._round = jax.jit(self._round_program, static_argnames=("gather_on_device",), donate_argnums=(1,))
+        self._round = jax.jit(
+            self._round_program, static_argnames=("gather_on_device",), donate_argnums=(1,),
+            compiler_options=ROUND_COMPILER_OPTIONS.get(self.devices[0].platform),
+        )
         self._evaluate_bucket = jax.jit(self._evaluate_bucket_program, static_argnames=("n_max",))
         self._evaluate_pooled = jax.jit(task.evaluate)
 

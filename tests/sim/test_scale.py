@@ -68,7 +68,7 @@ def test_auto_chunk_size_fills_the_cpu_budget_with_whole_clients():
 
     big = {"w": np.zeros((1000, 1000), np.float32), "b": np.zeros(1000, np.float32)}  # 4,004,000 bytes
     per_client = 3 * 4_004_000 + 100 * 400  # params, gradients, updated params; 100 rows of 100 float32
-    assert auto_chunk_size(big, 400, 100, 2, "cpu") == 2 * (CPU_CHUNK_BYTES // per_client) == 8
+    assert auto_chunk_size(big, 400, 100, 2, "cpu") == 2 * (CPU_CHUNK_BYTES // per_client) == 4
     tiny = {"w": np.zeros((60, 10), np.float32)}
     assert auto_chunk_size(tiny, 244, 200, 2, "cpu") == 2 * (CPU_CHUNK_BYTES // (3 * 2400 + 200 * 244))
     huge = {"w": np.zeros((8000, 8000), np.float32)}  # 256 MB: still one client per device
