@@ -74,3 +74,36 @@ def test_tree_memory_counts_a_grandchild():
         subprocess.run(["pkill", "-P", str(parent.pid)], check=False)
         parent.kill()
         parent.wait()
+
+
+def test_bare_floor_round_is_the_numpy_loops_fedavg_round(tmp_path):
+    """benchmarks.floors times a 'bare' round as the floor for the same maths: check it is the same maths."""
+    import dataclasses
+
+    import jax
+    from jax.sharding import Mesh
+
+    from benchmarks import floors
+    from benchmarks.peers import numpy_loop
+
+    spec = workloads.find("W1-smoke")
+    w = spec.workload(workloads.write_data(spec, tmp_path, lambda message: None))
+    data = common.Data(w.data)
+
+    class NoRecorder:
+        def ready(self):
+            pass
+
+        def round_done(self, r):
+            pass
+
+    train = lambda p, x, y, rng, c: numpy_loop.client_update(w, p, x, y, rng, c)  # noqa: E731
+    one_round = common.sequential_rounds(dataclasses.replace(w, rounds=1), data, NoRecorder(), train)
+    xs, ys = floors.host_batches(w, data, data.cohorts[0], np.random.default_rng(w.seed))
+    bare = floors.bare_round_program(w, Mesh(np.asarray(jax.devices()[:1]), ("clients",)), chunk=w.cohort_size)
+    params = {k: v.astype(np.float32) for k, v in data.init.items()}
+    out = bare(params, xs, ys)
+    assert set(out) == set(one_round)
+    for k in one_round:
+        np.testing.assert_allclose(np.asarray(out[k]), one_round[k], rtol=2e-4, atol=2e-6)
+    assert not np.allclose(one_round["w0"], params["w0"])  # the round did train
