@@ -1,12 +1,26 @@
 """Shared fixtures. JAX runs with strict dtype and rank promotion, so silent upcasts and
 accidental broadcasts in library code fail the tests (the equinox habit)."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# One compilation cache for the session and the processes it starts (nordfl-sim, sites,
+# coordinators): many tests compile the same programs, and XLA compiles dominate the suite.
+_CACHE = tempfile.mkdtemp(prefix="nordfl-test-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 from nordfl.tasks import Examples, logistic_regression, softmax_cross_entropy  # noqa: E402
 
