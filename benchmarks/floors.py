@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from benchmarks import workloads  # noqa: E402
 from benchmarks.peers import common  # noqa: E402
 from benchmarks.peers import nordfl as nordfl_peer  # noqa: E402
-from benchmarks.run import matmul_gflops  # noqa: E402
+from benchmarks.run import DEFAULT_CACHE, matmul_gflops  # noqa: E402
 from nordfl.sim.engine import ROUND_COMPILER_OPTIONS  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -78,24 +78,22 @@ def bare_round_program(w: common.Workload, mesh: Mesh, chunk: int):
     return jax.jit(round_, compiler_options=ROUND_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform))
 
 
-def measure(name: str, rounds: int, log=print) -> dict:
+def measure(name: str, rounds: int, cache: Path, log=print) -> dict:
     spec = workloads.find(name)
-    cache = Path("~/.cache/nordfl-bench").expanduser()
-    w = spec.workload(workloads.write_data(spec, cache, log))
+    w = spec.workload(workloads.write_data(spec, cache.expanduser(), log))
     data = common.Data(w.data)
     sim, params, _ = nordfl_peer.build(w, data)
     state = sim.init(params)
-    num_chunks, chunk = sim._chunks[0]
+    _, chunk = sim._chunks[0]
     mesh = sim.mesh
     bare = bare_round_program(w, mesh, chunk)
-    init = common_params(params)
     rng = np.random.default_rng(0)
     inputs = [host_batches(w, data, data.cohorts[r % len(data.cohorts)], rng) for r in range(2)]
     placed = [jax.device_put(xy, NamedSharding(mesh, PartitionSpec("clients"))) for xy in inputs]
     log(f"{name}: compiling (chunk {chunk}, {len(sim.devices)} devices)")
     state, _ = sim.run_round(state)
     jax.block_until_ready(state.server)
-    model = jax.block_until_ready(bare(init, *placed[0]))
+    model = jax.block_until_ready(bare(data.init, *placed[0]))  # the workload's initial model, as NordFL's
     times = {"nordfl": [], "bare": []}
     for r in range(rounds):
         start = time.perf_counter()
@@ -113,12 +111,6 @@ def measure(name: str, rounds: int, log=print) -> dict:
         row[system] = {"s_per_round": median, "gflops": flops / median / 1e9}
     row["ratio"] = row["nordfl"]["s_per_round"] / row["bare"]["s_per_round"]
     return row
-
-
-def common_params(params) -> dict:
-    """The workload's ``w0, b0, ...`` dict from NordFL's Flax params (the bare round's format)."""
-    names = ["linear"] if "linear" in params else [("hidden", i) for i in range(len(params["hidden"]))] + ["out"]
-    return nordfl_peer.workload_params(params, names)
 
 
 def markdown(summary: dict) -> str:
@@ -143,9 +135,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", nargs="+", default=["W1", "W3"], choices=["W1", "W2", "W3"])
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per workload (default: 20 for W1/W2, 4 for W3)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="workload data folder, shared with benchmarks.run")
     args = parser.parse_args(argv)
     peak = matmul_gflops()
-    rows = [measure(name, args.rounds or (4 if name == "W3" else 20)) for name in args.workloads]
+    rows = [measure(name, args.rounds or (4 if name == "W3" else 20), args.cache) for name in args.workloads]
     devices = jax.devices()
     summary = {"machine": f"{devices[0].platform}, {len(devices)} device(s), jax {jax.__version__}", "matmul_gflops": peak, "rows": rows}
     text = markdown(summary)

@@ -26,7 +26,7 @@ import numpy as np
 from benchmarks import workloads
 from benchmarks.peers import common
 from benchmarks.peers.nordfl import build
-from benchmarks.run import RESULTS
+from benchmarks.run import DEFAULT_CACHE, RESULTS
 
 FLOWER_W1_S_PER_ROUND = 1.06  # the measurement on the 2-core CPU machine, 100 clients per round
 CASES = [
@@ -81,7 +81,7 @@ def run_case(spec: workloads.Spec, cache: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--cache", type=Path, default=Path("~/.cache/nordfl-bench").expanduser())
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--workloads", nargs="+", choices=[c.name for c in CASES], help="default: all")
     parser.add_argument("--matmul-size", type=int, default=8192, help="side of the square matmul that measures the peak")
     args = parser.parse_args(argv)
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     flower_client_s, flower_source = flower_per_client_s()
     rows = []
     for spec in [c for c in CASES if not args.workloads or c.name in args.workloads]:
-        row = run_case(spec, args.cache)
+        row = run_case(spec, args.cache.expanduser())
         row["fraction_of_peak"] = row["gflops"] / peak
         row["x_flower_per_client"] = flower_client_s / (row["s_per_round"] / spec.cohort_size) if spec.model == "logreg" else None
         rows.append(row)

@@ -87,6 +87,10 @@ SUITE_PEERS = {
 }
 
 
+DEFAULT_CACHE = Path(os.environ.get("NORDFL_BENCH_CACHE", "~/.cache/nordfl-bench"))
+"""Where peers' virtual environments and workload data live (``--cache`` of every benchmark script)."""
+
+
 def log(message: str) -> None:
     print(message, flush=True)
 
@@ -274,7 +278,7 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", choices=list(workloads.SUITES), default="peers")
     parser.add_argument("--peers", nargs="+", choices=list(PEERS), help="default: the suite's systems")
     parser.add_argument("--workloads", nargs="+", help="default: the suite's workloads")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("NORDFL_BENCH_CACHE", "~/.cache/nordfl-bench")))
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS, help="where <suite>.json and <suite>.md go")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one (peer, workload) may take")
     args = parser.parse_args(argv)
