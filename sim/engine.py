@@ -137,6 +137,7 @@ class Simulator:
         self.devices = list(devices or jax.devices())
         self.mesh = Mesh(np.asarray(self.devices), ("clients",))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._base_key = jax.device_put(jax.random.key(seed), self._replicated)  # each round's key is folded in the program
 
         train_sizes = [len(c.train.y) for c in clients]
         plan = plan_buckets(
@@ -223,9 +224,9 @@ class Simulator:
             )
         else:
             source = self._train_pool
-        key = jax.random.fold_in(jax.random.key(self.seed), state.round)
         server, clients, metrics = self._round(
-            state.server, state.clients, source, tuple(slots), key, gather_on_device=not self.options.data_on_host
+            state.server, state.clients, source, tuple(slots), self._base_key, np.int32(state.round),
+            gather_on_device=not self.options.data_on_host,
         )
         return SimState(server, clients, state.round + 1), metrics
 
@@ -255,8 +256,9 @@ class Simulator:
         outputs = jax.lax.map(one_chunk, jax.tree_util.tree_map(to_chunks, (states, data, keys, epochs)))
         return jax.tree_util.tree_map(from_chunks, outputs)
 
-    def _round_program(self, server, clients, source, slots: tuple[Slots, ...], key, *, gather_on_device: bool):
+    def _round_program(self, server, clients, source, slots: tuple[Slots, ...], base_key, round_index, *, gather_on_device: bool):
         message = self.algorithm.broadcast(server)
+        key = jax.random.fold_in(base_key, round_index)
         updates, weights, losses, sizes = [], [], [], []
         for b, (spec, s, (num_chunks, chunk)) in enumerate(zip(self.buckets, slots, self._chunks)):
             data = gather_clients(source, s.client_ids, s.valid, spec.n_max) if gather_on_device else source[b]

@@ -66,7 +66,8 @@ class SeedBatch:
         self.sim = Simulator(algorithm, task, options, seed=self.seeds[0], aggregate=aggregate)
         self.evaluator = evaluator or self.sim
         program = functools.partial(self.sim._round_program, gather_on_device=True)
-        self._round = jax.jit(jax.vmap(program, in_axes=(0, 0, None, 0, 0)), donate_argnums=(1,))
+        self._round = jax.jit(jax.vmap(program, in_axes=(0, 0, None, 0, 0, None)), donate_argnums=(1,))
+        self._base_keys = jax.device_put(jax.numpy.stack([jax.random.key(seed) for seed in self.seeds]), self.sim._replicated)
 
     def init(self, params_per_seed: Sequence) -> SimState:
         """Round-0 state of every seed, each from its own initial params, stacked on axis 0."""
@@ -80,8 +81,9 @@ class SeedBatch:
         """Runs round ``state.round`` for every seed; metrics have a leading seed axis."""
         slots = [self.sim._slots(self.sim.plan(state.round, seed)) for seed in self.seeds]
         stacked_slots = tuple(Slots(*(np.stack(field) for field in zip(*per_bucket))) for per_bucket in zip(*slots))
-        keys = jax.numpy.stack([jax.random.fold_in(jax.random.key(seed), state.round) for seed in self.seeds])
-        server, clients, metrics = self._round(state.server, state.clients, self.sim._train_pool, stacked_slots, keys)
+        server, clients, metrics = self._round(
+            state.server, state.clients, self.sim._train_pool, stacked_slots, self._base_keys, np.int32(state.round)
+        )
         return SimState(server, clients, state.round + 1), metrics
 
     def evaluate(self, params) -> list[Evaluation]:
