@@ -24,7 +24,7 @@ import optax.tree_utils as otu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nordfl.algorithms import Algorithm, weighted_mean
-from nordfl.algorithms.aggregators import Aggregator
+from nordfl.algorithms.aggregators import Aggregator, mean_of_sum, weighted_sum
 from nordfl.sim.cohort import RoundPlan, plan_round
 from nordfl.sim.packing import BucketSpec, ClientPool, bucket_specs, gather_clients, plan_buckets, pool_clients
 from nordfl.tasks import EvalMetrics, Examples, Task
@@ -230,22 +230,28 @@ class Simulator:
         )
         return SimState(server, clients, state.round + 1), metrics
 
-    def _run_clients(self, message, states, data, keys, epochs, num_chunks: int, chunk: int):
-        """``vmap(client_update)`` over a chunk, ``lax.map`` over chunks, the chunk axis sharded over devices.
+    def _run_clients(self, message, states, data, keys, epochs, counts, num_chunks: int, chunk: int):
+        """``vmap(client_update)`` over a chunk, a loop over chunks, the chunk axis sharded over devices.
+
+        Returns the stacked ``ClientOutput``s, each weight zeroed where its slot does not count,
+        and, with ``weighted_mean`` as the aggregator, the ``weighted_sum`` of the updates added
+        up chunk by chunk in their place (``update`` is then None): only a chunk's updates are
+        ever held at once, not the cohort's (W3: 100 x 2.7 MB). Other aggregators need every
+        update together; the sum is then None.
 
         Slot ``i`` runs in chunk ``i % num_chunks``, so each device's contiguous block of
         slots stays on that device in every chunk and the outputs come back sharded as the
-        slots are: the aggregation sums each device's share where it lies. (With slot ``i``
-        in chunk ``i // chunk`` the outputs' sharding sat on an inner axis, and XLA gathered
-        every client's update onto every device before the mean: W3 spent a fifth of its
-        round there.)
+        slots are. (With slot ``i`` in chunk ``i // chunk`` the outputs' sharding sat on an
+        inner axis, and XLA gathered every client's update onto every device before the
+        mean: W3 spent a fifth of its round there.)
         """
         sharded = NamedSharding(self.mesh, PartitionSpec("clients"))
         update = jax.vmap(self.algorithm.client_update, in_axes=(None, 0, 0, 0, 0))
 
         def one_chunk(inputs):
-            inputs = jax.lax.with_sharding_constraint(inputs, sharded)
-            return update(message, *inputs)
+            *inputs, counts = jax.lax.with_sharding_constraint(inputs, sharded)
+            out = update(message, *inputs)
+            return out._replace(weight=jnp.where(counts, out.weight, 0.0))
 
         def to_chunks(a):
             return jnp.swapaxes(a.reshape(chunk, num_chunks, *a.shape[1:]), 0, 1)
@@ -253,30 +259,47 @@ class Simulator:
         def from_chunks(a):
             return jax.lax.with_sharding_constraint(jnp.swapaxes(a, 0, 1).reshape(num_chunks * chunk, *a.shape[2:]), sharded)
 
-        outputs = jax.lax.map(one_chunk, jax.tree_util.tree_map(to_chunks, (states, data, keys, epochs)))
-        return jax.tree_util.tree_map(from_chunks, outputs)
+        chunks = jax.tree_util.tree_map(to_chunks, (states, data, keys, epochs, counts))
+        if self.aggregate is not weighted_mean:
+            return jax.tree_util.tree_map(from_chunks, jax.lax.map(one_chunk, chunks)), None
+
+        def add_chunk(update_sum, inputs):
+            out = one_chunk(inputs)
+            update_sum = jax.tree_util.tree_map(jnp.add, update_sum, weighted_sum(out.update, out.weight))
+            return update_sum, out._replace(update=None)
+
+        shapes = jax.eval_shape(one_chunk, jax.tree_util.tree_map(lambda a: a[0], chunks)).update
+        zeros = jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape[1:], leaf.dtype), shapes)
+        update_sum, outputs = jax.lax.scan(add_chunk, zeros, chunks)
+        return jax.tree_util.tree_map(from_chunks, outputs), update_sum
 
     def _round_program(self, server, clients, source, slots: tuple[Slots, ...], base_key, round_index, *, gather_on_device: bool):
         message = self.algorithm.broadcast(server)
         key = jax.random.fold_in(base_key, round_index)
-        updates, weights, losses, sizes = [], [], [], []
+        updates, update_sums, weights, losses, sizes = [], [], [], [], []
         for b, (spec, s, (num_chunks, chunk)) in enumerate(zip(self.buckets, slots, self._chunks)):
             data = gather_clients(source, s.client_ids, s.valid, spec.n_max) if gather_on_device else source[b]
             states = jax.tree_util.tree_map(lambda a: a[s.client_ids], clients)
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(s.client_ids)
-            out = self._run_clients(message, states, data, keys, s.epochs, num_chunks, chunk)
             counts = s.valid & s.contributes
+            out, update_sum = self._run_clients(message, states, data, keys, s.epochs, counts, num_chunks, chunk)
             new_states = jax.vmap(otu.tree_where)(counts, out.client_state, states)
             scatter_to = jnp.where(s.valid, s.client_ids, self.num_clients)  # invalid slots fall off the end
             clients = jax.tree_util.tree_map(lambda a, new: a.at[scatter_to].set(new, mode="drop"), clients, new_states)
-            updates.append(out.update)
-            weights.append(jnp.where(counts, out.weight, 0.0))
+            if update_sum is None:
+                updates.append(out.update)
+            else:
+                update_sums.append(update_sum)
+            weights.append(out.weight)
             losses.append(out.metrics.train_loss)
             sizes.append(jnp.where(counts & (out.metrics.num_steps > 0), data.num_examples, 0).astype(jnp.float32))
         concat = lambda *parts: jnp.concatenate(parts, axis=0)  # noqa: E731
-        update = jax.tree_util.tree_map(concat, *updates)
         weight, loss, size = concat(*weights), concat(*losses), concat(*sizes)
-        server, server_metrics = self.algorithm.server_update(server, self.aggregate(update, weight))
+        if update_sums:
+            aggregate = mean_of_sum(jax.tree_util.tree_map(lambda *parts: sum(parts), *update_sums), weight)
+        else:
+            aggregate = self.aggregate(jax.tree_util.tree_map(concat, *updates), weight)
+        server, server_metrics = self.algorithm.server_update(server, aggregate)
         client_loss = jnp.sum(loss * size) / jnp.maximum(jnp.sum(size), 1.0)
         return server, clients, RoundMetrics(client_loss, server_metrics.num_clients, server_metrics.update_norm)
 

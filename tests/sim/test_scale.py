@@ -74,3 +74,34 @@ def test_auto_chunk_size_fills_the_cpu_budget_with_whole_clients():
     huge = {"w": np.zeros((8000, 8000), np.float32)}  # 256 MB: still one client per device
     assert auto_chunk_size(huge, 4, 1, 4, "cpu") == 4
     assert auto_chunk_size(big, 400, 100, 1, "gpu") is None  # off the CPU: the whole cohort
+
+
+def test_weighted_mean_is_summed_chunk_by_chunk_not_stacked():
+    """With ``weighted_mean`` the round holds one chunk's updates, not the cohort's: the compiled
+    program's scratch memory falls by about the stacked updates, and the model is the one the
+    stacked mean gives (the same aggregator behind another name takes the stacked path)."""
+    import jax
+
+    from nordfl.algorithms import make_algorithm, weighted_mean
+    from nordfl.sim.engine import Simulator, SimulatorOptions
+    from nordfl.tasks import classification_task, mlp
+    from tests.sim.helpers import uneven_task
+
+    base = uneven_task(sizes=(9, 30, 12, 0, 25, 16, 20, 11, 14, 18, 7, 22))
+    task = classification_task("uneven-mlp", base.data, mlp(5, 3, hidden=(256, 256)))
+    alg = make_algorithm("fedavg", task.loss_fn, client_lr=0.05, num_epochs=1, batch_size=8)
+    options = SimulatorOptions(num_epochs=1, batch_size=8, cohort_size=10, chunk_size=2, max_buckets=1, dropout_fraction=0.2)
+    stacked_bytes = 10 * sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(task.model.init_params))
+    results, scratch = [], []
+    for aggregate in (weighted_mean, lambda updates, weights: weighted_mean(updates, weights)):
+        sim = Simulator(alg, task, options, seed=4, aggregate=aggregate)
+        state = sim.init(task.model.init_params)
+        slots = tuple(sim._slots(sim.plan(0)))
+        compiled = sim._round.lower(state.server, state.clients, sim._train_pool, slots, sim._base_key, np.int32(0),
+                                    gather_on_device=True).compile()
+        scratch.append(compiled.memory_analysis().temp_size_in_bytes)
+        for _ in range(2):
+            state, _ = sim.run_round(state)
+        results.append(state.server.params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results)
+    assert scratch[1] - scratch[0] > 0.7 * stacked_bytes, (scratch, stacked_bytes)
