@@ -105,3 +105,19 @@ def test_weighted_mean_is_summed_chunk_by_chunk_not_stacked():
         results.append(state.server.params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results)
     assert scratch[1] - scratch[0] > 0.7 * stacked_bytes, (scratch, stacked_bytes)
+
+
+@pytest.mark.parametrize("slots, max_chunk, devices, expected", [
+    (1000, 894, 2, (2, 500)),  # evened out: 1,000 slots, not 2 x 894 = 1,788
+    (100, 4, 2, (25, 4)),  # W3: 2 clients per core
+    (5, 1, 2, (3, 2)),  # a chunk is at least one client per device
+    (7, 100, 2, (1, 8)),  # the whole cohort, rounded up to the devices
+    (10, 3, 1, (4, 3)),
+])
+def test_chunk_layout_is_the_fewest_even_chunks(slots, max_chunk, devices, expected):
+    from nordfl.sim.engine import chunk_layout
+
+    num_chunks, chunk = chunk_layout(slots, max_chunk, devices)
+    assert (num_chunks, chunk) == expected
+    assert chunk % devices == 0 and num_chunks * chunk >= slots
+    assert num_chunks * chunk - slots < num_chunks * devices  # padding under one device-width per chunk
