@@ -18,7 +18,7 @@ import numpy as np
 
 from nordfl.algorithms import Algorithm, weighted_mean
 from nordfl.algorithms.aggregators import Aggregator
-from nordfl.sim.engine import Evaluation, RoundMetrics, Simulator, SimulatorOptions, SimState, Slots
+from nordfl.sim.engine import ROUND_COMPILER_OPTIONS, Evaluation, RoundMetrics, Simulator, SimulatorOptions, SimState, Slots
 from nordfl.tasks import Task
 
 
@@ -66,7 +66,10 @@ class SeedBatch:
         self.sim = Simulator(algorithm, task, options, seed=self.seeds[0], aggregate=aggregate)
         self.evaluator = evaluator or self.sim
         program = functools.partial(self.sim._round_program, gather_on_device=True)
-        self._round = jax.jit(jax.vmap(program, in_axes=(0, 0, None, 0, 0, None)), donate_argnums=(1,))
+        self._round = jax.jit(
+            jax.vmap(program, in_axes=(0, 0, None, 0, 0, None)), donate_argnums=(1,),
+            compiler_options=ROUND_COMPILER_OPTIONS.get(self.sim.devices[0].platform),
+        )
         self._base_keys = jax.device_put(jax.numpy.stack([jax.random.key(seed) for seed in self.seeds]), self.sim._replicated)
 
     def init(self, params_per_seed: Sequence) -> SimState:
