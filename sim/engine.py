@@ -5,9 +5,10 @@ A round gathers the cohort's data and client state, runs ``jax.vmap(client_updat
 (``lax.scan`` over local steps inside), aggregates, applies ``server_update`` and scatters
 client state back. Clients are grouped into size buckets (see ``packing``), each bucket's
 share of the cohort padded to a fixed capacity so shapes never change and the program
-compiles once. The client axis is sharded over the given devices and runs in chunks of
-``chunk_size`` clients (a ``lax.map`` over chunks): on a CPU, by default, as many clients
-per device as keep their models in cache (``auto_chunk_size``). Cost per round
+compiles once. The client axis is sharded over the given devices and runs in chunks of at
+most ``chunk_size`` clients, one after another: on a CPU, by default, as many clients per
+device as keep their models in cache (``auto_chunk_size``); with ``weighted_mean`` each
+chunk's updates are summed as it finishes, never stacked for the cohort. Cost per round
 follows the cohort, not the number of registered clients: only client states, a few bytes
 each for FedAvg, scale with the latter.
 """
