@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nordfl import registry
+
 Params = Any
 
 
@@ -81,19 +83,19 @@ class CNN(nnx.Module):
         return self.out(x)
 
 
+@registry.register("model", "logistic_regression", input="flat")
 def logistic_regression(num_features: int, num_classes: int, seed: int = 0) -> Model:
     return split_model(LogisticRegression(num_features, num_classes, rngs=nnx.Rngs(seed)))
 
 
+@registry.register("model", "mlp", input="flat")
 def mlp(num_features: int, num_classes: int, hidden: Sequence[int] = (64, 64), seed: int = 0) -> Model:
     return split_model(MLP(num_features, tuple(hidden), num_classes, rngs=nnx.Rngs(seed)))
 
 
+@registry.register("model", "cnn", input="image")
 def cnn(image_shape: Sequence[int], num_classes: int, seed: int = 0) -> Model:
     return split_model(CNN(tuple(image_shape), num_classes, rngs=nnx.Rngs(seed)))
-
-
-MODELS = {"logistic_regression": logistic_regression, "mlp": mlp, "cnn": cnn}
 
 
 def num_params(params: Params) -> int:

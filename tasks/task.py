@@ -16,7 +16,8 @@ from nordfl.tasks.digits import NUM_FEATURES as DIGITS_FEATURES
 from nordfl.tasks.digits import digits
 from nordfl.tasks.heart import FEATURES as HEART_FEATURES
 from nordfl.tasks.heart import heart
-from nordfl.tasks.models import MODELS, Model
+from nordfl import registry
+from nordfl.tasks.models import Model
 from nordfl.tasks.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from nordfl.tasks.synthetic import NUM_FEATURES as SYNTHETIC_FEATURES
 from nordfl.tasks.synthetic import synthetic
@@ -97,14 +98,15 @@ def make_model(task_name: str, model: str = "logistic_regression", *, seed: int 
     """The named model sized for the named task (no data is read)."""
     if task_name not in SHAPES:
         raise ValueError(f"task: unknown name {task_name!r}; expected one of {', '.join(sorted(SHAPES))}")
-    if model not in MODELS:
-        raise ValueError(f"task.model: unknown name {model!r}; expected one of {', '.join(sorted(MODELS))}")
+    entry = registry.lookup("model", model, field="task.model")
     shape, num_classes = SHAPES[task_name]
-    if model == "cnn":
+    # A model declares what it reads: "image" models get the [H, W, C] shape, "flat" ones
+    # the number of features.
+    if entry.properties.get("input") == "image":
         if len(shape) != 3:
-            raise ValueError(f"task.model: cnn needs image features [H, W, C]; task {task_name} has feature shape {shape}")
-        return MODELS[model](shape, num_classes, seed=seed, **(model_kwargs or {}))
-    return MODELS[model](math.prod(shape), num_classes, seed=seed, **(model_kwargs or {}))
+            raise ValueError(f"task.model: {model} needs image features [H, W, C]; task {task_name} has feature shape {shape}")
+        return entry.builder(shape, num_classes, seed=seed, **(model_kwargs or {}))
+    return entry.builder(math.prod(shape), num_classes, seed=seed, **(model_kwargs or {}))
 
 
 def make_task(name: str, *, model: str = "logistic_regression", model_seed: int = 0, model_kwargs=None, **data_kwargs) -> Task:

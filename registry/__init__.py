@@ -1,0 +1,137 @@
+"""One registry for every extension point: algorithms, aggregators, server optimisers,
+models, tasks and partitioners.
+
+Shipped components and a user's plugins register the same way, so nothing built in is a
+special case::
+
+    from nordfl import registry
+
+    @registry.register("model", "tiny_mlp", input="flat")
+    def tiny_mlp(num_features, num_classes, seed=0): ...
+
+    registry.lookup("model", "tiny_mlp").builder(13, 2)
+
+An entry's ``properties`` say what callers may rely on without knowing its name (a model's
+``input`` is ``"flat"`` or ``"image"``; an aggregator's ``is_linear``). Plugins are modules
+found through the ``nordfl.plugins`` entry-point group, or named explicitly
+(``load_plugins(["my_study.algorithms"])``); importing one runs its ``register`` calls.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
+
+KINDS = ("algorithm", "aggregator", "server_optimizer", "model", "task", "partitioner")
+ENTRY_POINT_GROUP = "nordfl.plugins"
+
+
+class Entry(NamedTuple):
+    """One registered component: what builds it, its config schema and its declared needs."""
+
+    kind: str
+    name: str
+    builder: Callable[..., Any]
+    config: Optional[type]
+    properties: Mapping[str, Any]
+    module: str
+
+
+_ENTRIES: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+# Modules whose import registers the shipped components; imported on first lookup so that
+# importing the registry itself stays cheap and free of cycles.
+_BUILTIN_MODULES = ("nordfl.tasks.models",)
+_builtins_loaded = False
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _ENTRIES:
+        raise ValueError(f"registry: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def register(kind: str, name: str, *, config: Optional[type] = None, **properties) -> Callable:
+    """A decorator that registers ``builder`` as the ``kind`` called ``name``.
+
+    Registering a second, different builder under a taken name is an error naming both
+    modules (a plugin cannot silently replace a shipped component); re-importing the same
+    module is harmless.
+    """
+    _check_kind(kind)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"registry: {kind} name must be an identifier such as 'fedavg', got {name!r}")
+
+    def decorate(builder: Callable) -> Callable:
+        module = getattr(builder, "__module__", "?")
+        taken = _ENTRIES[kind].get(name)
+        if taken is not None and (taken.module, taken.builder.__qualname__) != (module, builder.__qualname__):
+            raise ValueError(
+                f"registry: {kind} {name!r} is already registered by {taken.module}; {module} cannot register it again"
+            )
+        _ENTRIES[kind][name] = Entry(kind, name, builder, config, MappingProxyType(dict(properties)), module)
+        return builder
+
+    return decorate
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+def lookup(kind: str, name: str, *, field: Optional[str] = None) -> Entry:
+    """The entry ``name`` of ``kind``; an unknown name is an error listing the known ones.
+
+    ``field`` is the config field the name came from (``"task.model"``), for the error.
+    """
+    _check_kind(kind)
+    _load_builtins()
+    try:
+        return _ENTRIES[kind][name]
+    except (KeyError, TypeError):
+        raise ValueError(f"{field or kind}: unknown name {name!r}; expected one of {', '.join(names(kind))}") from None
+
+
+def names(kind: str) -> tuple[str, ...]:
+    """The registered names of ``kind``, sorted."""
+    _check_kind(kind)
+    _load_builtins()
+    return tuple(sorted(_ENTRIES[kind]))
+
+
+def entries() -> tuple[Entry, ...]:
+    """Every registered entry, by kind then name (what ``nordfl-sim --list`` style tools show)."""
+    _load_builtins()
+    return tuple(_ENTRIES[kind][name] for kind in KINDS for name in sorted(_ENTRIES[kind]))
+
+
+def load_plugins(modules: Iterable[str] = (), *, entry_points: bool = True) -> tuple[str, ...]:
+    """Imports plugin modules so that their ``register`` calls run; returns their names.
+
+    Args:
+      modules: module names given by the user (the ``plugins`` config key), importable from
+        ``sys.path`` (an installed package or a folder on ``PYTHONPATH``).
+      entry_points: also import every module advertised in the ``nordfl.plugins`` group by
+        installed distributions.
+    """
+    _load_builtins()
+    found = []
+    if entry_points:
+        for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            found.append(point.value.split(":")[0])
+    for module in modules:
+        if not isinstance(module, str) or not module:
+            raise ValueError(f"plugins: each entry must be a module name such as 'my_study.algorithms', got {module!r}")
+        found.append(module)
+    for module in found:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name is not None and module.startswith(error.name):
+                raise ValueError(f"plugins: cannot import {module!r}: no module named {error.name!r} on sys.path") from None
+            raise
+    return tuple(dict.fromkeys(found))
