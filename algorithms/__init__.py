@@ -2,7 +2,6 @@
 
 from nordfl.algorithms import accounting as accounting
 from nordfl.algorithms import dp as dp
-from nordfl.algorithms.aggregators import AGGREGATORS as AGGREGATORS
 from nordfl.algorithms.aggregators import Aggregator as Aggregator
 from nordfl.algorithms.aggregators import aggregator as aggregator
 from nordfl.algorithms.aggregators import coordinate_median as coordinate_median
@@ -45,7 +44,7 @@ from nordfl.algorithms.server_optimizers import fedyogi as fedyogi
 from nordfl.algorithms.server_optimizers import server_optimizer as server_optimizer
 
 __all__ = [
-    "AGGREGATORS", "ALGORITHM_NAMES", "Aggregate", "Aggregator", "Algorithm", "ClientData",
+    "ALGORITHM_NAMES", "Aggregate", "Aggregator", "Algorithm", "ClientData",
     "ClientMetrics", "ClientOutput", "DPSGD", "EmptyState", "UpdateDP", "accounting", "dp", "with_update_dp", "LossFn", "ModelDelta", "ModelMessage",
     "Params", "SERVER_OPTIMIZERS", "ScaffoldClientState", "ScaffoldMessage", "ScaffoldServerState",
     "ScaffoldUpdate", "ServerMetrics", "ServerState", "aggregator", "coordinate_median",

@@ -6,6 +6,11 @@ Distributed Learning", ICML 2018) work coordinate-wise over the clients with non
 weight, unweighted: ``coordinate_median`` and ``trimmed_mean(beta)``, which drops the
 ``floor(beta * m)`` largest and smallest of the m values of each coordinate.
 
+An aggregator is *linear* (``is_linear``) when its aggregate is ``mean_of_sum`` of the
+``weighted_sum`` of the updates: only then can the simulator stream chunk sums, DP-FedAvg
+noise the sum, and secure aggregation reveal nothing but the sum. Each registered aggregator
+declares it; callers check ``is_linear`` instead of naming ``weighted_mean``.
+
 Every aggregator is ``(updates, weights) -> Aggregate``: ``updates`` is a pytree whose
 leaves are stacked over clients on axis 0, ``weights`` is float32 [clients]. Clients of
 weight 0 (padding, no data, dropped) contribute nothing; with none left, the mean is 0.
@@ -13,11 +18,13 @@ weight 0 (padding, no data, dropped) contribute nothing; with none left, the mea
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from nordfl import registry
 from nordfl.algorithms import _checks
 from nordfl.algorithms.base import Aggregate, Update
 
@@ -71,6 +78,14 @@ def weighted_mean(updates: Update, weights: jax.Array) -> Aggregate:
     return mean_of_sum(weighted_sum(updates, weights), weights)
 
 
+weighted_mean.is_linear = True
+
+
+def is_linear(aggregate: Aggregator) -> bool:
+    """Whether ``aggregate`` is ``mean_of_sum(weighted_sum(...))`` (see the module docstring)."""
+    return bool(getattr(aggregate, "is_linear", False))
+
+
 def _sorted_valid(u: jax.Array, weights: jax.Array) -> jax.Array:
     """Sorts each coordinate over clients, clients of weight 0 last (as +inf)."""
     return jnp.sort(jnp.where(_per_client(weights > 0, u), u, jnp.inf), axis=0)
@@ -116,16 +131,22 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
     return aggregate
 
 
-AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
-    "weighted_mean": lambda: weighted_mean,
-    "median": lambda: coordinate_median,
-    "trimmed_mean": trimmed_mean,
-}
+registry.register("aggregator", "weighted_mean", is_linear=True)(lambda: weighted_mean)
+registry.register("aggregator", "median", is_linear=False)(lambda: coordinate_median)
+registry.register("aggregator", "trimmed_mean", is_linear=False)(trimmed_mean)
+
+
+def linear_aggregators() -> tuple[str, ...]:
+    """The names of the registered aggregators that declare ``is_linear``."""
+    return tuple(name for name in registry.names("aggregator") if registry.lookup("aggregator", name).properties.get("is_linear"))
 
 
 def aggregator(name: str, **hyperparameters) -> Aggregator:
-    """Builds an aggregator by name: ``weighted_mean``, ``median`` or ``trimmed_mean(beta=...)``."""
-    _checks.check_choice("aggregator", "name", name, AGGREGATORS)
-    if name != "trimmed_mean" and hyperparameters:
-        raise ValueError(f"aggregator: {name} takes no hyperparameters, got {sorted(hyperparameters)}")
-    return AGGREGATORS[name](**hyperparameters)
+    """Builds a registered aggregator by name: ``weighted_mean``, ``median``, ``trimmed_mean(beta=...)``, or a plugin's."""
+    entry = registry.lookup("aggregator", name, field="aggregator")
+    accepted = inspect.signature(entry.builder).parameters
+    unknown = sorted(set(hyperparameters) - set(accepted))
+    if unknown:
+        expected = ", ".join(accepted) or "none"
+        raise ValueError(f"aggregator: {name} takes no hyperparameter {', '.join(unknown)}; expected {expected}")
+    return entry.builder(**hyperparameters)

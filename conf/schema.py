@@ -15,7 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from nordfl.algorithms import Algorithm, aggregator, make_algorithm
-from nordfl.algorithms.aggregators import Aggregator
+from nordfl.algorithms.aggregators import Aggregator, linear_aggregators
 from nordfl.algorithms.dp import DP_MODES, NOISE_PLACEMENTS
 from nordfl.tasks import Task, classification_task, make_task
 from nordfl.tasks.partition import repartition
@@ -148,8 +148,9 @@ def check_dp(a: DictConfig) -> None:
         fail("algorithm.dp.noise_multiplier", None, "needs a value, or algorithm.dp.epsilon_budget to calibrate it from")
     if d.noise not in NOISE_PLACEMENTS:
         fail("algorithm.dp.noise", d.noise, f"must be one of {', '.join(NOISE_PLACEMENTS)}")
-    if d.mode == "update" and a.aggregator.name != "weighted_mean":
-        fail("algorithm.aggregator.name", a.aggregator.name, "must be weighted_mean with algorithm.dp.mode=update (DP-FedAvg noises the sum)")
+    if d.mode == "update" and a.aggregator.name not in linear_aggregators():
+        fail("algorithm.aggregator.name", a.aggregator.name,
+             f"must be a linear aggregator ({', '.join(linear_aggregators())}) with algorithm.dp.mode=update (DP-FedAvg noises the sum)")
 
 
 def build_algorithm(

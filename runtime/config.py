@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nordfl.algorithms import Algorithm
-from nordfl.algorithms.aggregators import Aggregator
+from nordfl.algorithms.aggregators import Aggregator, linear_aggregators
 from nordfl.conf.schema import AlgorithmConfig, ConfigError, TaskConfig, build_algorithm, fail, model_kwargs
 from nordfl.tasks import Model, TaskFns, classification_fns, make_model
 from nordfl.tasks.task import SHAPES
@@ -94,9 +94,10 @@ def check_runtime(cfg: DictConfig, num_sites: int) -> None:
             fail("runtime.secagg_clip_range", r.secagg_clip_range, "must be > 0")
         if r.secagg_bits is not None and not 8 <= r.secagg_bits <= 64 - math.ceil(math.log2(num_sites)):
             fail("runtime.secagg_bits", r.secagg_bits, f"must be in [8, {64 - math.ceil(math.log2(num_sites))}] or null")
-        if cfg.algorithm.aggregator.name != "weighted_mean":
+        if cfg.algorithm.aggregator.name not in linear_aggregators():
             fail("algorithm.aggregator.name", cfg.algorithm.aggregator.name,
-                 "must be weighted_mean with runtime.secure_aggregation=true (the coordinator only sees the sum)")
+                 f"must be a linear aggregator ({', '.join(linear_aggregators())}) with runtime.secure_aggregation=true "
+                 "(the coordinator only sees the sum)")
     dp = cfg.algorithm.get("dp")
     if dp is not None and dp.mode == "update" and dp.noise == "distributed" and not r.secure_aggregation:
         fail("algorithm.dp.noise", dp.noise, "needs runtime.secure_aggregation=true: without it the coordinator sees each "

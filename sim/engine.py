@@ -7,7 +7,7 @@ client state back. Clients are grouped into size buckets (see ``packing``), each
 share of the cohort padded to a fixed capacity so shapes never change and the program
 compiles once. The client axis is sharded over the given devices and runs in chunks of at
 most ``chunk_size`` clients, one after another: on a CPU, by default, as many clients per
-device as keep their models in cache (``auto_chunk_size``); with ``weighted_mean`` each
+device as keep their models in cache (``auto_chunk_size``); with a linear aggregator each
 chunk's updates are summed as it finishes, never stacked for the cohort. Cost per round
 follows the cohort, not the number of registered clients: only client states, a few bytes
 each for FedAvg, scale with the latter.
@@ -25,7 +25,7 @@ import optax.tree_utils as otu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nordfl.algorithms import Algorithm, weighted_mean
-from nordfl.algorithms.aggregators import Aggregator, mean_of_sum, weighted_sum
+from nordfl.algorithms.aggregators import Aggregator, is_linear, mean_of_sum, weighted_sum
 from nordfl.sim.cohort import RoundPlan, plan_round
 from nordfl.sim.packing import BucketSpec, ClientPool, bucket_specs, gather_clients, plan_buckets, pool_clients
 from nordfl.tasks import EvalMetrics, Examples, Task
@@ -246,7 +246,7 @@ class Simulator:
         """``vmap(client_update)`` over a chunk, a loop over chunks, the chunk axis sharded over devices.
 
         Returns the stacked ``ClientOutput``s, each weight zeroed where its slot does not count,
-        and, with ``weighted_mean`` as the aggregator, the ``weighted_sum`` of the updates added
+        and, with a linear aggregator (``is_linear``: ``weighted_mean``), the ``weighted_sum`` of the updates added
         up chunk by chunk in their place (``update`` is then None): only a chunk's updates are
         ever held at once, not the cohort's (W3: 100 x 2.7 MB). Other aggregators need every
         update together; the sum is then None.
@@ -272,7 +272,7 @@ class Simulator:
             return jax.lax.with_sharding_constraint(jnp.swapaxes(a, 0, 1).reshape(num_chunks * chunk, *a.shape[2:]), sharded)
 
         chunks = jax.tree_util.tree_map(to_chunks, (states, data, keys, epochs, counts))
-        if self.aggregate is not weighted_mean:
+        if not is_linear(self.aggregate):
             return jax.tree_util.tree_map(from_chunks, jax.lax.map(one_chunk, chunks)), None
 
         def add_chunk(update_sum, inputs):

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from nordfl import registry
 from nordfl.algorithms import aggregator, coordinate_median, trimmed_mean, weighted_mean
+from nordfl.algorithms.aggregators import is_linear, linear_aggregators
 
 RNG = np.random.default_rng(0)
 UPDATES = {"a": RNG.normal(size=(7, 3, 2)).astype(np.float32), "b": RNG.normal(size=(7,)).astype(np.float32)}
@@ -71,6 +73,16 @@ def test_bad_aggregator_settings():
         trimmed_mean(0.5)
     with pytest.raises(ValueError, match="aggregator: unknown name 'mean'; expected one of median, trimmed_mean, weighted_mean"):
         aggregator("mean")
-    with pytest.raises(ValueError, match=r"aggregator: median takes no hyperparameters, got \['beta'\]"):
+    with pytest.raises(ValueError, match="aggregator: median takes no hyperparameter beta; expected none"):
         aggregator("median", beta=0.1)
+    with pytest.raises(ValueError, match="aggregator: trimmed_mean takes no hyperparameter gamma; expected beta"):
+        aggregator("trimmed_mean", gamma=0.1)
     assert aggregator("trimmed_mean", beta=0.2) is not None
+
+
+def test_every_shipped_aggregator_is_registered_and_declares_linearity():
+    """Streaming, DP-FedAvg and secure aggregation read is_linear, never the name."""
+    assert registry.names("aggregator") == ("median", "trimmed_mean", "weighted_mean")
+    assert linear_aggregators() == ("weighted_mean",)
+    assert is_linear(aggregator("weighted_mean")) and is_linear(weighted_mean)
+    assert not is_linear(aggregator("median")) and not is_linear(aggregator("trimmed_mean", beta=0.1))

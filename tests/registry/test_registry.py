@@ -22,6 +22,8 @@ def clean_registry(monkeypatch):
 
 def test_shipped_models_go_through_the_registry():
     assert registry.names("model") == ("cnn", "logistic_regression", "mlp")
+    kinds = {entry.kind for entry in registry.entries()}
+    assert kinds == {"aggregator", "model"}  # the other kinds move onto the registry next
     assert registry.lookup("model", "cnn").properties["input"] == "image"
     assert registry.lookup("model", "mlp").properties["input"] == "flat"
 

@@ -84,7 +84,7 @@ def test_enough_sites_close_the_round(tmp_path, federation):
     (["runtime.cohort_size=2"], "runtime.cohort_size: must be in [max(runtime.min_sites, runtime.min_cohort) = 3, 4]"),
     (["runtime.secure_aggregation=true", "runtime.secagg_threshold=5"], "runtime.secagg_threshold: secure aggregation needs threshold <= cohort: threshold in [max(runtime.min_cohort, runtime.min_sites, a majority of the 4 sites) = 3, cohort 4]"),
     (["runtime.secagg_threshold=3"], "runtime.secagg_threshold: is only used with runtime.secure_aggregation=true"),
-    (["runtime.secure_aggregation=true", "algorithm.aggregator.name=median"], "algorithm.aggregator.name: must be weighted_mean"),
+    (["runtime.secure_aggregation=true", "algorithm.aggregator.name=median"], "algorithm.aggregator.name: must be a linear aggregator (weighted_mean)"),
 ])
 def test_bad_privacy_settings_fail_before_anything_starts(tmp_path, federation, overrides, expected):
     with pytest.raises(ConfigError) as info:

@@ -71,7 +71,7 @@ def test_a_null_noise_multiplier_is_calibrated_to_spend_the_budget():
         (["algorithm.dp.mode=update", "algorithm.dp.noise=local", "algorithm.dp.noise_multiplier=1"],
          "algorithm.dp.noise: must be one of central, distributed, got 'local'"),
         (["algorithm.dp.mode=update", "algorithm.dp.noise_multiplier=1", "algorithm.aggregator.name=median"],
-         "algorithm.aggregator.name: must be weighted_mean with algorithm.dp.mode=update"),
+         r"algorithm.aggregator.name: must be a linear aggregator \(weighted_mean\) with algorithm.dp.mode=update"),
         (["algorithm.dp.mode=update", "algorithm.dp.noise=distributed", "algorithm.dp.noise_multiplier=1", "sim.dropout_fraction=0.3"],
          "algorithm.dp.noise: cannot be distributed with dropped sites"),
     ],
