@@ -35,7 +35,6 @@ from nordfl.algorithms.scaffold import ScaffoldMessage as ScaffoldMessage
 from nordfl.algorithms.scaffold import ScaffoldServerState as ScaffoldServerState
 from nordfl.algorithms.scaffold import ScaffoldUpdate as ScaffoldUpdate
 from nordfl.algorithms.scaffold import scaffold as scaffold
-from nordfl.algorithms.server_optimizers import SERVER_OPTIMIZERS as SERVER_OPTIMIZERS
 from nordfl.algorithms.server_optimizers import fedadagrad as fedadagrad
 from nordfl.algorithms.server_optimizers import fedadam as fedadam
 from nordfl.algorithms.server_optimizers import fedavg_server as fedavg_server
@@ -46,7 +45,7 @@ from nordfl.algorithms.server_optimizers import server_optimizer as server_optim
 __all__ = [
     "ALGORITHM_NAMES", "Aggregate", "Aggregator", "Algorithm", "ClientData",
     "ClientMetrics", "ClientOutput", "DPSGD", "EmptyState", "UpdateDP", "accounting", "dp", "with_update_dp", "LossFn", "ModelDelta", "ModelMessage",
-    "Params", "SERVER_OPTIMIZERS", "ScaffoldClientState", "ScaffoldMessage", "ScaffoldServerState",
+    "Params", "ScaffoldClientState", "ScaffoldMessage", "ScaffoldServerState",
     "ScaffoldUpdate", "ServerMetrics", "ServerState", "aggregator", "coordinate_median",
     "epoch_orders", "fedadagrad", "fedadam", "fedavg", "fedavg_server", "fedavgm",
     "fedprox", "fedyogi", "local_sgd", "make_algorithm", "scaffold", "server_optimizer", "shuffle_order",

@@ -16,7 +16,8 @@ from nordfl.algorithms.base import Algorithm, LossFn
 from nordfl.algorithms.fedavg import fedavg
 from nordfl.algorithms.fedprox import fedprox
 from nordfl.algorithms.scaffold import scaffold
-from nordfl.algorithms.server_optimizers import SERVER_OPTIMIZERS, server_optimizer
+from nordfl import registry
+from nordfl.algorithms.server_optimizers import server_optimizer
 
 ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
     "fedavg": fedavg,
@@ -79,8 +80,8 @@ def make_algorithm(
         factory = ALGORITHMS[name]
     if server:
         opt_name = server.pop("name", "sgd")
-        _checks.check_choice(f"{name}.server", "name", opt_name, SERVER_OPTIMIZERS)
-        _check_keywords(f"{name}.server", SERVER_OPTIMIZERS[opt_name], server)
+        builder = registry.lookup("server_optimizer", opt_name, field=f"{name}.server").builder
+        _check_keywords(f"{name}.server", builder, server)
         hyperparameters["server_optimizer"] = server_optimizer(opt_name, **server)
     _check_keywords(name, factory, hyperparameters)
     if factory is fedavg:

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from nordfl.algorithms._checks import check_choice, check_fraction, check_positive
+from nordfl import registry
+from nordfl.algorithms._checks import check_fraction, check_positive
 from nordfl.algorithms.base import Params
 
 
@@ -48,12 +49,14 @@ def _scale_by_fedopt(second_moment: SecondMomentFn, b1: float, tau: float) -> op
     return optax.GradientTransformation(init, update)
 
 
+@registry.register("server_optimizer", "sgd")
 def fedavg_server(learning_rate: float = 1.0) -> optax.GradientTransformation:
     """Plain FedAvg: ``x += lr * mean_delta`` (lr 1 replaces the model by the cohort mean)."""
     check_positive("fedavg_server", "learning_rate", learning_rate)
     return optax.sgd(learning_rate)
 
 
+@registry.register("server_optimizer", "fedavgm")
 def fedavgm(learning_rate: float = 1.0, momentum: float = 0.9) -> optax.GradientTransformation:
     """FedAvgM (Hsu et al. 2019): server SGD with heavy-ball momentum on the pseudo-gradient."""
     check_positive("fedavgm", "learning_rate", learning_rate)
@@ -61,6 +64,7 @@ def fedavgm(learning_rate: float = 1.0, momentum: float = 0.9) -> optax.Gradient
     return optax.sgd(learning_rate, momentum=momentum)
 
 
+@registry.register("server_optimizer", "fedadam")
 def fedadam(learning_rate: float = 0.01, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3) -> optax.GradientTransformation:
     """FedAdam: ``v = b2 v + (1 - b2) g^2``."""
     _check_adaptive("fedadam", learning_rate, b1, tau)
@@ -69,6 +73,7 @@ def fedadam(learning_rate: float = 0.01, b1: float = 0.9, b2: float = 0.99, tau:
     return optax.chain(_scale_by_fedopt(second, b1, tau), optax.scale(-learning_rate))
 
 
+@registry.register("server_optimizer", "fedyogi")
 def fedyogi(learning_rate: float = 0.01, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3) -> optax.GradientTransformation:
     """FedYogi: ``v = v - (1 - b2) g^2 sign(v - g^2)``."""
     _check_adaptive("fedyogi", learning_rate, b1, tau)
@@ -77,6 +82,7 @@ def fedyogi(learning_rate: float = 0.01, b1: float = 0.9, b2: float = 0.99, tau:
     return optax.chain(_scale_by_fedopt(second, b1, tau), optax.scale(-learning_rate))
 
 
+@registry.register("server_optimizer", "fedadagrad")
 def fedadagrad(learning_rate: float = 0.01, b1: float = 0.0, tau: float = 1e-3) -> optax.GradientTransformation:
     """FedAdagrad: ``v = v + g^2`` (the paper's default keeps no momentum, ``b1 = 0``)."""
     _check_adaptive("fedadagrad", learning_rate, b1, tau)
@@ -90,19 +96,9 @@ def _check_adaptive(owner: str, learning_rate: float, b1: float, tau: float) -> 
     check_positive(owner, "tau", tau)
 
 
-SERVER_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "sgd": fedavg_server,
-    "fedavgm": fedavgm,
-    "fedadam": fedadam,
-    "fedyogi": fedyogi,
-    "fedadagrad": fedadagrad,
-}
-
-
 def server_optimizer(name: str, **hyperparameters) -> optax.GradientTransformation:
     """Builds a server optimiser by name, e.g. ``server_optimizer("fedadam", learning_rate=0.03)``."""
-    check_choice("server_optimizer", "name", name, SERVER_OPTIMIZERS)
-    return SERVER_OPTIMIZERS[name](**hyperparameters)
+    return registry.lookup("server_optimizer", name, field="server_optimizer").builder(**hyperparameters)
 
 
 def server_step(optimizer: optax.GradientTransformation, params: Params, opt_state, mean_delta: Params):

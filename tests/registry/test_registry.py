@@ -23,9 +23,10 @@ def clean_registry(monkeypatch):
 def test_shipped_models_go_through_the_registry():
     assert registry.names("model") == ("cnn", "logistic_regression", "mlp")
     kinds = {entry.kind for entry in registry.entries()}
-    assert kinds == {"aggregator", "model"}  # the other kinds move onto the registry next
+    assert kinds == {"aggregator", "model", "server_optimizer"}  # the other kinds move onto the registry next
     assert registry.lookup("model", "cnn").properties["input"] == "image"
     assert registry.lookup("model", "mlp").properties["input"] == "flat"
+    assert registry.names("server_optimizer") == ("fedadagrad", "fedadam", "fedavgm", "fedyogi", "sgd")
 
 
 def test_unknown_names_and_kinds_are_errors_listing_what_exists():
