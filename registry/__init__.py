@@ -42,7 +42,8 @@ class Entry(NamedTuple):
 _ENTRIES: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
 # Modules whose import registers the shipped components; imported on first lookup so that
 # importing the registry itself stays cheap and free of cycles.
-_BUILTIN_MODULES = ("nordfl.algorithms.aggregators", "nordfl.algorithms.server_optimizers", "nordfl.tasks.models")
+_BUILTIN_MODULES = ("nordfl.algorithms.aggregators", "nordfl.algorithms.server_optimizers", "nordfl.tasks.models",
+                    "nordfl.tasks.heart", "nordfl.tasks.synthetic", "nordfl.tasks.digits")
 _builtins_loaded = False
 
 

@@ -19,7 +19,8 @@ from nordfl.algorithms import Algorithm
 from nordfl.algorithms.aggregators import Aggregator, linear_aggregators
 from nordfl.conf.schema import AlgorithmConfig, ConfigError, TaskConfig, build_algorithm, fail, model_kwargs
 from nordfl.tasks import Model, TaskFns, classification_fns, make_model
-from nordfl.tasks.task import SHAPES
+from nordfl import registry
+from nordfl.tasks.task import task_shape
 
 
 @dataclass
@@ -197,13 +198,13 @@ class Built(NamedTuple):
 def build_job(job: Job) -> Built:
     """The same objects the simulator builds for this algorithm and task config."""
     task = job.task_config
-    if task["name"] not in SHAPES:
-        fail("task.name", task["name"], f"must be one of {', '.join(sorted(SHAPES))}")
+    if task["name"] not in registry.names("task"):
+        fail("task.name", task["name"], f"must be one of {', '.join(registry.names('task'))}")
     try:
         model = make_model(task["name"], task["model"], seed=job.seed, model_kwargs=model_kwargs(task))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    fns = classification_fns(model, SHAPES[task["name"]][1])
+    fns = classification_fns(model, task_shape(task["name"])[1])
     cfg = OmegaConf.create({"algorithm": job.algorithm_config})
     algorithm, aggregate = build_algorithm(cfg, fns.loss_fn, num_clients=len(job.sites),
                                            expected_clients=job.cohort_size or len(job.sites))

@@ -146,9 +146,9 @@ class Coordinator:
         return out.update
 
     def _feature_shape(self):
-        from nordfl.tasks.task import SHAPES
+        from nordfl.tasks.task import task_shape
 
-        return SHAPES[self.job.task_config["name"]][0]
+        return task_shape(self.job.task_config["name"])[0]
 
     def _cohort(self) -> tuple[str, ...]:
         eligible = [s for s in self.job.sites if self.admitted(s)[0]]

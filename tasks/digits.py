@@ -15,6 +15,7 @@ from importlib import resources
 
 import numpy as np
 
+from nordfl import registry
 from nordfl.tasks.data import FederatedDataset, build_federated
 
 VENDORED_CSV = "digits.csv.gz"
@@ -34,6 +35,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :NUM_FEATURES] / 16.0, table[:, NUM_FEATURES].astype(np.int32)
 
 
+@registry.register("task", "digits", feature_shape=(NUM_FEATURES,), num_classes=NUM_CLASSES)
 def digits(*, seed: int = 0, test_fraction: float = 0.2) -> FederatedDataset:
     """All digits as one client, split train/test (stratified, seeded); repartition to federate."""
     x, y = load_digits()

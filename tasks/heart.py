@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 
+from nordfl import registry
 from nordfl.tasks.data import ClientSplit, Examples, FederatedDataset, stratified_split
 
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
@@ -206,6 +207,7 @@ def standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
     return ((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
 
 
+@registry.register("task", "heart", feature_shape=(len(FEATURES),), num_classes=2)
 def heart(
     *,
     seed: int = 0,

@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from nordfl import registry
 from nordfl.tasks.data import FederatedDataset, build_federated
 
 NUM_FEATURES = 60
@@ -33,6 +34,7 @@ def _check(num_devices, alpha, beta) -> None:
             raise ValueError(f"synthetic: {field} must be >= 0, got {value!r}")
 
 
+@registry.register("task", "synthetic", feature_shape=(NUM_FEATURES,), num_classes=NUM_CLASSES)
 def synthetic(
     alpha: float = 1.0,
     beta: float = 1.0,
@@ -93,3 +95,9 @@ def synthetic(
         seed=seed,
         client_names=[f"device_{k}" for k in range(num_devices)],
     )
+
+
+@registry.register("task", "synthetic_iid", feature_shape=(NUM_FEATURES,), num_classes=NUM_CLASSES)
+def synthetic_iid(**kwargs) -> FederatedDataset:
+    """FedProx's Synthetic(IID): every device draws from the same model and features."""
+    return synthetic(iid=True, **kwargs)

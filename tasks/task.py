@@ -11,16 +11,8 @@ import jax.numpy as jnp
 
 from nordfl.tasks import metrics as M
 from nordfl.tasks.data import Examples, FederatedDataset
-from nordfl.tasks.digits import NUM_CLASSES as DIGITS_CLASSES
-from nordfl.tasks.digits import NUM_FEATURES as DIGITS_FEATURES
-from nordfl.tasks.digits import digits
-from nordfl.tasks.heart import FEATURES as HEART_FEATURES
-from nordfl.tasks.heart import heart
 from nordfl import registry
 from nordfl.tasks.models import Model
-from nordfl.tasks.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
-from nordfl.tasks.synthetic import NUM_FEATURES as SYNTHETIC_FEATURES
-from nordfl.tasks.synthetic import synthetic
 
 Params = Any
 
@@ -79,27 +71,16 @@ def classification_task(name: str, data: FederatedDataset, model: Model) -> Task
     return Task(name, data, model, fns.loss_fn, fns.evaluate)
 
 
-DATASETS: dict[str, Callable[..., FederatedDataset]] = {
-    "heart": heart,
-    "synthetic": synthetic,
-    "synthetic_iid": lambda **kw: synthetic(iid=True, **kw),
-    "digits": digits,
-}
-SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
-    "heart": ((len(HEART_FEATURES),), 2),
-    "synthetic": ((SYNTHETIC_FEATURES,), SYNTHETIC_CLASSES),
-    "synthetic_iid": ((SYNTHETIC_FEATURES,), SYNTHETIC_CLASSES),
-    "digits": ((DIGITS_FEATURES,), DIGITS_CLASSES),
-}
-"""Feature shape and number of classes of each task, known without loading its data."""
+def task_shape(name: str) -> tuple[tuple[int, ...], int]:
+    """A registered task's feature shape and number of classes, known without loading its data."""
+    properties = registry.lookup("task", name, field="task").properties
+    return tuple(properties["feature_shape"]), int(properties["num_classes"])
 
 
 def make_model(task_name: str, model: str = "logistic_regression", *, seed: int = 0, model_kwargs=None) -> Model:
     """The named model sized for the named task (no data is read)."""
-    if task_name not in SHAPES:
-        raise ValueError(f"task: unknown name {task_name!r}; expected one of {', '.join(sorted(SHAPES))}")
+    shape, num_classes = task_shape(task_name)
     entry = registry.lookup("model", model, field="task.model")
-    shape, num_classes = SHAPES[task_name]
     # A model declares what it reads: "image" models get the [H, W, C] shape, "flat" ones
     # the number of features.
     if entry.properties.get("input") == "image":
@@ -110,10 +91,10 @@ def make_model(task_name: str, model: str = "logistic_regression", *, seed: int 
 
 
 def make_task(name: str, *, model: str = "logistic_regression", model_seed: int = 0, model_kwargs=None, **data_kwargs) -> Task:
-    """Builds a task by name (``heart``, ``synthetic``, ``synthetic_iid``, ``digits``) and model name.
+    """Builds a registered task (``heart``, ``synthetic``, ``synthetic_iid``, ``digits``, a plugin's) and model by name.
 
     Example:
       >>> task = make_task("synthetic", alpha=1.0, beta=1.0, num_devices=30, seed=0)
     """
     built = make_model(name, model, seed=model_seed, model_kwargs=model_kwargs)
-    return classification_task(name, DATASETS[name](**data_kwargs), built)
+    return classification_task(name, registry.lookup("task", name, field="task").builder(**data_kwargs), built)

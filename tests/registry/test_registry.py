@@ -23,9 +23,11 @@ def clean_registry(monkeypatch):
 def test_shipped_models_go_through_the_registry():
     assert registry.names("model") == ("cnn", "logistic_regression", "mlp")
     kinds = {entry.kind for entry in registry.entries()}
-    assert kinds == {"aggregator", "model", "server_optimizer"}  # the other kinds move onto the registry next
+    assert kinds == {"aggregator", "model", "server_optimizer", "task"}  # the other kinds move onto the registry next
     assert registry.lookup("model", "cnn").properties["input"] == "image"
     assert registry.lookup("model", "mlp").properties["input"] == "flat"
+    assert registry.names("task") == ("digits", "heart", "synthetic", "synthetic_iid")
+    assert registry.lookup("task", "heart").properties == {"feature_shape": (13,), "num_classes": 2}
     assert registry.names("server_optimizer") == ("fedadagrad", "fedadam", "fedavgm", "fedyogi", "sgd")
 
 
