@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP_LEVEL = ("algorithms", "tasks", "sim", "runtime", "conf")
+TOP_LEVEL = ("algorithms", "tasks", "sim", "runtime", "conf", "registry")
 
 
 def _source_modules() -> list[str]:
