@@ -18,7 +18,6 @@ weight 0 (padding, no data, dropped) contribute nothing; with none left, the mea
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 import jax
@@ -131,7 +130,7 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
     return aggregate
 
 
-registry.register("aggregator", "weighted_mean", is_linear=True)(lambda: weighted_mean)
+registry.register("aggregator", "weighted_mean", is_linear=is_linear(weighted_mean))(lambda: weighted_mean)
 registry.register("aggregator", "median", is_linear=False)(lambda: coordinate_median)
 registry.register("aggregator", "trimmed_mean", is_linear=False)(trimmed_mean)
 
@@ -144,9 +143,5 @@ def linear_aggregators() -> tuple[str, ...]:
 def aggregator(name: str, **hyperparameters) -> Aggregator:
     """Builds a registered aggregator by name: ``weighted_mean``, ``median``, ``trimmed_mean(beta=...)``, or a plugin's."""
     entry = registry.lookup("aggregator", name, field="aggregator")
-    accepted = inspect.signature(entry.builder).parameters
-    unknown = sorted(set(hyperparameters) - set(accepted))
-    if unknown:
-        expected = ", ".join(accepted) or "none"
-        raise ValueError(f"aggregator: {name} takes no hyperparameter {', '.join(unknown)}; expected {expected}")
+    _checks.check_keywords(f"aggregator.{name}", entry.builder, hyperparameters)
     return entry.builder(**hyperparameters)

@@ -7,7 +7,6 @@ Differential privacy is an option of every one of them, given as ``dp`` (see ``a
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Mapping, Optional
 
 from nordfl.algorithms import _checks
@@ -26,20 +25,6 @@ ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
 }
 FEDOPT_ALGORITHMS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
 ALGORITHM_NAMES = tuple(ALGORITHMS) + FEDOPT_ALGORITHMS
-
-
-def _check_keywords(owner: str, factory: Callable, given: Mapping[str, Any]) -> None:
-    """Unknown or missing keyword arguments as ValueErrors naming them (not Python's TypeError)."""
-    parameters = {
-        name: p for name, p in inspect.signature(factory).parameters.items()
-        if name not in ("loss_fn", "local_objective", "name", "dp_sgd")
-    }
-    for key in given:
-        if key not in parameters:
-            raise ValueError(f"{owner}: unknown hyperparameter {key!r}; expected one of {', '.join(parameters)}")
-    for name, p in parameters.items():
-        if p.default is inspect.Parameter.empty and name not in given:
-            raise ValueError(f"{owner}: missing hyperparameter {name!r}")
 
 
 def make_algorithm(
@@ -81,9 +66,9 @@ def make_algorithm(
     if server:
         opt_name = server.pop("name", "sgd")
         builder = registry.lookup("server_optimizer", opt_name, field=f"{name}.server").builder
-        _check_keywords(f"{name}.server", builder, server)
+        _checks.check_keywords(f"{name}.server", builder, server)
         hyperparameters["server_optimizer"] = server_optimizer(opt_name, **server)
-    _check_keywords(name, factory, hyperparameters)
+    _checks.check_keywords(name, factory, hyperparameters, supplied=("loss_fn", "local_objective", "name", "dp_sgd"))
     if factory is fedavg:
         hyperparameters["name"] = name  # errors say "fedadam: ...", not "fedavg: ..."
     dp = dict(dp or {})

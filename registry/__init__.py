@@ -29,12 +29,11 @@ ENTRY_POINT_GROUP = "nordfl.plugins"
 
 
 class Entry(NamedTuple):
-    """One registered component: what builds it, its config schema and its declared needs."""
+    """One registered component: what builds it and what it declares (``properties``)."""
 
     kind: str
     name: str
     builder: Callable[..., Any]
-    config: Optional[type]
     properties: Mapping[str, Any]
     module: str
 
@@ -52,7 +51,7 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"registry: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def register(kind: str, name: str, *, config: Optional[type] = None, **properties) -> Callable:
+def register(kind: str, name: str, **properties) -> Callable:
     """A decorator that registers ``builder`` as the ``kind`` called ``name``.
 
     Registering a second, different builder under a taken name is an error naming both
@@ -70,7 +69,7 @@ def register(kind: str, name: str, *, config: Optional[type] = None, **propertie
             raise ValueError(
                 f"registry: {kind} {name!r} is already registered by {taken.module}; {module} cannot register it again"
             )
-        _ENTRIES[kind][name] = Entry(kind, name, builder, config, MappingProxyType(dict(properties)), module)
+        _ENTRIES[kind][name] = Entry(kind, name, builder, MappingProxyType(dict(properties)), module)
         return builder
 
     return decorate

@@ -73,9 +73,9 @@ def test_bad_aggregator_settings():
         trimmed_mean(0.5)
     with pytest.raises(ValueError, match="aggregator: unknown name 'mean'; expected one of median, trimmed_mean, weighted_mean"):
         aggregator("mean")
-    with pytest.raises(ValueError, match="aggregator: median takes no hyperparameter beta; expected none"):
+    with pytest.raises(ValueError, match="aggregator.median: unknown hyperparameter 'beta'; expected one of none"):
         aggregator("median", beta=0.1)
-    with pytest.raises(ValueError, match="aggregator: trimmed_mean takes no hyperparameter gamma; expected beta"):
+    with pytest.raises(ValueError, match="aggregator.trimmed_mean: unknown hyperparameter 'gamma'; expected one of beta"):
         aggregator("trimmed_mean", gamma=0.1)
     assert aggregator("trimmed_mean", beta=0.2) is not None
 
