@@ -26,10 +26,12 @@ from nordfl.algorithms.fedavg import fedavg as fedavg
 from nordfl.algorithms.fedprox import fedprox as fedprox
 from nordfl.algorithms.local import epoch_orders as epoch_orders
 from nordfl.algorithms.local import shuffle_order as shuffle_order
+from nordfl.algorithms.local import LocalSchedule as LocalSchedule
+from nordfl.algorithms.local import local_schedule as local_schedule
 from nordfl.algorithms.local import local_sgd as local_sgd
 from nordfl.algorithms.local import steps_per_epoch as steps_per_epoch
-from nordfl.algorithms.registry import ALGORITHM_NAMES as ALGORITHM_NAMES
-from nordfl.algorithms.registry import make_algorithm as make_algorithm
+from nordfl.algorithms.make import algorithm_names as algorithm_names
+from nordfl.algorithms.make import make_algorithm as make_algorithm
 from nordfl.algorithms.scaffold import ScaffoldClientState as ScaffoldClientState
 from nordfl.algorithms.scaffold import ScaffoldMessage as ScaffoldMessage
 from nordfl.algorithms.scaffold import ScaffoldServerState as ScaffoldServerState
@@ -43,11 +45,11 @@ from nordfl.algorithms.server_optimizers import fedyogi as fedyogi
 from nordfl.algorithms.server_optimizers import server_optimizer as server_optimizer
 
 __all__ = [
-    "ALGORITHM_NAMES", "Aggregate", "Aggregator", "Algorithm", "ClientData",
-    "ClientMetrics", "ClientOutput", "DPSGD", "EmptyState", "UpdateDP", "accounting", "dp", "with_update_dp", "LossFn", "ModelDelta", "ModelMessage",
+    "Aggregate", "Aggregator", "Algorithm", "ClientData",
+    "ClientMetrics", "ClientOutput", "DPSGD", "EmptyState", "LocalSchedule", "UpdateDP", "accounting", "dp", "with_update_dp", "LossFn", "ModelDelta", "ModelMessage",
     "Params", "ScaffoldClientState", "ScaffoldMessage", "ScaffoldServerState",
-    "ScaffoldUpdate", "ServerMetrics", "ServerState", "aggregator", "coordinate_median",
+    "ScaffoldUpdate", "ServerMetrics", "ServerState", "aggregator", "algorithm_names", "coordinate_median",
     "epoch_orders", "fedadagrad", "fedadam", "fedavg", "fedavg_server", "fedavgm",
-    "fedprox", "fedyogi", "local_sgd", "make_algorithm", "scaffold", "server_optimizer", "shuffle_order",
+    "fedprox", "fedyogi", "local_schedule", "local_sgd", "make_algorithm", "scaffold", "server_optimizer", "shuffle_order",
     "steps_per_epoch", "trimmed_mean", "weighted_mean",
 ]

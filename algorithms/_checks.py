@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import numbers
-from typing import Any, Callable, Iterable, Mapping
+from typing import Iterable
+
+from nordfl.registry import check_keywords as check_keywords  # noqa: F401  (the one signature check)
 
 
 def check_positive(owner: str, field: str, value) -> None:
@@ -32,20 +33,6 @@ def check_fraction(owner: str, field: str, value, *, upper_open: bool = True) ->
     if not ok:
         bound = "< 1" if upper_open else "<= 1"
         raise ValueError(f"{owner}: {field} must be a number with 0 <= {field} {bound}, got {value!r}")
-
-
-def check_keywords(owner: str, factory: Callable, given: Mapping[str, Any], *, supplied: Iterable[str] = ()) -> None:
-    """Unknown or missing keyword arguments of ``factory`` as ValueErrors naming them (not Python's TypeError).
-
-    ``supplied`` are parameters the caller fills itself (``loss_fn``), neither given nor expected.
-    """
-    parameters = {name: p for name, p in inspect.signature(factory).parameters.items() if name not in supplied}
-    for key in given:
-        if key not in parameters:
-            raise ValueError(f"{owner}: unknown hyperparameter {key!r}; expected one of {', '.join(parameters) or 'none'}")
-    for name, p in parameters.items():
-        if p.default is inspect.Parameter.empty and name not in given:
-            raise ValueError(f"{owner}: missing hyperparameter {name!r}")
 
 
 def check_choice(owner: str, field: str, value, choices: Iterable[str]) -> None:

@@ -97,6 +97,9 @@ class Algorithm(NamedTuple):
         ``num_epochs_to_run`` (int scalar, optional) asks for partial work: fewer local epochs than
         the algorithm was configured with (a straggler); ``None`` runs all of them.
       server_update: ``(server_state, aggregate) -> (server_state, ServerMetrics)``.
+      local: the ``local.LocalSchedule`` its clients train with (epochs, batch size, sampling,
+        DP-SGD), which the simulator, the privacy accountant and the runtime read; ``None``
+        for an algorithm without local SGD.
     """
 
     server_init: Callable[[Params], ServerState]
@@ -106,3 +109,4 @@ class Algorithm(NamedTuple):
         [ServerMessage, ClientState, ClientData, PRNGKey, Optional[jax.Array]], ClientOutput
     ]
     server_update: Callable[[ServerState, Aggregate], tuple[ServerState, ServerMetrics]]
+    local: Any = None

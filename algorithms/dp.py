@@ -3,7 +3,8 @@
 Two options any algorithm can take (docs/privacy.md states the guarantees):
 
 - **DP-SGD at the site** (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016):
-  ``dp_local_sgd`` replaces the local loop's shuffled minibatches by Poisson sampling (each
+  a gradient transform of the one local loop (``local.local_sgd`` with a ``LocalSchedule``
+  whose ``dp`` is set): it replaces the shuffled minibatches by Poisson sampling (each
   step includes every real row independently with probability ``q = min(1, B / n)``), clips
   each example's gradient to L2 norm ``C``, adds N(0, (z C)^2) to their sum and divides by the
   expected batch size ``q n``. Steps per epoch stay ``ceil(n / B)`` as without DP, so epochs
@@ -29,7 +30,7 @@ n^2 / B per epoch for very large clients.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,7 @@ import numpy as np
 import optax.tree_utils as otu
 
 from nordfl.algorithms import _checks
-from nordfl.algorithms.base import Aggregate, Algorithm, ClientData, ClientMetrics, ClientOutput, LossFn, Params, PRNGKey, PyTree
-from nordfl.algorithms.local import LocalSchedule, sgd_init, sgd_result, sgd_step, step_counts
+from nordfl.algorithms.base import Aggregate, Algorithm, ClientData, ClientOutput, LossFn, Params, PRNGKey, PyTree
 
 DP_MODES = ("none", "sgd", "update")
 NOISE_PLACEMENTS = ("central", "distributed")
@@ -151,59 +151,6 @@ def private_value_and_grad(loss_fn: LossFn, options: DPSGD, denominator: jax.Arr
         return loss_sum / jnp.maximum(count, 1).astype(jnp.float32), grads
 
     return grad_fn
-
-
-def dp_local_sgd(
-    make_grad_fn: Callable[[jax.Array], PrivateGradFn],
-    params: Params,
-    data: ClientData,
-    key: PRNGKey,
-    schedule: LocalSchedule,
-    epochs_to_run: Optional[jax.Array] = None,
-) -> tuple[Params, ClientMetrics]:
-    """``local_sgd`` with Poisson-sampled batches: the local loop of DP-SGD.
-
-    Each of the client's ``ceil(n / B)`` steps per epoch (``floor`` with ``drop_remainder``)
-    includes every real row independently with probability ``q = min(1, B / n)``; steps past
-    the client's own schedule, padding rows and epochs past ``epochs_to_run`` do nothing, so a
-    padded client trains exactly as it would alone. ``q = 1`` (``B >= n``) is one full-batch
-    step per epoch, the same step the non-private loop takes.
-
-    Args:
-      make_grad_fn: ``(denominator) -> grad_fn``, given the expected batch size ``q n``
-        (algorithms pass ``private_value_and_grad`` of their local objective, plus their
-        gradient correction).
-      params, data, key, schedule, epochs_to_run: as ``local.local_sgd``.
-
-    Returns:
-      Final params and ``ClientMetrics``; ``num_steps`` is the DP-SGD steps taken, what the
-      site's privacy ledger records.
-    """
-    learning_rate, num_epochs, batch_size, _ = schedule
-    num_rows, max_steps, own_steps = step_counts(data, schedule)
-    if epochs_to_run is None:
-        epochs_to_run = num_epochs
-    q = sampling_rate(jnp.asarray(data.num_examples), batch_size)
-    denominator = q * jnp.maximum(data.num_examples, 1).astype(jnp.float32)
-    grad_fn = make_grad_fn(denominator)
-    rows = jnp.arange(num_rows, dtype=jnp.int32)
-    real = rows < data.num_examples
-
-    def run_step(carry, inputs):
-        epoch, step = inputs
-        # Keys by (epoch, step) and draws by row index, never by the padded shapes: a padded
-        # client samples exactly the batches it would sample alone.
-        sample_key, noise_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, epoch), step))
-        draws = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(sample_key, i)))(rows)
-        selected = real & (draws < q)
-        loss, grads = grad_fn(carry[0], data.examples, selected, noise_key)
-        active = (epoch < epochs_to_run) & (step < own_steps)
-        return sgd_step(carry, loss, grads, active, learning_rate), None
-
-    epochs = jnp.repeat(jnp.arange(num_epochs, dtype=jnp.int32), max_steps)
-    steps = jnp.tile(jnp.arange(max_steps, dtype=jnp.int32), num_epochs)
-    carry, _ = jax.lax.scan(run_step, sgd_init(params), (epochs, steps))
-    return sgd_result(carry)
 
 
 # ----------------------------------------------------------------------------- DP-FedAvg

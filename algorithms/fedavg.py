@@ -2,6 +2,9 @@
 Decentralized Data", AISTATS 2017), with a pluggable server optimiser (FedOpt, Reddi et
 al., ICLR 2021) and a pluggable local objective (which is all FedProx changes).
 
+``fedavgm``, ``fedadam``, ``fedyogi`` and ``fedadagrad`` are registered as FedAvg with that
+server optimiser (Reddi et al., ICLR 2021); their hyperparameters go in ``server``.
+
 Each round: the server broadcasts x; client i runs E epochs of minibatch SGD from x on its
 own data and returns delta_i = y_i - x with weight n_i; the server applies its optimiser to
 the pseudo-gradient -sum_i(n_i delta_i) / sum_i(n_i).
@@ -16,7 +19,9 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
+from nordfl import registry
 from nordfl.algorithms import _checks
+from nordfl.algorithms.config import AlgorithmConfig
 from nordfl.algorithms.base import (
     Aggregate,
     Algorithm,
@@ -28,8 +33,7 @@ from nordfl.algorithms.base import (
     PRNGKey,
     ServerMetrics,
 )
-from nordfl.algorithms.dp import DPSGD, dp_local_sgd, physical_batch_size, private_value_and_grad
-from nordfl.algorithms.local import WEIGHTINGS, client_weight, local_schedule, local_sgd
+from nordfl.algorithms.local import WEIGHTINGS, LocalSchedule, client_weight, local_sgd
 from nordfl.algorithms.server_optimizers import server_step
 
 LocalObjective = Callable[[LossFn, Params], LossFn]
@@ -62,45 +66,41 @@ def plain_objective(loss_fn: LossFn, global_params: Params) -> LossFn:
     return loss_fn
 
 
+@registry.register("algorithm", "fedavg", config=AlgorithmConfig)
+@registry.register("algorithm", "fedavgm", config=AlgorithmConfig, server_optimizer="fedavgm")
+@registry.register("algorithm", "fedadam", config=AlgorithmConfig, server_optimizer="fedadam")
+@registry.register("algorithm", "fedyogi", config=AlgorithmConfig, server_optimizer="fedyogi")
+@registry.register("algorithm", "fedadagrad", config=AlgorithmConfig, server_optimizer="fedadagrad")
 def fedavg(
     loss_fn: LossFn,
+    local: LocalSchedule,
     *,
-    client_lr: float,
-    num_epochs: int = 1,
-    batch_size: int = 32,
     server_optimizer: Optional[optax.GradientTransformation] = None,
-    drop_remainder: bool = False,
     weighting: str = "num_examples",
     local_objective: LocalObjective = plain_objective,
-    dp_sgd: Optional[DPSGD] = None,
     name: str = "fedavg",
 ) -> Algorithm:
     """Builds FedAvg.
 
     Args:
       loss_fn: ``(params, batch, mask) -> scalar`` masked mean loss.
-      client_lr: local SGD step size.
-      num_epochs: local epochs per round.
-      batch_size: local minibatch size.
+      local: the local schedule (``local.local_schedule``: step size, epochs, batch size;
+        with ``dp`` set, DP-SGD at the site).
       server_optimizer: optax transformation on the pseudo-gradient; default SGD with lr 1
         (plain FedAvg). See ``server_optimizers`` for FedAvgM, FedAdam, FedYogi, FedAdagrad.
-      drop_remainder: drop each epoch's last partial minibatch.
       weighting: ``"num_examples"`` (default) or ``"uniform"`` client weights.
       local_objective: builds the loss a client minimises from the task loss and the
         global params (FedProx adds its proximal term here).
-      dp_sgd: per-example clipping and Gaussian noise at the site (``dp.dp_sgd``); local
-        batches are then Poisson-sampled (``dp.dp_local_sgd``). None: plain local SGD.
       name: used in error messages.
 
     Returns:
       An ``Algorithm``.
 
     Example:
-      >>> alg = fedavg(loss_fn, client_lr=0.1, num_epochs=5, batch_size=10)
+      >>> alg = fedavg(loss_fn, local_schedule(client_lr=0.1, num_epochs=5, batch_size=10))
       >>> state = alg.server_init(params)
       >>> out = alg.client_update(alg.broadcast(state), alg.client_init(params), data, key)
     """
-    schedule = local_schedule(name, client_lr, num_epochs, batch_size, drop_remainder)
     _checks.check_choice(name, "weighting", weighting, WEIGHTINGS)
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
 
@@ -122,13 +122,7 @@ def fedavg(
         num_epochs_to_run: Optional[jax.Array] = None,
     ) -> ClientOutput:
         objective = local_objective(loss_fn, message.params)
-        if dp_sgd is None:
-            grad_fn = jax.value_and_grad(objective)
-            params, metrics = local_sgd(grad_fn, message.params, data, key, schedule, num_epochs_to_run)
-        else:
-            physical = physical_batch_size(batch_size)
-            make_grad_fn = lambda denominator: private_value_and_grad(objective, dp_sgd, denominator, physical)  # noqa: E731
-            params, metrics = dp_local_sgd(make_grad_fn, message.params, data, key, schedule, num_epochs_to_run)
+        params, metrics = local_sgd(objective, message.params, data, key, local, num_epochs_to_run)
         delta = ModelDelta(otu.tree_sub(params, message.params))
         weight = client_weight(data.num_examples, metrics.num_steps, weighting)
         return ClientOutput(delta, weight, client_state, metrics)
@@ -141,5 +135,5 @@ def fedavg(
         metrics = ServerMetrics(otu.tree_norm(aggregate.mean.delta), aggregate.num_clients)
         return new_state, metrics
 
-    return Algorithm(server_init, client_init, broadcast, client_update, server_update)
+    return Algorithm(server_init, client_init, broadcast, client_update, server_update, local)
 

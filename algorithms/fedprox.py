@@ -8,16 +8,17 @@ With ``mu = 0`` it is FedAvg exactly.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
 
 import jax
-import optax
 import optax.tree_utils as otu
 
+from nordfl import registry
 from nordfl.algorithms import _checks
 from nordfl.algorithms.base import Algorithm, LossFn, Params
-from nordfl.algorithms.dp import DPSGD
+from nordfl.algorithms.config import AlgorithmConfig
 from nordfl.algorithms.fedavg import fedavg
+from nordfl.algorithms.local import LocalSchedule
 
 
 def proximal_objective(mu: float):
@@ -35,35 +36,22 @@ def proximal_objective(mu: float):
     return objective
 
 
-def fedprox(
-    loss_fn: LossFn,
-    *,
-    client_lr: float,
-    mu: float,
-    num_epochs: int = 1,
-    batch_size: int = 32,
-    server_optimizer: Optional[optax.GradientTransformation] = None,
-    drop_remainder: bool = False,
-    weighting: str = "num_examples",
-    dp_sgd: Optional[DPSGD] = None,
-) -> Algorithm:
+@dataclass
+class FedProxConfig(AlgorithmConfig):
+    name: str = "fedprox"
+    mu: float = 0.01  # proximal coefficient
+
+
+@registry.register("algorithm", "fedprox", config=FedProxConfig)
+def fedprox(loss_fn: LossFn, local: LocalSchedule, *, mu: float, **options) -> Algorithm:
     """Builds FedProx: ``fedavg`` with the proximal local objective.
 
     Args:
       mu: proximal coefficient, >= 0 (the paper tunes it over {0.001, 0.01, 0.1, 1}).
-      Others: as ``fedavg``. With ``dp_sgd`` the proximal term is part of each example's
-        loss, so its gradient is clipped with the example's (it carries no data).
+      **options: ``fedavg``'s (``server_optimizer``, ``weighting``). Under DP-SGD the
+        proximal term is part of each example's loss, so its gradient is clipped with the
+        example's (it carries no data).
     """
     _checks.check_nonnegative("fedprox", "mu", mu)
-    return fedavg(
-        loss_fn,
-        client_lr=client_lr,
-        num_epochs=num_epochs,
-        batch_size=batch_size,
-        server_optimizer=server_optimizer,
-        drop_remainder=drop_remainder,
-        weighting=weighting,
-        local_objective=proximal_objective(mu),
-        dp_sgd=dp_sgd,
-        name="fedprox",
-    )
+    _checks.check_keywords("fedprox", fedavg, options, supplied=("loss_fn", "local", "local_objective", "name"))
+    return fedavg(loss_fn, local, local_objective=proximal_objective(mu), name="fedprox", **options)

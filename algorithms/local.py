@@ -21,10 +21,8 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from nordfl.algorithms import _checks
-from nordfl.algorithms.base import ClientData, ClientMetrics, Params, PRNGKey, PyTree
-
-GradFn = Callable[[Params, PyTree, jax.Array], tuple[jax.Array, Params]]
-"""``grad_fn(params, batch, mask) -> (loss, grads)``."""
+from nordfl.algorithms.base import ClientData, ClientMetrics, LossFn, Params, PRNGKey
+from nordfl.algorithms.dp import DPSGD, physical_batch_size, private_value_and_grad, sampling_rate
 
 
 WEIGHTINGS = ("num_examples", "uniform")
@@ -32,21 +30,48 @@ WEIGHTINGS = ("num_examples", "uniform")
 et al. 2017) or equally (SCAFFOLD, Karimireddy et al. 2020)."""
 
 
+SAMPLINGS = ("shuffle", "poisson")
+"""How a local step picks its rows: a fixed-size slice of the epoch's shuffle, or every real
+row independently with probability ``q = min(1, B / n)`` (Poisson, what DP-SGD's accounting
+assumes)."""
+
+
 class LocalSchedule(NamedTuple):
-    """Static hyperparameters of a client's local SGD."""
+    """How a client trains locally: the one value the simulator, the privacy accountant and
+    the runtime read the local work from (an algorithm carries it as ``Algorithm.local``).
+
+    ``dp`` (per-example clipping and noise, ``dp.dp_sgd``) makes each step's gradient
+    DP-SGD's and needs ``sampling="poisson"``.
+    """
 
     learning_rate: float
     num_epochs: int
     batch_size: int
     drop_remainder: bool = False
+    sampling: str = "shuffle"
+    dp: Optional[DPSGD] = None
 
 
-def local_schedule(owner: str, client_lr, num_epochs, batch_size, drop_remainder: bool = False) -> LocalSchedule:
-    """Validates the local hyperparameters every algorithm shares; errors name ``owner``."""
+def local_schedule(
+    *,
+    client_lr,
+    num_epochs=1,
+    batch_size=32,
+    drop_remainder: bool = False,
+    dp: Optional[DPSGD] = None,
+    owner: str = "local",
+) -> LocalSchedule:
+    """A checked ``LocalSchedule``; DP-SGD (``dp``) samples Poisson batches. Errors name ``owner``.
+
+    Example:
+      >>> fedavg(loss_fn, local_schedule(client_lr=0.1, num_epochs=5, batch_size=10))
+    """
     _checks.check_positive(owner, "client_lr", client_lr)
     _checks.check_positive_int(owner, "num_epochs", num_epochs)
     _checks.check_positive_int(owner, "batch_size", batch_size)
-    return LocalSchedule(client_lr, num_epochs, batch_size, bool(drop_remainder))
+    if dp is not None and not isinstance(dp, DPSGD):
+        raise ValueError(f"{owner}: dp must be a DPSGD (algorithms.dp.dp_sgd), got {dp!r}")
+    return LocalSchedule(client_lr, num_epochs, batch_size, bool(drop_remainder), "shuffle" if dp is None else "poisson", dp)
 
 
 def steps_per_epoch(num_examples, batch_size: int, drop_remainder: bool):
@@ -139,53 +164,90 @@ def sgd_result(carry) -> tuple[Params, ClientMetrics]:
 
 
 def local_sgd(
-    grad_fn: GradFn,
+    objective: LossFn,
     params: Params,
     data: ClientData,
     key: PRNGKey,
     schedule: LocalSchedule,
     epochs_to_run: Optional[jax.Array] = None,
+    correction: Optional[Callable[[Params], Params]] = None,
 ) -> tuple[Params, ClientMetrics]:
-    """Runs ``schedule.num_epochs`` epochs of plain SGD (or only ``epochs_to_run`` of them).
+    """Runs ``schedule.num_epochs`` epochs of SGD on ``objective`` (or only ``epochs_to_run`` of them).
+
+    Every epoch has the client's own ``ceil(n / B)`` steps (``floor`` with ``drop_remainder``).
+    A step's rows: the next ``B`` of the epoch's shuffle (``sampling="shuffle"``), or each real
+    row with probability ``q = min(1, B / n)``, keyed by (epoch, step, row) and never by the
+    padded shape (``"poisson"``). Its gradient: ``jax.value_and_grad(objective)`` on those rows,
+    or with ``schedule.dp`` DP-SGD's clipped, noised sum over the expected batch ``q n``
+    (``dp.private_value_and_grad``). ``correction`` then adjusts the gradient (SCAFFOLD adds
+    ``c - c_i``; it depends on no example, so it is post-processing under DP).
 
     Args:
-      grad_fn: ``(params, batch, mask) -> (loss, grads)``; algorithms put their local
-        objective (proximal term) or gradient correction (control variates) here.
+      objective: ``(params, batch, mask) -> scalar`` the client minimises (the task loss,
+        plus FedProx's proximal term).
       params: starting parameters.
       data: the client's examples, possibly padded.
       key: the client's PRNG key for this round.
-      schedule: step size, epochs, batch size, whether to drop each epoch's last partial batch.
+      schedule: the local schedule.
       epochs_to_run: int scalar <= num_epochs for partial work; ``None`` runs all.
+      correction: ``grads -> grads`` applied to every step's gradient, or None.
 
     Returns:
       The final parameters and ``ClientMetrics`` (mean loss over the steps taken, and
-      their number). A client with no data, or asked for no work, returns ``params``
-      unchanged with ``num_steps == 0``.
+      their number; under DP the mean loss of the sampled rows, a metric not noised). A
+      client with no data, or asked for no work, returns ``params`` with ``num_steps == 0``.
     """
-    learning_rate, num_epochs, batch_size, drop_remainder = schedule
+    num_epochs, batch_size = schedule.num_epochs, schedule.batch_size
     num_rows, max_steps, own_steps = step_counts(data, schedule)
     if epochs_to_run is None:
         epochs_to_run = num_epochs
-    # Pad the orders so every step reads a full batch; masked rows never count.
-    padding = max(max_steps * batch_size - num_rows, 0)
-    orders = jnp.pad(epoch_orders(key, num_epochs, data.num_examples, num_rows), ((0, 0), (0, padding)))
-    orders = orders.reshape(num_epochs, max_steps, batch_size)
+    _checks.check_choice("local", "sampling", schedule.sampling, SAMPLINGS)
+    if schedule.sampling == "shuffle":
+        if schedule.dp is not None:
+            raise ValueError("local: DP-SGD (schedule.dp) needs sampling='poisson', the sampling its accounting assumes")
+        # Pad the orders so every step reads a full batch; masked rows never count.
+        padding = max(max_steps * batch_size - num_rows, 0)
+        orders = jnp.pad(epoch_orders(key, num_epochs, data.num_examples, num_rows), ((0, 0), (0, padding)))
+        orders = orders.reshape(num_epochs, max_steps, batch_size)
+        value_and_grad = jax.value_and_grad(objective)
+
+        def step_gradient(params, epoch, step, rows):
+            mask = step * batch_size + jnp.arange(batch_size) < data.num_examples
+            return value_and_grad(params, jax.tree_util.tree_map(lambda a: a[rows], data.examples), mask)
+    else:
+        orders = jnp.zeros((num_epochs, max_steps, 0), jnp.int32)  # nothing to precompute
+        q = sampling_rate(jnp.asarray(data.num_examples), batch_size)
+        row_index = jnp.arange(num_rows, dtype=jnp.int32)
+        real = row_index < data.num_examples
+        if schedule.dp is None:
+            value_and_grad = jax.value_and_grad(objective)
+            gradient = lambda params, selected, noise_key: value_and_grad(params, data.examples, selected)  # noqa: E731
+        else:
+            denominator = q * jnp.maximum(data.num_examples, 1).astype(jnp.float32)
+            private = private_value_and_grad(objective, schedule.dp, denominator, physical_batch_size(batch_size))
+            gradient = lambda params, selected, noise_key: private(params, data.examples, selected, noise_key)  # noqa: E731
+
+        def step_gradient(params, epoch, step, rows):
+            del rows
+            sample_key, noise_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, epoch), step))
+            draws = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(sample_key, i)))(row_index)
+            return gradient(params, real & (draws < q), noise_key)
 
     def run_epoch(carry, inputs):
         epoch, batches = inputs
 
         def run_step(carry, inputs):
             step, rows = inputs
-            mask = step * batch_size + jnp.arange(batch_size) < data.num_examples
-            batch = jax.tree_util.tree_map(lambda a: a[rows], data.examples)
-            loss, grads = grad_fn(carry[0], batch, mask)
+            loss, grads = step_gradient(carry[0], epoch, step, rows)
+            if correction is not None:
+                grads = correction(grads)
             active = (epoch < epochs_to_run) & (step < own_steps)
-            return sgd_step(carry, loss, grads, active, learning_rate), None
+            return sgd_step(carry, loss, grads, active, schedule.learning_rate), None
 
-        carry, _ = jax.lax.scan(run_step, carry, (jnp.arange(max_steps), batches))
+        carry, _ = jax.lax.scan(run_step, carry, (jnp.arange(max_steps, dtype=jnp.int32), batches))
         return carry, None
 
-    carry, _ = jax.lax.scan(run_epoch, sgd_init(params), (jnp.arange(num_epochs), orders))
+    carry, _ = jax.lax.scan(run_epoch, sgd_init(params), (jnp.arange(num_epochs, dtype=jnp.int32), orders))
     return sgd_result(carry)
 
 

@@ -12,6 +12,7 @@ N the number of registered sites, so that c stays the mean of all c_i.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import jax
@@ -19,7 +20,9 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
+from nordfl import registry
 from nordfl.algorithms import _checks
+from nordfl.algorithms.config import AlgorithmConfig
 from nordfl.algorithms.base import (
     Aggregate,
     Algorithm,
@@ -30,8 +33,7 @@ from nordfl.algorithms.base import (
     PRNGKey,
     ServerMetrics,
 )
-from nordfl.algorithms.dp import DPSGD, dp_local_sgd, physical_batch_size, private_value_and_grad
-from nordfl.algorithms.local import WEIGHTINGS, client_weight, local_schedule, local_sgd
+from nordfl.algorithms.local import WEIGHTINGS, LocalSchedule, client_weight, local_sgd
 from nordfl.algorithms.server_optimizers import server_step
 
 
@@ -64,37 +66,38 @@ class ScaffoldUpdate(NamedTuple):
     control_delta: Params
 
 
+@dataclass
+class ScaffoldConfig(AlgorithmConfig):
+    name: str = "scaffold"
+    server_lr: float = 1.0  # the global step size eta_g
+
+
+@registry.register("algorithm", "scaffold", config=ScaffoldConfig, needs=("num_clients",))
 def scaffold(
     loss_fn: LossFn,
+    local: LocalSchedule,
     *,
-    client_lr: float,
     num_clients: int,
-    num_epochs: int = 1,
-    batch_size: int = 32,
     server_lr: float = 1.0,
     server_optimizer: Optional[optax.GradientTransformation] = None,
-    drop_remainder: bool = False,
     weighting: str = "uniform",
-    dp_sgd: Optional[DPSGD] = None,
 ) -> Algorithm:
     """Builds SCAFFOLD.
 
     Args:
       loss_fn: ``(params, batch, mask) -> scalar`` masked mean loss.
-      client_lr: local SGD step size (option II needs plain SGD).
+      local: the local schedule, as in ``fedavg`` (option II needs plain SGD). Under DP-SGD
+        the control correction c - c_i is added after the noisy gradient (it depends on no
+        example of this round), and c_i+ is computed from the private local model, so it
+        is post-processing.
       num_clients: N, the number of registered sites (for the |S|/N control update).
-      num_epochs, batch_size, drop_remainder: the local schedule, as in ``fedavg``.
       server_lr: the global step size eta_g (used when ``server_optimizer`` is None).
       server_optimizer: optax transformation on the negated mean model delta.
       weighting: ``"uniform"`` (the paper's mean over sites, default) or ``"num_examples"``.
-      dp_sgd: DP-SGD at the site (as in ``fedavg``); the control correction c - c_i is added
-        after the noisy gradient (it depends on no example of this round), and c_i+ is
-        computed from the private local model, so it is post-processing.
 
     Returns:
       An ``Algorithm``; ``client_init`` gives c_i = 0.
     """
-    schedule = local_schedule("scaffold", client_lr, num_epochs, batch_size, drop_remainder)
     _checks.check_choice("scaffold", "weighting", weighting, WEIGHTINGS)
     _checks.check_positive_int("scaffold", "num_clients", num_clients)
     _checks.check_positive("scaffold", "server_lr", server_lr)
@@ -119,22 +122,10 @@ def scaffold(
     ) -> ClientOutput:
         correction = otu.tree_sub(message.control, client_state.control)  # c - c_i
 
-        def corrected(grad_fn):
-            def corrected_grad(*args):
-                loss, grads = grad_fn(*args)
-                return loss, otu.tree_add(grads, correction)
-
-            return corrected_grad
-
-        if dp_sgd is None:
-            grad_fn = corrected(jax.value_and_grad(loss_fn))
-            params, metrics = local_sgd(grad_fn, message.params, data, key, schedule, num_epochs_to_run)
-        else:
-            physical = physical_batch_size(batch_size)
-            make_grad_fn = lambda denominator: corrected(private_value_and_grad(loss_fn, dp_sgd, denominator, physical))  # noqa: E731
-            params, metrics = dp_local_sgd(make_grad_fn, message.params, data, key, schedule, num_epochs_to_run)
+        params, metrics = local_sgd(loss_fn, message.params, data, key, local, num_epochs_to_run,
+                                    correction=lambda grads: otu.tree_add(grads, correction))
         trained = metrics.num_steps > 0
-        scale = 1.0 / (jnp.maximum(metrics.num_steps, 1).astype(jnp.float32) * client_lr)
+        scale = 1.0 / (jnp.maximum(metrics.num_steps, 1).astype(jnp.float32) * local.learning_rate)
         drift = otu.tree_scale(scale, otu.tree_sub(message.params, params))  # (x - y) / (K lr)
         new_control = otu.tree_add(otu.tree_sub(client_state.control, message.control), drift)
         new_control = otu.tree_where(trained, new_control, client_state.control)
@@ -153,4 +144,4 @@ def scaffold(
         new_state = otu.tree_where(aggregate.num_clients > 0, stepped, state._replace(round=state.round + 1))
         return new_state, ServerMetrics(otu.tree_norm(aggregate.mean.delta), aggregate.num_clients)
 
-    return Algorithm(server_init, client_init, broadcast, client_update, server_update)
+    return Algorithm(server_init, client_init, broadcast, client_update, server_update, local)

@@ -42,7 +42,7 @@ def _timed(fn):
 
 def bench_simulator(task, rounds: int):
     alg = make_algorithm("fedavg", task.loss_fn, client_lr=LR, num_epochs=EPOCHS, batch_size=BATCH)
-    sim = Simulator(alg, task, SimulatorOptions(num_epochs=EPOCHS, batch_size=BATCH), seed=0)
+    sim = Simulator(alg, task, SimulatorOptions(), seed=0)
     state = sim.init(task.model.init_params)
     (state, _), first = _timed(lambda: sim.run_round(state))
     times = []

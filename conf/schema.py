@@ -9,94 +9,72 @@ config; values are checked by the builders, and every error names the key and th
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from nordfl import registry
 from nordfl.algorithms import Algorithm, aggregator, make_algorithm
 from nordfl.algorithms.aggregators import Aggregator, linear_aggregators
+from nordfl.algorithms.config import SHARED_KEYS, AggregatorConfig, AlgorithmConfig, DPConfig, ServerConfig
 from nordfl.algorithms.dp import DP_MODES, NOISE_PLACEMENTS
 from nordfl.tasks import Task, classification_task, make_task
-from nordfl.tasks.partition import repartition
+from nordfl.tasks.partition import PartitionConfig, repartition
+from nordfl.tasks.task import TASK_KEYS, TaskConfig
+
+__all__ = ["AggregatorConfig", "AlgorithmConfig", "ConfigError", "DPConfig", "PartitionConfig", "ServerConfig", "TaskConfig",
+           "build_algorithm", "build_task", "check_dp", "fail", "model_kwargs", "present", "schema_of", "store_schemas", "typed"]
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and the value."""
 
 
-@dataclass
-class ServerConfig:
-    """Server optimiser; ``None`` fields take the optimiser's defaults (see algorithms.server_optimizers)."""
-
-    name: Optional[str] = None
-    learning_rate: Optional[float] = None
-    momentum: Optional[float] = None
-    b1: Optional[float] = None
-    b2: Optional[float] = None
-    tau: Optional[float] = None
+GROUPS = {"algorithm": ("algorithm", AlgorithmConfig), "task": ("task", TaskConfig), "partition": ("partitioner", PartitionConfig)}
+"""Config group -> (registry kind whose entries are its options, the base class of their schemas)."""
 
 
-@dataclass
-class AggregatorConfig:
-    name: str = "weighted_mean"
-    beta: Optional[float] = None  # trimmed_mean only
+def schema_of(group: str, name: str) -> type:
+    """The config dataclass of option ``name`` of ``group`` (``algorithm``, ``task``, ``partition``)."""
+    kind, base = GROUPS[group]
+    try:
+        entry = registry.lookup(kind, name, field=f"{group}.name")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    config = entry.config or base
+    if not (isinstance(config, type) and issubclass(config, base)):
+        raise ConfigError(f"{group}.name: {name} (registered by {entry.module}) declares config={config!r}, "
+                          f"which must be a dataclass subclassing {base.__module__}.{base.__name__}")
+    return config
 
 
-@dataclass
-class DPConfig:
-    """Differential privacy (docs/privacy.md): ``sgd`` is DP-SGD at the site (unit: one example row),
-    ``update`` is DP-FedAvg (unit: one site). ``noise_multiplier: null`` (simulator only) calibrates it so
-    the planned run spends exactly ``epsilon_budget``."""
+def store_schemas() -> None:
+    """Stores every registered option's schema in Hydra's ConfigStore as ``<group>/<name>_schema``
+    (Hydra's pattern for typed config-group options: an option's YAML lists it in its defaults).
 
-    mode: str = "none"  # none | sgd | update
-    clip: float = 1.0  # L2 bound: per example (sgd) or per site update (update)
-    noise_multiplier: Optional[float] = None  # noise std / clip
-    delta: float = 1e-5
-    epsilon_budget: Optional[float] = None  # per site, per run; null: no limit (epsilon is still reported)
-    stop_at_budget: bool = False  # false: refuse to start when the planned epsilon exceeds the budget
-    noise: str = "central"  # update mode: central (server adds it) | distributed (each site adds its share)
+    Run after the plugins are loaded, before Hydra composes: their options get schemas too."""
+    store = ConfigStore.instance()
+    for group, (kind, _) in GROUPS.items():
+        for name in registry.names(kind):
+            store.store(group=group, name=f"{name}_schema", node=schema_of(group, name))
 
 
-@dataclass
-class AlgorithmConfig:
-    name: str = "fedavg"
-    client_lr: float = 0.05
-    num_epochs: int = 2
-    batch_size: int = 16
-    drop_remainder: bool = False
-    weighting: Optional[str] = None
-    mu: Optional[float] = None  # fedprox
-    server_lr: Optional[float] = None  # scaffold's global step size
-    server: ServerConfig = field(default_factory=ServerConfig)
-    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
-    dp: DPConfig = field(default_factory=DPConfig)
-
-
-@dataclass
-class TaskConfig:
-    name: str = "heart"
-    model: str = "logistic_regression"
-    hidden: list[int] = field(default_factory=lambda: [64, 64])  # mlp only
-    data_seed: int = 0
-    alpha: float = 1.0  # synthetic only
-    beta: float = 1.0  # synthetic only
-    num_devices: int = 30  # synthetic only
-
-
-@dataclass
-class PartitionConfig:
-    name: str = "natural"
-    num_clients: Optional[int] = None
-    alpha: float = 0.5
-    k: int = 2
-    distribution: str = "lognormal"
-    sigma: float = 1.0
-    exponent: float = 1.5
-    noise: float = 0.5
-    min_size: int = 1
-    allow_empty: bool = False
-    test_fraction: float = 0.2
+def typed(group: str, raw: Any) -> DictConfig:
+    """``raw`` (a mapping with a ``name``) checked against its option's schema: the types, and no
+    key the option does not have (the error names the key, the option and its keys)."""
+    raw = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw)
+    config = schema_of(group, raw.get("name"))
+    node = OmegaConf.structured(config)
+    for key in raw:
+        if key not in node:
+            fail(f"{group}.{key}", raw[key], f"is not a key of {group}={raw['name']} ({config.__name__}); "
+                 f"expected one of {', '.join(node.keys())}")
+    try:
+        return OmegaConf.merge(node, raw)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{group}: {' '.join(str(e).split())}") from None
 
 
 def present(node: Any) -> dict:
@@ -108,20 +86,18 @@ def fail(key: str, value, expected: str):
     raise ConfigError(f"{key}: {expected}, got {value!r}")
 
 
-def model_kwargs(task: Any) -> Optional[dict]:
-    """The model's extra arguments from a task config (a config node or a plain dict)."""
-    return {"hidden": tuple(task["hidden"])} if task["model"] == "mlp" else None
+def model_kwargs(task: Any) -> dict:
+    """The model's extra arguments (``task.model_options``) from a task config (a config node or a plain dict)."""
+    options = task.get("model_options") or {}
+    return dict(OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else options)
 
 
 def build_task(cfg: DictConfig) -> Task:
-    t, p = cfg.task, cfg.partition
-    data_kwargs: dict[str, Any] = {"seed": t.data_seed}
-    if t.name.startswith("synthetic"):
-        data_kwargs["num_devices"] = t.num_devices
-        if t.name == "synthetic":
-            data_kwargs |= {"alpha": t.alpha, "beta": t.beta}
+    """The task of ``cfg.task`` (its data options are its schema's own keys), repartitioned by ``cfg.partition``."""
+    t, p = typed("task", cfg.task), typed("partition", cfg.partition)
+    data_kwargs = {k: v for k, v in present(t).items() if k not in TASK_KEYS}
     try:
-        task = make_task(t.name, model=t.model, model_seed=cfg.seed, model_kwargs=model_kwargs(t), **data_kwargs)
+        task = make_task(t.name, model=t.model, model_seed=cfg.seed, model_kwargs=model_kwargs(t), seed=t.data_seed, **data_kwargs)
         options = {k: v for k, v in present(p).items() if k != "name"}
         data = repartition(task.data, p.name, seed=t.data_seed, **options)
     except ValueError as e:
@@ -162,10 +138,14 @@ def build_algorithm(
     all ``num_clients``); ``noise_seed`` keys DP-FedAvg's central noise (default: drawn from
     the OS, secret; the simulator passes its seed so runs repeat).
     """
-    a = cfg.algorithm
-    hyper = {k: v for k, v in present(a).items() if k not in ("name", "server", "aggregator", "dp")}
-    if a.name == "scaffold":
-        hyper["num_clients"] = num_clients
+    a = typed("algorithm", cfg.algorithm)
+    hyper = {k: v for k, v in present(a).items() if k not in SHARED_KEYS}
+    context = {"num_clients": num_clients}  # what a builder may declare it needs (``needs=``), beyond its config
+    for key in registry.lookup("algorithm", a.name).properties.get("needs", ()):
+        if key not in context:
+            raise ConfigError(f"algorithm.name: {a.name} needs {key!r}, which NordFL does not provide; "
+                              f"it provides {', '.join(context)}")
+        hyper[key] = context[key]
     check_dp(a)
     dp = {}
     d = a.get("dp")

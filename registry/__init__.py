@@ -20,6 +20,7 @@ found through the ``nordfl.plugins`` entry-point group, or named explicitly
 from __future__ import annotations
 
 import importlib
+import inspect
 import importlib.metadata
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
@@ -36,13 +37,15 @@ class Entry(NamedTuple):
     builder: Callable[..., Any]
     properties: Mapping[str, Any]
     module: str
+    config: Optional[type] = None  # the dataclass of its config node (Hydra's ConfigStore schema), if it has one
 
 
 _ENTRIES: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
 # Modules whose import registers the shipped components; imported on first lookup so that
 # importing the registry itself stays cheap and free of cycles.
-_BUILTIN_MODULES = ("nordfl.algorithms.aggregators", "nordfl.algorithms.server_optimizers", "nordfl.tasks.models",
-                    "nordfl.tasks.heart", "nordfl.tasks.synthetic", "nordfl.tasks.digits")
+_BUILTIN_MODULES = ("nordfl.algorithms.aggregators", "nordfl.algorithms.server_optimizers", "nordfl.algorithms.fedavg",
+                    "nordfl.algorithms.fedprox", "nordfl.algorithms.scaffold", "nordfl.tasks.models", "nordfl.tasks.heart",
+                    "nordfl.tasks.synthetic", "nordfl.tasks.digits", "nordfl.tasks.partition")
 _builtins_loaded = False
 
 
@@ -51,8 +54,11 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"registry: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def register(kind: str, name: str, **properties) -> Callable:
+def register(kind: str, name: str, *, config: Optional[type] = None, **properties) -> Callable:
     """A decorator that registers ``builder`` as the ``kind`` called ``name``.
+
+    ``config`` is the dataclass of the option's config node (its fields are exactly the
+    keys ``algorithm=name`` accepts); ``properties`` are what callers may rely on.
 
     Registering a second, different builder under a taken name is an error naming both
     modules (a plugin cannot silently replace a shipped component); re-importing the same
@@ -69,7 +75,7 @@ def register(kind: str, name: str, **properties) -> Callable:
             raise ValueError(
                 f"registry: {kind} {name!r} is already registered by {taken.module}; {module} cannot register it again"
             )
-        _ENTRIES[kind][name] = Entry(kind, name, builder, MappingProxyType(dict(properties)), module)
+        _ENTRIES[kind][name] = Entry(kind, name, builder, MappingProxyType(dict(properties)), module, config)
         return builder
 
     return decorate
@@ -107,6 +113,22 @@ def entries() -> tuple[Entry, ...]:
     """Every registered entry, by kind then name (what ``nordfl-sim --list`` style tools show)."""
     _load_builtins()
     return tuple(_ENTRIES[kind][name] for kind in KINDS for name in sorted(_ENTRIES[kind]))
+
+
+def check_keywords(owner: str, factory: Callable, given: Mapping[str, Any], *, supplied: Iterable[str] = ()) -> None:
+    """Unknown or missing keyword arguments of ``factory`` as ValueErrors naming them (not Python's TypeError).
+
+    ``supplied`` are parameters the caller fills itself (``loss_fn``), neither given nor expected.
+    """
+    parameters = {name: p for name, p in inspect.signature(factory).parameters.items() if name not in supplied}
+    forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())  # it checks what it passes on
+    parameters = {name: p for name, p in parameters.items() if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    for key in given:
+        if key not in parameters and not forwards:
+            raise ValueError(f"{owner}: unknown hyperparameter {key!r}; expected one of {', '.join(parameters) or 'none'}")
+    for name, p in parameters.items():
+        if p.default is inspect.Parameter.empty and name not in given:
+            raise ValueError(f"{owner}: missing hyperparameter {name!r}")
 
 
 def load_plugins(modules: Iterable[str] = (), *, entry_points: bool = True) -> tuple[str, ...]:

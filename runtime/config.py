@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nordfl.algorithms import Algorithm
 from nordfl.algorithms.aggregators import Aggregator, linear_aggregators
-from nordfl.conf.schema import AlgorithmConfig, ConfigError, TaskConfig, build_algorithm, fail, model_kwargs
+from nordfl.conf.schema import AlgorithmConfig, ConfigError, TaskConfig, build_algorithm, fail, model_kwargs, store_schemas, typed
 from nordfl.tasks import Model, TaskFns, classification_fns, make_model
 from nordfl import registry
 from nordfl.tasks.task import task_shape
@@ -48,6 +48,7 @@ class RuntimeRootConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     seed: int = 0
+    plugins: list[str] = field(default_factory=list)  # modules to import first (conf.plugins); named in the job
 
 
 ConfigStore.instance().store(name="base_runtime", node=RuntimeRootConfig)
@@ -55,9 +56,12 @@ ConfigStore.instance().store(name="base_runtime", node=RuntimeRootConfig)
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The coordinator's config from ``conf/runtime_app.yaml`` plus Hydra-style overrides."""
+    from nordfl.conf.plugins import prepare
+
+    overrides = prepare(overrides)
     try:
         with initialize_config_module("nordfl.conf", version_base=None):
-            return compose("runtime_app", overrides=list(overrides))
+            return compose("runtime_app", overrides=overrides)
     except (OmegaConfBaseException, HydraException) as e:
         raise ConfigError(" ".join(str(e).split())) from None
 
@@ -127,6 +131,15 @@ class Job(NamedTuple):
     secagg_clip_range: float = 1.0e4  # R: each masked value is clipped to [-R, R] ...
     secagg_bits: int = 0  # ... and quantised to this many bits
 
+    @property
+    def local(self):
+        """The ``LocalSchedule`` the job's algorithm trains with, read from the algorithm itself
+        (what a site plans its privacy spend from)."""
+        cfg = OmegaConf.create({"algorithm": self.algorithm_config})
+        algorithm, _ = build_algorithm(cfg, None, num_clients=len(self.sites), expected_clients=self.cohort_size or len(self.sites),
+                                       noise_seed=0)
+        return algorithm.local
+
     def privacy(self) -> dict:
         return {"min_cohort": self.min_cohort, "cohort_size": self.cohort_size, "secure_aggregation": self.secure_aggregation,
                 "secagg_threshold": self.secagg_threshold, "secagg_clip_range": self.secagg_clip_range,
@@ -142,8 +155,7 @@ class Job(NamedTuple):
         """Parses a job received over the network, checking every field against the schema."""
         try:
             raw = json.loads(text)
-            algorithm = OmegaConf.merge(OmegaConf.structured(AlgorithmConfig), raw["algorithm"])
-            task = OmegaConf.merge(OmegaConf.structured(TaskConfig), raw["task"])
+            algorithm, task = typed("algorithm", raw["algorithm"]), typed("task", raw["task"])
             privacy = raw["privacy"]
             if not isinstance(privacy["secure_aggregation"], bool):
                 raise TypeError(f"privacy.secure_aggregation must be true or false, got {privacy['secure_aggregation']!r}")

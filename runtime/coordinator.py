@@ -373,7 +373,7 @@ class Coordinator:
                 return self._stream(self._header(site, kind, task.index, manifest=manifest, attempt=task.attempt), payload)
         self.audit.record("task_sent", durable=False, site=site, round=task.index, attempt=task.attempt, sha256=task.manifest.sha256)
         header = self._header(site, pb.TaskHeader.TRAIN, task.index, manifest=task.manifest, attempt=task.attempt,
-                              num_epochs=int(self.job.algorithm_config["num_epochs"]),
+                              num_epochs=int(self.algorithm.local.num_epochs),
                               secure_aggregation=self.job.secure_aggregation)
         return self._stream(header, task.payload)
 

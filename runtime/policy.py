@@ -183,16 +183,16 @@ def _accounted(job, dp: dict, num_examples: int, steps: Optional[int], updates: 
     from nordfl.algorithms.dp import sampling_rate
     from nordfl.algorithms.local import steps_per_epoch
 
-    a = job.algorithm_config
     z, delta = dp.get("noise_multiplier"), float(dp["delta"] if delta is None else delta)
     if z is None:
         raise PolicyError("algorithm.dp.noise_multiplier: the runtime needs a value (only the simulator calibrates it "
                           "from algorithm.dp.epsilon_budget), got None")
     try:
         if dp["mode"] == "sgd":
+            local = job.local
             if steps is None:
-                steps = int(job.rounds * a["num_epochs"] * steps_per_epoch(num_examples, a["batch_size"], a["drop_remainder"]))
-            q = sampling_rate(num_examples, a["batch_size"])
+                steps = int(job.rounds * local.num_epochs * steps_per_epoch(num_examples, local.batch_size, local.drop_remainder))
+            q = sampling_rate(num_examples, local.batch_size)
             return PrivacyCost("dp_sgd", accounting.epsilon_spent(float(z), q, int(steps), delta), delta, int(steps))
         rounds = job.rounds if updates is None else int(updates)
         num_sites = len(job.sites)

@@ -465,7 +465,7 @@ def dry_run(name: str, data_paths: Sequence[Path], job: Job, *, policy: Optional
     site_index = job.sites.index(name) if name in job.sites else 0
     message = setup.algorithm.broadcast(setup.algorithm.server_init(setup.init_params))
     out = jax.jit(setup.algorithm.client_update)(message, setup.algorithm.client_init(setup.init_params), setup.train,
-                                                 round_key(job, 0, site_index), jnp.int32(job.algorithm_config["num_epochs"]))
+                                                 round_key(job, 0, site_index), jnp.int32(setup.algorithm.local.num_epochs))
     update = jax.tree_util.tree_map(np.asarray, out.update)
     specs, payload = wire.encode(update)
     leaves = jax.tree_util.tree_leaves(update)

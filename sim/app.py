@@ -29,6 +29,7 @@ from rich.table import Table
 from nordfl.algorithms import accounting
 from nordfl.sim import checkpoint
 from nordfl.sim.config import ConfigError, build, fingerprint_config, register
+from nordfl.conf.plugins import cli_main
 from nordfl.sim.devices import use_cpu_cores
 from nordfl.sim.engine import Evaluation, Simulator
 from nordfl.sim.metrics_log import MetricsLog, evaluation_row, write_summary
@@ -211,5 +212,10 @@ def main(cfg: DictConfig) -> float:
     return float(result.evaluation.pooled.loss)
 
 
+def cli() -> None:
+    """``nordfl-sim``: loads the plugins the command line names, then runs ``main``."""
+    cli_main(main, "nordfl-sim")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from nordfl.conf.schema import ConfigError
+from nordfl.conf.plugins import cli_main
 from nordfl.sim.devices import use_cpu_cores
 from nordfl.sim.leaderboard import write_leaderboard
 from nordfl.sim.suite import choose_hyperparameters, run_suite
@@ -101,5 +102,10 @@ def main(cfg: DictConfig) -> None:
                       f"{suite_dir / 'tuned.yaml'}:\n" + yaml.safe_dump({"tuned": chosen}, sort_keys=False))
 
 
+def cli() -> None:
+    """``nordfl-bench``: loads the plugins the command line names, then runs ``main``."""
+    cli_main(main, "nordfl-bench")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from nordfl.algorithms import Algorithm
+from nordfl.algorithms import Algorithm, LocalSchedule
 from nordfl.algorithms.aggregators import Aggregator
 from nordfl.conf.schema import (
     AlgorithmConfig,
@@ -26,6 +26,7 @@ from nordfl.conf.schema import (
     build_task,
     check_dp,
     fail,
+    store_schemas,
 )
 from nordfl.sim.cohort import plan_round
 from nordfl.sim.engine import SimulatorOptions
@@ -69,11 +70,13 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     resume: bool = False
+    plugins: list[str] = field(default_factory=list)  # modules to import first: their algorithms, models, tasks... (conf.plugins)
 
 
 def register() -> None:
-    """Registers the schema that ``conf/config.yaml`` builds on."""
+    """Registers the schema that ``conf/config.yaml`` builds on, and every registered option's."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    store_schemas()
 
 
 class Experiment(NamedTuple):
@@ -87,7 +90,7 @@ class Experiment(NamedTuple):
 
 
 def build_options(cfg: DictConfig, num_clients: int) -> SimulatorOptions:
-    s, a = cfg.sim, cfg.algorithm
+    s = cfg.sim
     if s.rounds < 1:
         fail("sim.rounds", s.rounds, "must be >= 1")
     if s.eval_every < 1:
@@ -99,8 +102,6 @@ def build_options(cfg: DictConfig, num_clients: int) -> SimulatorOptions:
             fail(f"sim.{key}", s[key], "must be in [0, 1)")
     if s.stragglers not in ("keep", "drop"):
         fail("sim.stragglers", s.stragglers, "must be keep or drop")
-    if s.straggler_fraction > 0 and a.num_epochs < 2:
-        fail("sim.straggler_fraction", s.straggler_fraction, "needs algorithm.num_epochs >= 2 (stragglers run 1..E-1 epochs)")
     if s.chunk_size is not None and s.chunk_size < 1:
         fail("sim.chunk_size", s.chunk_size, "must be >= 1 or null")
     if s.max_buckets < 1:
@@ -112,14 +113,13 @@ def build_options(cfg: DictConfig, num_clients: int) -> SimulatorOptions:
     if cfg.logger.mode not in (None, "online", "offline", "disabled"):
         fail("logger.mode", cfg.logger.mode, "must be online, offline, disabled or null")
     return SimulatorOptions(
-        num_epochs=a.num_epochs, batch_size=a.batch_size, drop_remainder=a.drop_remainder,
         cohort_size=s.cohort_size, straggler_fraction=s.straggler_fraction,
         keep_stragglers=s.stragglers == "keep", dropout_fraction=s.dropout_fraction,
         chunk_size=s.chunk_size, max_buckets=s.max_buckets, data_on_host=s.data_on_host,
     )
 
 
-def build_privacy(cfg: DictConfig, task: Task, options: SimulatorOptions) -> Optional[SimPrivacy]:
+def build_privacy(cfg: DictConfig, task: Task, options: SimulatorOptions, local: LocalSchedule) -> Optional[SimPrivacy]:
     """The run's privacy ledger; calibrates ``algorithm.dp.noise_multiplier`` when null (written back
     into ``cfg``) and refuses a run whose planned epsilon exceeds ``algorithm.dp.epsilon_budget``."""
     d, s = cfg.algorithm.dp, cfg.sim
@@ -134,12 +134,12 @@ def build_privacy(cfg: DictConfig, task: Task, options: SimulatorOptions) -> Opt
     cohort = options.cohort_size or num_clients
 
     def plan(r: int):
-        return plan_round(cfg.seed, r, num_clients=num_clients, cohort_size=options.cohort_size, num_epochs=options.num_epochs,
+        return plan_round(cfg.seed, r, num_clients=num_clients, cohort_size=options.cohort_size, num_epochs=local.num_epochs,
                           straggler_fraction=options.straggler_fraction, keep_stragglers=options.keep_stragglers,
                           dropout_fraction=options.dropout_fraction)
 
-    privacy = SimPrivacy(spec, [len(c.train.y) for c in task.data.clients], batch_size=options.batch_size,
-                         drop_remainder=options.drop_remainder, cohort_size=cohort, plan=plan)
+    privacy = SimPrivacy(spec, [len(c.train.y) for c in task.data.clients], batch_size=local.batch_size,
+                         drop_remainder=local.drop_remainder, cohort_size=cohort, plan=plan)
     if d.noise_multiplier is None:
         z = calibrate_noise(spec, privacy, s.rounds)
         privacy.spec = spec._replace(noise_multiplier=z)
@@ -158,17 +158,31 @@ def build(cfg: DictConfig) -> Experiment:
     task = build_task(cfg)
     num_clients = len(task.data.clients)
     options = build_options(cfg, num_clients)
-    privacy = build_privacy(cfg, task, options)
-    algorithm, aggregate = build_algorithm(
-        cfg, task.loss_fn, num_clients, expected_clients=options.cohort_size or num_clients, noise_seed=int(cfg.seed) % 2**64,
-    )
+    check_dp(cfg.algorithm)
+
+    def algorithm_of(config: DictConfig) -> tuple[Algorithm, Aggregator]:
+        return build_algorithm(config, task.loss_fn, num_clients, expected_clients=options.cohort_size or num_clients,
+                               noise_seed=int(cfg.seed) % 2**64)
+
+    dp = cfg.algorithm.get("dp")
+    calibrate = dp is not None and dp.mode != "none" and dp.noise_multiplier is None
+    provisional = cfg
+    if calibrate:  # the noise does not change the local schedule the accountant reads
+        provisional = cfg.copy()
+        provisional.algorithm.dp.noise_multiplier = 1.0
+    algorithm, aggregate = algorithm_of(provisional)
+    if cfg.sim.straggler_fraction > 0 and algorithm.local.num_epochs < 2:
+        fail("sim.straggler_fraction", cfg.sim.straggler_fraction, "needs algorithm.num_epochs >= 2 (stragglers run 1..E-1 epochs)")
+    privacy = build_privacy(cfg, task, options, algorithm.local)
+    if calibrate:
+        algorithm, aggregate = algorithm_of(cfg)
     return Experiment(task, algorithm, aggregate, options, privacy)
 
 
 def fingerprint_config(cfg: DictConfig) -> dict:
     """The part of the config that determines results (what a checkpoint must match)."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("resume", "logger"):
+    for key in ("resume", "logger", "plugins"):
         container.pop(key, None)
     for key in ("rounds", "eval_every", "checkpoint_every", "chunk_size", "max_buckets", "data_on_host", "cpu_devices"):
         container["sim"].pop(key, None)

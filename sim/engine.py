@@ -65,11 +65,10 @@ class Evaluation(NamedTuple):
 
 
 class SimulatorOptions(NamedTuple):
-    """How the simulator runs (not what it computes: results do not depend on these except the seeded plan)."""
+    """How the simulator runs (not what it computes: results do not depend on these except the seeded plan).
 
-    num_epochs: int
-    batch_size: int
-    drop_remainder: bool = False
+    The local schedule (epochs, batch size) is the algorithm's own (``Algorithm.local``)."""
+
     cohort_size: Optional[int] = None
     straggler_fraction: float = 0.0
     keep_stragglers: bool = True
@@ -124,7 +123,7 @@ class Simulator:
     """Runs an ``Algorithm`` over many simulated clients.
 
     Example:
-      >>> sim = Simulator(alg, task, SimulatorOptions(num_epochs=2, batch_size=16), seed=0)
+      >>> sim = Simulator(alg, task, SimulatorOptions(), seed=0)
       >>> state = sim.init(task.model.init_params)
       >>> state, metrics = sim.run_round(state)
       >>> sim.evaluate(state.server.params).pooled.accuracy
@@ -134,7 +133,7 @@ class Simulator:
         self,
         algorithm: Algorithm,
         task: Task,
-        options: SimulatorOptions,
+        options: SimulatorOptions = SimulatorOptions(),
         *,
         seed: int = 0,
         aggregate: Aggregator = weighted_mean,
@@ -142,6 +141,10 @@ class Simulator:
     ):
         self.algorithm, self.task, self.options, self.seed = algorithm, task, options, seed
         self.aggregate = aggregate
+        if algorithm.local is None:
+            raise ValueError("algorithm.local: the simulator plans buckets and stragglers from the algorithm's local schedule; "
+                             "build the Algorithm with local=local_schedule(...)")
+        self.local = algorithm.local
         clients = task.data.clients
         self.num_clients = len(clients)
         cohort = self.num_clients if options.cohort_size is None else options.cohort_size
@@ -155,7 +158,7 @@ class Simulator:
 
         train_sizes = [len(c.train.y) for c in clients]
         plan = plan_buckets(
-            train_sizes, batch_size=options.batch_size, drop_remainder=options.drop_remainder,
+            train_sizes, batch_size=self.local.batch_size, drop_remainder=self.local.drop_remainder,
             cohort_size=cohort, max_buckets=options.max_buckets,
         )
         self.buckets: list[BucketSpec] = bucket_specs(train_sizes, plan)
@@ -201,7 +204,7 @@ class Simulator:
         o = self.options
         return plan_round(
             self.seed if seed is None else seed, round_index, num_clients=self.num_clients, cohort_size=self.cohort_size,
-            num_epochs=o.num_epochs, straggler_fraction=o.straggler_fraction,
+            num_epochs=self.local.num_epochs, straggler_fraction=o.straggler_fraction,
             keep_stragglers=o.keep_stragglers, dropout_fraction=o.dropout_fraction,
         )
 

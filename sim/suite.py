@@ -43,6 +43,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from nordfl.conf.schema import ConfigError, build_algorithm, build_task, fail, model_kwargs
+from nordfl.conf.plugins import prepare as load_plugins
 from nordfl.sim.config import Experiment, build_options, fingerprint_config, register
 from nordfl.sim.engine import Simulator
 from nordfl.sim.metrics_log import MetricsLog, evaluation_row, upload_to_wandb, write_summary
@@ -72,6 +73,7 @@ def _hydra():
 
 def compose_run(overrides: Sequence[str]) -> DictConfig:
     """A simulator run config (``conf/config.yaml``) with the cell's overrides."""
+    overrides = load_plugins(overrides)  # a cell's plugins= (and the installed ones) with their config folders
     try:
         with _hydra():
             return compose("config", overrides=[*overrides, "logger.progress=false"])
@@ -232,6 +234,7 @@ class SuiteRun(NamedTuple):
     cells: list[Cell]
     seeds: tuple[int, ...]
     mode: str
+    plugins: tuple[str, ...] = ()  # bench's plugins=: every cell's run loads them too
 
 
 def prepare(bench: DictConfig) -> SuiteRun:
@@ -248,7 +251,7 @@ def prepare(bench: DictConfig) -> SuiteRun:
         fail("seeds", list(seeds), "must be a non-empty list of distinct integers")
     only, only_settings = bench.get("only"), bench.get("settings")
     cells = plan_cells(suite, mode, list(only) if only else None, list(only_settings) if only_settings else None)
-    return SuiteRun(suite, cells, seeds, mode)
+    return SuiteRun(suite, cells, seeds, mode, tuple(bench.get("plugins") or ()))
 
 
 def _data_key(cfg: DictConfig) -> str:
@@ -260,7 +263,8 @@ def build_cell(cell: Cell, run: SuiteRun, tasks: dict[str, Task]):
 
     Cells with the same task and partition share one ``Task`` from ``tasks`` (built once).
     """
-    cfg = compose_run((*cell.overrides, f"seed={run.seeds[0]}"))
+    plugins = [f"plugins=[{','.join(run.plugins)}]"] if run.plugins else []
+    cfg = compose_run((*cell.overrides, f"seed={run.seeds[0]}", *plugins))
     if cfg.algorithm.dp.mode != "none":  # suites neither account nor cap epsilon: a private result needs its ledger
         fail(f"suite {run.suite.name}, {cell.setting}/{cell.algorithm}: algorithm.dp.mode", cfg.algorithm.dp.mode,
              "must be none in a comparison suite (its runs do not account epsilon); compare private runs with nordfl-sim")

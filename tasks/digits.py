@@ -9,6 +9,7 @@ it out to many.
 from __future__ import annotations
 
 import gzip
+from dataclasses import dataclass
 import hashlib
 import io
 from importlib import resources
@@ -17,6 +18,7 @@ import numpy as np
 
 from nordfl import registry
 from nordfl.tasks.data import FederatedDataset, build_federated
+from nordfl.tasks.task import TaskConfig
 
 VENDORED_CSV = "digits.csv.gz"
 VENDORED_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
@@ -35,7 +37,12 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :NUM_FEATURES] / 16.0, table[:, NUM_FEATURES].astype(np.int32)
 
 
-@registry.register("task", "digits", feature_shape=(NUM_FEATURES,), num_classes=NUM_CLASSES)
+@dataclass
+class DigitsConfig(TaskConfig):
+    name: str = "digits"
+
+
+@registry.register("task", "digits", config=DigitsConfig, feature_shape=(NUM_FEATURES,), num_classes=NUM_CLASSES)
 def digits(*, seed: int = 0, test_fraction: float = 0.2) -> FederatedDataset:
     """All digits as one client, split train/test (stratified, seeded); repartition to federate."""
     x, y = load_digits()

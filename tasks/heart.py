@@ -28,6 +28,7 @@ import numpy as np
 
 from nordfl import registry
 from nordfl.tasks.data import ClientSplit, Examples, FederatedDataset, stratified_split
+from nordfl.tasks.task import TaskConfig
 
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 VENDORED_CSV = "heart_disease_uci.csv"
@@ -207,7 +208,7 @@ def standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
     return ((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
 
 
-@registry.register("task", "heart", feature_shape=(len(FEATURES),), num_classes=2)
+@registry.register("task", "heart", config=TaskConfig, feature_shape=(len(FEATURES),), num_classes=2)
 def heart(
     *,
     seed: int = 0,

@@ -15,10 +15,12 @@ on Non-IID Data Silos: An Experimental Study", ICDE 2022).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
+from nordfl import registry
 from nordfl.tasks.data import FederatedDataset, build_federated
 
 
@@ -189,56 +191,153 @@ def natural(site_column: Sequence) -> tuple[list[str], list[np.ndarray]]:
     return [str(n) for n in names], [np.flatnonzero(values == n) for n in names]
 
 
+# ----------------------------------------------------------------------------- registered partitioners
+# A registered partitioner is ``builder(dataset, *, seed, **options) -> FederatedDataset``; its
+# config dataclass lists the options. Most pool the rows and deal them out (``pooled_partition``).
 
-PARTITIONERS = ("natural", "iid", "dirichlet", "k_classes", "quantity_skew", "feature_shift")
+
+@dataclass
+class PartitionConfig:
+    """``natural``'s keys (it has none but its name); the base of every partitioner's config."""
+
+    name: str = "natural"
 
 
-def repartition(
+@dataclass
+class PooledConfig(PartitionConfig):
+    """Keys of every partitioner that pools the rows and deals them to new clients."""
+
+    num_clients: int = 100
+    test_fraction: float = 0.2  # each new client's rows held out for its test set (stratified)
+
+
+def pooled_partition(
     dataset: FederatedDataset,
     name: str,
+    split: Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, list[np.ndarray]]],
     *,
-    num_clients: Optional[int] = None,
+    num_clients: int,
     seed: int = 0,
     test_fraction: float = 0.2,
-    alpha: float = 0.5,
-    k: int = 2,
-    distribution: str = "lognormal",
-    sigma: float = 1.0,
-    exponent: float = 1.5,
-    noise: float = 0.5,
-    min_size: int = 1,
-    allow_empty: bool = False,
 ) -> FederatedDataset:
-    """Re-splits a federated dataset's pooled rows (train and test) into new clients.
+    """Pools every row (train and test) of ``dataset``, deals them out with ``split`` and splits each
+    new client's rows into train and test (stratified, ``test_fraction``), so a client's test set
+    follows its own distribution.
 
-    ``natural`` keeps the dataset's own clients (hospitals, devices). The others pool every
-    row, partition them with the named partitioner, and split each new client's rows into
-    train and test (stratified, ``test_fraction``), so a client's test set follows its own
-    distribution. ``feature_shift`` partitions IID, then adds client-dependent noise.
+    ``split(x, y, rng) -> (x, parts)``: one index array per client (every row once), and the
+    features (``x`` itself, or transformed: feature shift).
     """
-    if name not in PARTITIONERS:
-        raise ValueError(f"partition.name: unknown partitioner {name!r}; expected one of {', '.join(PARTITIONERS)}")
-    if name == "natural":
-        return dataset
-    if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+    if not isinstance(num_clients, (int, np.integer)) or isinstance(num_clients, bool) or num_clients < 1:
         raise ValueError(f"partition.num_clients: must be an integer >= 1 for partitioner {name!r}, got {num_clients!r}")
     x = np.concatenate([c.train.x for c in dataset.clients] + [c.test.x for c in dataset.clients])
     y = np.concatenate([c.train.y for c in dataset.clients] + [c.test.y for c in dataset.clients])
-    rng = np.random.default_rng(seed)
-    if name == "iid" or name == "feature_shift":
-        parts = iid(len(y), num_clients, rng, allow_empty=allow_empty)
-        if name == "feature_shift":
-            x = feature_shift(x, parts, noise, rng)
-    elif name == "dirichlet":
-        parts = dirichlet_label_skew(y, num_clients, alpha, rng, min_size=min_size, allow_empty=allow_empty)
-    elif name == "k_classes":
-        parts = k_classes_per_client(y, num_clients, k, rng)
-    else:
-        parts = quantity_skew(
-            len(y), num_clients, rng, distribution=distribution, sigma=sigma, exponent=exponent,
-            min_size=0 if allow_empty else min_size,
-        )
+    x, parts = split(x, y, np.random.default_rng(seed))
     federated = build_federated(
         f"{dataset.name}/{name}", x, y, parts, num_classes=dataset.num_classes, test_fraction=test_fraction, seed=seed
     )
     return dataclasses.replace(federated, feature_names=dataset.feature_names)
+
+
+@registry.register("partitioner", "natural", config=PartitionConfig)
+def natural_partition(dataset: FederatedDataset, *, seed: int = 0) -> FederatedDataset:
+    """Keeps the dataset's own clients (hospitals, devices)."""
+    del seed
+    return dataset
+
+
+@dataclass
+class IIDConfig(PooledConfig):
+    name: str = "iid"
+    allow_empty: bool = False
+
+
+@registry.register("partitioner", "iid", config=IIDConfig)
+def iid_partition(dataset: FederatedDataset, *, num_clients: int, seed: int = 0, test_fraction: float = 0.2,
+                  allow_empty: bool = False) -> FederatedDataset:
+    """Pooled rows dealt out uniformly (``iid``)."""
+    return pooled_partition(dataset, "iid", lambda x, y, rng: (x, iid(len(y), num_clients, rng, allow_empty=allow_empty)),
+                            num_clients=num_clients, seed=seed, test_fraction=test_fraction)
+
+
+@dataclass
+class FeatureShiftConfig(IIDConfig):
+    name: str = "feature_shift"
+    noise: float = 0.5  # client i's features get N(0, (noise * i / num_clients)^2)
+
+
+@registry.register("partitioner", "feature_shift", config=FeatureShiftConfig)
+def feature_shift_partition(dataset: FederatedDataset, *, num_clients: int, seed: int = 0, test_fraction: float = 0.2,
+                            allow_empty: bool = False, noise: float = 0.5) -> FederatedDataset:
+    """IID rows, then client-dependent feature noise (``feature_shift``)."""
+
+    def split(x, y, rng):
+        parts = iid(len(y), num_clients, rng, allow_empty=allow_empty)
+        return feature_shift(x, parts, noise, rng), parts
+
+    return pooled_partition(dataset, "feature_shift", split, num_clients=num_clients, seed=seed, test_fraction=test_fraction)
+
+
+@dataclass
+class DirichletConfig(PooledConfig):
+    name: str = "dirichlet"
+    alpha: float = 0.5  # small: few classes per client
+    min_size: int = 1
+    allow_empty: bool = False
+
+
+@registry.register("partitioner", "dirichlet", config=DirichletConfig)
+def dirichlet_partition(dataset: FederatedDataset, *, num_clients: int, seed: int = 0, test_fraction: float = 0.2,
+                        alpha: float = 0.5, min_size: int = 1, allow_empty: bool = False) -> FederatedDataset:
+    """Dirichlet label skew (``dirichlet_label_skew``)."""
+    return pooled_partition(
+        dataset, "dirichlet",
+        lambda x, y, rng: (x, dirichlet_label_skew(y, num_clients, alpha, rng, min_size=min_size, allow_empty=allow_empty)),
+        num_clients=num_clients, seed=seed, test_fraction=test_fraction)
+
+
+@dataclass
+class KClassesConfig(PooledConfig):
+    name: str = "k_classes"
+    k: int = 2
+
+
+@registry.register("partitioner", "k_classes", config=KClassesConfig)
+def k_classes_partition(dataset: FederatedDataset, *, num_clients: int, seed: int = 0, test_fraction: float = 0.2,
+                        k: int = 2) -> FederatedDataset:
+    """Every client holds exactly ``k`` classes (``k_classes_per_client``)."""
+    return pooled_partition(dataset, "k_classes", lambda x, y, rng: (x, k_classes_per_client(y, num_clients, k, rng)),
+                            num_clients=num_clients, seed=seed, test_fraction=test_fraction)
+
+
+@dataclass
+class QuantitySkewConfig(PooledConfig):
+    name: str = "quantity_skew"
+    distribution: str = "lognormal"  # lognormal | power_law
+    sigma: float = 1.0
+    exponent: float = 1.5
+    min_size: int = 1
+    allow_empty: bool = False
+
+
+@registry.register("partitioner", "quantity_skew", config=QuantitySkewConfig)
+def quantity_skew_partition(dataset: FederatedDataset, *, num_clients: int, seed: int = 0, test_fraction: float = 0.2,
+                            distribution: str = "lognormal", sigma: float = 1.0, exponent: float = 1.5, min_size: int = 1,
+                            allow_empty: bool = False) -> FederatedDataset:
+    """IID rows in skewed amounts (``quantity_skew``)."""
+
+    def split(x, y, rng):
+        return x, quantity_skew(len(y), num_clients, rng, distribution=distribution, sigma=sigma, exponent=exponent,
+                                min_size=0 if allow_empty else min_size)
+
+    return pooled_partition(dataset, "quantity_skew", split, num_clients=num_clients, seed=seed, test_fraction=test_fraction)
+
+
+def repartition(dataset: FederatedDataset, name: str, *, seed: int = 0, **options) -> FederatedDataset:
+    """Re-splits a federated dataset with the registered partitioner ``name`` and its ``options``.
+
+    ``natural`` keeps the dataset's own clients; the shipped others pool every row and deal
+    them out (``pooled_partition``). An unknown name or option is an error naming it.
+    """
+    entry = registry.lookup("partitioner", name, field="partition.name")
+    registry.check_keywords(f"partition.{name}", entry.builder, options, supplied=("dataset", "seed"))
+    return entry.builder(dataset, seed=seed, **options)

@@ -11,12 +11,14 @@ int(lognormal(4, 2)) + 50, as in the paper's generator.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from nordfl import registry
 from nordfl.tasks.data import FederatedDataset, build_federated
+from nordfl.tasks.task import TaskConfig
 
 NUM_FEATURES = 60
 NUM_CLASSES = 10
@@ -34,7 +36,20 @@ def _check(num_devices, alpha, beta) -> None:
             raise ValueError(f"synthetic: {field} must be >= 0, got {value!r}")
 
 
-@registry.register("task", "synthetic", feature_shape=(NUM_FEATURES,), num_classes=NUM_CLASSES)
+@dataclass
+class SyntheticIIDConfig(TaskConfig):
+    name: str = "synthetic_iid"
+    num_devices: int = 30
+
+
+@dataclass
+class SyntheticConfig(SyntheticIIDConfig):
+    name: str = "synthetic"
+    alpha: float = 1.0  # model heterogeneity
+    beta: float = 1.0  # data heterogeneity
+
+
+@registry.register("task", "synthetic", config=SyntheticConfig, feature_shape=(NUM_FEATURES,), num_classes=NUM_CLASSES)
 def synthetic(
     alpha: float = 1.0,
     beta: float = 1.0,
@@ -97,7 +112,7 @@ def synthetic(
     )
 
 
-@registry.register("task", "synthetic_iid", feature_shape=(NUM_FEATURES,), num_classes=NUM_CLASSES)
+@registry.register("task", "synthetic_iid", config=SyntheticIIDConfig, feature_shape=(NUM_FEATURES,), num_classes=NUM_CLASSES)
 def synthetic_iid(**kwargs) -> FederatedDataset:
     """FedProx's Synthetic(IID): every device draws from the same model and features."""
     return synthetic(iid=True, **kwargs)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
+import inspect
 import math
 
 import jax
@@ -15,6 +17,21 @@ from nordfl import registry
 from nordfl.tasks.models import Model
 
 Params = Any
+
+
+@dataclass
+class TaskConfig:
+    """The keys every task option has; a task with data options of its own subclasses it
+    (``SyntheticConfig`` adds ``alpha``, ``beta``, ``num_devices``) and registers the subclass."""
+
+    name: str = "heart"
+    model: str = "logistic_regression"
+    model_options: dict[str, Any] = field(default_factory=dict)  # the model's own arguments, e.g. {hidden: [32]} for mlp
+    data_seed: int = 0  # seeds the task's split (and the partitioner)
+
+
+TASK_KEYS = ("name", "model", "model_options", "data_seed")
+"""``TaskConfig``'s keys, read by ``make_task`` itself; an option's other keys go to its builder."""
 
 
 class EvalMetrics(NamedTuple):
@@ -81,6 +98,8 @@ def make_model(task_name: str, model: str = "logistic_regression", *, seed: int 
     """The named model sized for the named task (no data is read)."""
     shape, num_classes = task_shape(task_name)
     entry = registry.lookup("model", model, field="task.model")
+    sized = tuple(inspect.signature(entry.builder).parameters)[:2]  # (num_features or image_shape, num_classes)
+    registry.check_keywords(f"task.model_options ({model})", entry.builder, model_kwargs or {}, supplied=(*sized, "seed"))
     # A model declares what it reads: "image" models get the [H, W, C] shape, "flat" ones
     # the number of features.
     if entry.properties.get("input") == "image":
@@ -97,4 +116,6 @@ def make_task(name: str, *, model: str = "logistic_regression", model_seed: int 
       >>> task = make_task("synthetic", alpha=1.0, beta=1.0, num_devices=30, seed=0)
     """
     built = make_model(name, model, seed=model_seed, model_kwargs=model_kwargs)
-    return classification_task(name, registry.lookup("task", name, field="task").builder(**data_kwargs), built)
+    builder = registry.lookup("task", name, field="task.name").builder
+    registry.check_keywords(f"task ({name})", builder, data_kwargs)
+    return classification_task(name, builder(**data_kwargs), built)

@@ -54,7 +54,7 @@ def build(w: common.Workload, data: common.Data):
     algorithm = make_algorithm(w.algorithm, task.loss_fn, **hyper)
     # A pool over 1 GiB stays in host memory and each cohort is gathered there (sim.data_on_host):
     # on a CPU the "device" copy would be a second copy in the same RAM.
-    options = SimulatorOptions(num_epochs=w.epochs, batch_size=w.batch_size, cohort_size=w.cohort_size,
+    options = SimulatorOptions(cohort_size=w.cohort_size,
                                data_on_host=data.x.nbytes > 2**30)
     sim = Simulator(algorithm, task, options, seed=w.seed)
     for r in range(w.rounds):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nordfl.algorithms import ClientData, ModelDelta, fedavg, fedprox, make_algorithm, scaffold, weighted_mean
+from nordfl.algorithms import ClientData, ModelDelta, fedavg, fedprox, local_schedule, make_algorithm, scaffold, weighted_mean
 from nordfl.algorithms.base import Aggregate
 from nordfl.algorithms import dp
 from nordfl.sim.packing import pack_clients
@@ -89,9 +89,9 @@ def _run(alg, params, data, rounds=2, seed=0):
 
 
 FACTORIES = {
-    "fedavg": lambda loss_fn, **kw: fedavg(loss_fn, **kw),
-    "fedprox": lambda loss_fn, **kw: fedprox(loss_fn, mu=0.3, **kw),
-    "scaffold": lambda loss_fn, **kw: scaffold(loss_fn, num_clients=3, **kw),
+    "fedavg": lambda loss_fn, **kw: fedavg(loss_fn, local_schedule(**kw)),
+    "fedprox": lambda loss_fn, **kw: fedprox(loss_fn, local_schedule(**kw), mu=0.3),
+    "scaffold": lambda loss_fn, **kw: scaffold(loss_fn, local_schedule(**kw), num_clients=3),
 }
 
 
@@ -103,11 +103,11 @@ def test_full_batch_dp_sgd_without_noise_or_clipping_is_the_non_private_algorith
     data = pack_clients(ref.make_clients(SIZES))
     kw = dict(client_lr=0.3, num_epochs=2, batch_size=16)
     plain, _ = _run(FACTORIES[name](loss_fn, **kw), params, data)
-    private, out = _run(FACTORIES[name](loss_fn, dp_sgd=dp.DPSGD(1e30, 0.0), **kw), params, data)
+    private, out = _run(FACTORIES[name](loss_fn, dp=dp.DPSGD(1e30, 0.0), **kw), params, data)
     np.testing.assert_array_equal(out.metrics.num_steps, [2, 2, 2])
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), plain.params, private.params)
     if name == "fedavg":  # the comparison can fail: a binding clip bound moves the model
-        clipped, _ = _run(FACTORIES[name](loss_fn, dp_sgd=dp.DPSGD(0.05, 0.0), **kw), params, data)
+        clipped, _ = _run(FACTORIES[name](loss_fn, dp=dp.DPSGD(0.05, 0.0), **kw), params, data)
         assert not np.allclose(clipped.params["linear"]["kernel"], plain.params["linear"]["kernel"], atol=1e-3)
 
 
@@ -115,7 +115,7 @@ def test_poisson_local_sgd_matches_a_numpy_loop_over_the_same_draws(softmax_mode
     _, params, loss_fn = softmax_model
     clients = ref.make_clients(SIZES)
     lr, epochs, batch, clip = 0.3, 2, 4, 0.5
-    alg = fedavg(loss_fn, client_lr=lr, num_epochs=epochs, batch_size=batch, dp_sgd=dp.DPSGD(clip, 0.0))
+    alg = fedavg(loss_fn, local_schedule(client_lr=lr, num_epochs=epochs, batch_size=batch, dp=dp.DPSGD(clip, 0.0)))
     _, out = _run(alg, params, pack_clients(clients), rounds=1)
     w0, b0 = ref.params_to_np(params)
     for i, c in enumerate(clients):
@@ -139,7 +139,7 @@ def test_poisson_local_sgd_matches_a_numpy_loop_over_the_same_draws(softmax_mode
 def test_a_padded_client_samples_and_noises_exactly_as_alone(softmax_model):
     _, params, loss_fn = softmax_model
     c = ref.make_clients([9])[0]
-    alg = fedprox(loss_fn, mu=0.1, client_lr=0.3, num_epochs=2, batch_size=4, dp_sgd=dp.DPSGD(0.5, 1.3))
+    alg = fedprox(loss_fn, local_schedule(client_lr=0.3, num_epochs=2, batch_size=4, dp=dp.DPSGD(0.5, 1.3)), mu=0.1)
     update = jax.jit(alg.client_update)
     message, state, key = alg.broadcast(alg.server_init(params)), alg.client_init(params), jax.random.key(5)
     alone = update(message, state, ClientData(Examples(jnp.asarray(c.x), jnp.asarray(c.y)), jnp.int32(9)), key)
@@ -158,10 +158,10 @@ def test_update_dp_clips_each_update_and_divides_by_the_planned_cohort(softmax_m
     _, params, loss_fn = softmax_model
     data = pack_clients(ref.make_clients(SIZES))
     kw = dict(client_lr=0.3, num_epochs=2, batch_size=4)
-    _, plain = _run(fedavg(loss_fn, **kw), params, data, rounds=1)
+    _, plain = _run(fedavg(loss_fn, local_schedule(**kw)), params, data, rounds=1)
     clip, m = 0.2, 5
     options = dp.update_dp(clip, 0.0, "central", m)
-    state, out = _run(dp.with_update_dp(fedavg(loss_fn, **kw), options), params, data, rounds=1)
+    state, out = _run(dp.with_update_dp(fedavg(loss_fn, local_schedule(**kw)), options), params, data, rounds=1)
     np.testing.assert_array_equal(out.weight, [1.0, 1.0, 1.0])
     expected = []
     for i in range(3):
@@ -180,7 +180,7 @@ def test_update_dp_noise_on_the_mean_has_std_z_clip_over_m(placement):
     params = {"w": jnp.zeros(8_000)}
     loss_fn = lambda p, batch, mask: 0.0 * jnp.sum(p["w"]) + 0.0 * jnp.sum(batch.x)  # noqa: E731
     z, clip, m = 1.5, 0.4, 4
-    alg = dp.with_update_dp(fedavg(loss_fn, client_lr=0.1, batch_size=2), dp.update_dp(clip, z, placement, m), noise_seed=1)
+    alg = dp.with_update_dp(fedavg(loss_fn, local_schedule(client_lr=0.1, batch_size=2)), dp.update_dp(clip, z, placement, m), noise_seed=1)
     examples = Examples(jnp.ones((m, 3, 1)), jnp.zeros((m, 3), jnp.int32))
     data = ClientData(examples, jnp.full(m, 3, jnp.int32))
     state = alg.server_init(params)
@@ -237,9 +237,9 @@ def test_central_noise_uses_all_64_bits_of_its_seed():
     aggregate = Aggregate({"w": jnp.zeros(64)}, jnp.float32(3.0), jnp.float32(3.0))
     noise = []
     for seed in (2**40, 2**41, 2**40):
-        alg = dp.with_update_dp(fedavg(loss_fn, client_lr=0.1), dp.update_dp(1.0, 1.0, "central", 3), noise_seed=seed)
+        alg = dp.with_update_dp(fedavg(loss_fn, local_schedule(client_lr=0.1)), dp.update_dp(1.0, 1.0, "central", 3), noise_seed=seed)
         state, _ = alg.server_update(alg.server_init(params), aggregate._replace(mean=ModelDelta(aggregate.mean)))
         noise.append(np.asarray(state.params["w"]))
     assert not np.allclose(noise[0], noise[1]) and np.array_equal(noise[0], noise[2])
     with pytest.raises(ValueError, match=r"noise_seed must be an integer in \[0, 2\*\*64\), got -1"):
-        dp.with_update_dp(fedavg(loss_fn, client_lr=0.1), dp.update_dp(1.0, 1.0, "central", 3), noise_seed=-1)
+        dp.with_update_dp(fedavg(loss_fn, local_schedule(client_lr=0.1)), dp.update_dp(1.0, 1.0, "central", 3), noise_seed=-1)

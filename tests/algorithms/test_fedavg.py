@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nordfl.algorithms import ClientData, ModelDelta, fedadam, fedavg, weighted_mean
+from nordfl.algorithms import ClientData, ModelDelta, fedadam, fedavg, local_schedule, weighted_mean
 from nordfl.sim.packing import pack_clients
 from nordfl.tasks import Examples
 from tests import reference as ref
@@ -16,7 +16,7 @@ def test_one_full_batch_step_equals_pooled_gradient_descent(softmax_model):
     sizes = [3, 11, 26]
     clients = ref.make_clients(sizes)
     lr = 0.3
-    alg = fedavg(loss_fn, client_lr=lr, num_epochs=1, batch_size=max(sizes))
+    alg = fedavg(loss_fn, local_schedule(client_lr=lr, num_epochs=1, batch_size=max(sizes)))
     data = pack_clients(clients)
     state = alg.server_init(params)
     keys = jax.random.split(jax.random.key(0), len(sizes))
@@ -37,7 +37,7 @@ def test_one_full_batch_step_equals_pooled_gradient_descent(softmax_model):
 def test_empty_client_sends_zero_weight_and_keeps_state(softmax_model):
     _, params, loss_fn = softmax_model
     (client,) = ref.make_clients([5])
-    alg = fedavg(loss_fn, client_lr=0.1, num_epochs=2, batch_size=2)
+    alg = fedavg(loss_fn, local_schedule(client_lr=0.1, num_epochs=2, batch_size=2))
     data = ClientData(Examples(jnp.asarray(client.x), jnp.asarray(client.y)), jnp.int32(0))
     out = alg.client_update(alg.broadcast(alg.server_init(params)), alg.client_init(params), data, jax.random.key(0))
     assert float(out.weight) == 0.0 and int(out.metrics.num_steps) == 0
@@ -46,7 +46,7 @@ def test_empty_client_sends_zero_weight_and_keeps_state(softmax_model):
 
 def test_round_without_clients_leaves_model_unchanged(softmax_model):
     _, params, loss_fn = softmax_model
-    alg = fedavg(loss_fn, client_lr=0.1, server_optimizer=fedadam(learning_rate=0.1))
+    alg = fedavg(loss_fn, local_schedule(client_lr=0.1), server_optimizer=fedadam(learning_rate=0.1))
     state = alg.server_init(params)
     stacked = ModelDelta(jax.tree_util.tree_map(lambda p: jnp.ones((2, *p.shape), p.dtype), params))
     new_state, metrics = alg.server_update(state, weighted_mean(stacked, jnp.zeros(2, jnp.float32)))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nordfl.algorithms import fedavg, fedprox, weighted_mean
+from nordfl.algorithms import fedavg, fedprox, local_schedule, weighted_mean
 from nordfl.sim.packing import pack_clients
 from tests import reference as ref
 
@@ -26,8 +26,8 @@ def test_mu_zero_equals_fedavg_exactly(softmax_model):
     _, params, loss_fn = softmax_model
     data = pack_clients(ref.make_clients([6, 15, 9]))
     kw = dict(client_lr=0.2, num_epochs=2, batch_size=4)
-    prox = _run(fedprox(loss_fn, mu=0.0, **kw), params, data, rounds=3)
-    avg = _run(fedavg(loss_fn, **kw), params, data, rounds=3)
+    prox = _run(fedprox(loss_fn, local_schedule(**kw), mu=0.0), params, data, rounds=3)
+    avg = _run(fedavg(loss_fn, local_schedule(**kw)), params, data, rounds=3)
     jax.tree_util.tree_map(np.testing.assert_array_equal, prox.params, avg.params)
 
 
@@ -36,7 +36,7 @@ def test_proximal_term_matches_numpy(softmax_model):
     sizes = [6, 15, 9]
     clients = ref.make_clients(sizes)
     mu, lr, epochs, batch = 0.5, 0.2, 2, 4
-    state = _run(fedprox(loss_fn, mu=mu, client_lr=lr, num_epochs=epochs, batch_size=batch), params, pack_clients(clients), rounds=2)
+    state = _run(fedprox(loss_fn, local_schedule(client_lr=lr, num_epochs=epochs, batch_size=batch), mu=mu), params, pack_clients(clients), rounds=2)
 
     w, b = ref.params_to_np(params)
     for r in range(2):
@@ -51,7 +51,7 @@ def test_proximal_term_matches_numpy(softmax_model):
     np.testing.assert_allclose(state.params["linear"]["kernel"], w, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(state.params["linear"]["bias"], b, rtol=1e-4, atol=1e-5)
     # The proximal pull matters: the same run with mu = 0 lands elsewhere.
-    plain = _run(fedavg(loss_fn, client_lr=lr, num_epochs=epochs, batch_size=batch), params, pack_clients(clients), rounds=2)
+    plain = _run(fedavg(loss_fn, local_schedule(client_lr=lr, num_epochs=epochs, batch_size=batch)), params, pack_clients(clients), rounds=2)
     assert not np.allclose(plain.params["linear"]["kernel"], w, atol=1e-3)
 
 
@@ -59,4 +59,4 @@ def test_proximal_term_matches_numpy(softmax_model):
 def test_bad_mu_is_rejected_with_its_value(softmax_model, mu):
     _, _, loss_fn = softmax_model
     with pytest.raises(ValueError, match=r"fedprox: mu must be a number >= 0, got"):
-        fedprox(loss_fn, client_lr=0.1, mu=mu)
+        fedprox(loss_fn, local_schedule(client_lr=0.1), mu=mu)

@@ -79,9 +79,8 @@ def test_positions_are_uniform_and_independent_for_a_large_client():
 
 
 def _sgd(loss_fn, params, data, key, num_epochs, batch_size, epochs_to_run=None):
-    grad_fn = jax.value_and_grad(loss_fn)
     schedule = LocalSchedule(0.1, num_epochs, batch_size)
-    return jax.jit(lambda p, d, k: local_sgd(grad_fn, p, d, k, schedule, epochs_to_run))(params, data, key)
+    return jax.jit(lambda p, d, k: local_sgd(loss_fn, p, d, k, schedule, epochs_to_run))(params, data, key)
 
 
 @pytest.mark.parametrize("batch_size", [3, 32])

@@ -2,12 +2,12 @@
 
 import pytest
 
-from nordfl.algorithms import ALGORITHM_NAMES, Algorithm, make_algorithm
+from nordfl.algorithms import Algorithm, algorithm_names, make_algorithm
 
 LOSS = lambda params, batch, mask: 0.0  # noqa: E731 (never called: construction only)
 
 
-@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+@pytest.mark.parametrize("name", algorithm_names())
 def test_every_name_builds(name):
     extra = {"scaffold": {"num_clients": 4}, "fedprox": {"mu": 0.01}}.get(name, {})
     assert isinstance(make_algorithm(name, LOSS, client_lr=0.1, **extra), Algorithm)
@@ -16,11 +16,11 @@ def test_every_name_builds(name):
 @pytest.mark.parametrize(
     "name, kwargs, message",
     [
-        ("fedsgd", {"client_lr": 0.1}, "algorithm: unknown name 'fedsgd'; expected one of fedadagrad, fedadam, fedavg"),
+        ("fedsgd", {"client_lr": 0.1}, "algorithm.name: unknown name 'fedsgd'; expected one of fedadagrad, fedadam, fedavg"),
         ("fedprox", {"client_lr": 0.1, "mu": -0.5}, "fedprox: mu must be a number >= 0, got -0.5"),
         ("fedavg", {"client_lr": -0.1}, "fedavg: client_lr must be a number > 0, got -0.1"),
         ("fedavg", {"client_lr": 0.1, "num_epochs": 0}, "fedavg: num_epochs must be an integer >= 1, got 0"),
-        ("fedavg", {"client_lr": 0.1, "mu": 0.1}, "fedavg: unknown hyperparameter 'mu'; expected one of client_lr"),
+        ("fedavg", {"client_lr": 0.1, "mu": 0.1}, "fedavg: unknown hyperparameter 'mu'; expected one of server_optimizer, weighting"),
         ("scaffold", {"client_lr": 0.1, "num_clients": 0}, "scaffold: num_clients must be an integer >= 1, got 0"),
         ("fedavg", {"client_lr": 0.1, "weighting": "size"}, "fedavg: unknown weighting 'size'; expected one of num_examples, uniform"),
         ("fedadam", {"client_lr": 0.1, "server": {"lr": 0.1}}, "fedadam.server: unknown hyperparameter 'lr'; expected one of learning_rate"),

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nordfl.algorithms import ClientData, scaffold, weighted_mean
+from nordfl.algorithms import ClientData, local_schedule, scaffold, weighted_mean
 from nordfl.tasks import Examples
 from tests import reference as ref
 
@@ -20,7 +20,7 @@ def _stack(trees):
 def test_scaffold_matches_numpy_over_three_rounds(softmax_model):
     _, params, loss_fn = softmax_model
     clients = ref.make_clients(SIZES)
-    alg = scaffold(loss_fn, client_lr=LR, num_clients=len(SIZES), num_epochs=EPOCHS, batch_size=BATCH, server_lr=SERVER_LR)
+    alg = scaffold(loss_fn, local_schedule(client_lr=LR, num_epochs=EPOCHS, batch_size=BATCH), num_clients=len(SIZES), server_lr=SERVER_LR)
     update = jax.jit(alg.client_update)
     state = alg.server_init(params)
     client_states = [alg.client_init(params) for _ in SIZES]
@@ -66,7 +66,7 @@ def test_scaffold_matches_numpy_over_three_rounds(softmax_model):
 def test_empty_client_keeps_its_control_variate(softmax_model):
     _, params, loss_fn = softmax_model
     (client,) = ref.make_clients([5])
-    alg = scaffold(loss_fn, client_lr=LR, num_clients=2, num_epochs=1, batch_size=2)
+    alg = scaffold(loss_fn, local_schedule(client_lr=LR, num_epochs=1, batch_size=2), num_clients=2)
     mine = alg.client_init(params)._replace(control=jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), params))
     data = ClientData(Examples(jnp.asarray(client.x), jnp.asarray(client.y)), jnp.int32(0))
     out = alg.client_update(alg.broadcast(alg.server_init(params)), mine, data, jax.random.key(0))

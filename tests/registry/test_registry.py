@@ -20,15 +20,33 @@ def clean_registry(monkeypatch):
         registry._ENTRIES[kind].update(found)
 
 
-def test_shipped_models_go_through_the_registry():
-    assert registry.names("model") == ("cnn", "logistic_regression", "mlp")
-    kinds = {entry.kind for entry in registry.entries()}
-    assert kinds == {"aggregator", "model", "server_optimizer", "task"}  # the other kinds move onto the registry next
+SHIPPED = {
+    "algorithm": ("fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox", "fedyogi", "scaffold"),
+    "aggregator": ("median", "trimmed_mean", "weighted_mean"),
+    "server_optimizer": ("fedadagrad", "fedadam", "fedavgm", "fedyogi", "sgd"),
+    "model": ("cnn", "logistic_regression", "mlp"),
+    "task": ("digits", "heart", "synthetic", "synthetic_iid"),
+    "partitioner": ("dirichlet", "feature_shift", "iid", "k_classes", "natural", "quantity_skew"),
+}
+
+
+def test_every_shipped_component_goes_through_the_registry():
+    assert {kind: registry.names(kind) for kind in registry.KINDS} == SHIPPED
     assert registry.lookup("model", "cnn").properties["input"] == "image"
     assert registry.lookup("model", "mlp").properties["input"] == "flat"
-    assert registry.names("task") == ("digits", "heart", "synthetic", "synthetic_iid")
     assert registry.lookup("task", "heart").properties == {"feature_shape": (13,), "num_classes": 2}
-    assert registry.names("server_optimizer") == ("fedadagrad", "fedadam", "fedavgm", "fedyogi", "sgd")
+    assert registry.lookup("algorithm", "fedadam").properties["server_optimizer"] == "fedadam"
+    assert registry.lookup("algorithm", "scaffold").properties["needs"] == ("num_clients",)
+    # Every option of a config group declares its schema, and nothing else in NordFL lists them.
+    from nordfl.conf.schema import GROUPS, schema_of
+
+    for group, (kind, base) in GROUPS.items():
+        for name in SHIPPED[kind]:
+            assert issubclass(schema_of(group, name), base)
+    assert "mu" in schema_of("algorithm", "fedprox").__dataclass_fields__
+    assert "mu" not in schema_of("algorithm", "fedavg").__dataclass_fields__
+    assert "alpha" in schema_of("task", "synthetic").__dataclass_fields__
+    assert "alpha" not in schema_of("task", "heart").__dataclass_fields__
 
 
 def test_unknown_names_and_kinds_are_errors_listing_what_exists():

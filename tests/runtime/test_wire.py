@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nordfl.algorithms import ClientData, fedavg
+from nordfl.algorithms import ClientData, fedavg, local_schedule
 from nordfl.runtime import wire
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
@@ -172,7 +172,7 @@ def test_decode_against_an_eval_shape_template_of_a_real_algorithm(softmax_model
     """The receiver's template is jax.eval_shape of the algorithm's broadcast / client_update:
     no real arrays are needed to check and rebuild a message."""
     _, params, loss_fn = softmax_model
-    alg = fedavg(loss_fn, client_lr=0.1, num_epochs=1, batch_size=4)
+    alg = fedavg(loss_fn, local_schedule(client_lr=0.1, num_epochs=1, batch_size=4))
     (client,) = ref.make_clients([6])
     data = ClientData(Examples(jnp.asarray(client.x), jnp.asarray(client.y)), jnp.int32(6))
     key = jax.random.key(0)

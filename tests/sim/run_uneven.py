@@ -14,7 +14,7 @@ if __name__ == "__main__":
     out_path, chunk = sys.argv[1], (int(sys.argv[2]) if len(sys.argv) > 2 else None)
     task = uneven_task()
     alg = make_algorithm("scaffold", task.loss_fn, client_lr=0.05, num_epochs=2, batch_size=8, num_clients=7)
-    options = SimulatorOptions(num_epochs=2, batch_size=8, cohort_size=6, straggler_fraction=0.3, max_buckets=2, chunk_size=chunk)
+    options = SimulatorOptions(cohort_size=6, straggler_fraction=0.3, max_buckets=2, chunk_size=chunk)
     sim = Simulator(alg, task, options, seed=1)
     state = sim.init(task.model.init_params)
     for _ in range(3):

@@ -21,7 +21,7 @@ def test_simulator_equals_per_site_loop(name, keep_stragglers):
     task = uneven_task()
     alg = make_algorithm(name, task.loss_fn, client_lr=0.05, num_epochs=3, batch_size=8, **ALGORITHMS[name])
     options = SimulatorOptions(
-        num_epochs=3, batch_size=8, cohort_size=5, straggler_fraction=0.4, keep_stragglers=keep_stragglers,
+        cohort_size=5, straggler_fraction=0.4, keep_stragglers=keep_stragglers,
         dropout_fraction=0.2, max_buckets=3, chunk_size=2,
     )
     sim = Simulator(alg, task, options, seed=SEED)

@@ -15,7 +15,7 @@ from nordfl.tasks import make_task
 
 def _curve(task, name, *, rounds, num_epochs, cohort, stragglers=0.0, keep=True, seed=0, **hyper):
     alg = make_algorithm(name, task.loss_fn, client_lr=0.01, num_epochs=num_epochs, batch_size=10, **hyper)
-    options = SimulatorOptions(num_epochs=num_epochs, batch_size=10, cohort_size=cohort, straggler_fraction=stragglers,
+    options = SimulatorOptions(cohort_size=cohort, straggler_fraction=stragglers,
                                keep_stragglers=keep, max_buckets=2)
     sim = Simulator(alg, task, options, seed=seed)
     state = sim.init(task.model.init_params)

@@ -43,7 +43,7 @@ def test_chunked_equals_unchunked_in_process():
     alg = make_algorithm("fedprox", task.loss_fn, client_lr=0.05, num_epochs=2, batch_size=8, mu=0.1)
     results = []
     for chunk, on_host in ((None, False), (1, False), (3, True)):
-        options = SimulatorOptions(num_epochs=2, batch_size=8, cohort_size=5, chunk_size=chunk, data_on_host=on_host)
+        options = SimulatorOptions(cohort_size=5, chunk_size=chunk, data_on_host=on_host)
         sim = Simulator(alg, task, options, seed=2)
         state = sim.init(task.model.init_params)
         for _ in range(3):
@@ -90,7 +90,7 @@ def test_weighted_mean_is_summed_chunk_by_chunk_not_stacked():
     base = uneven_task(sizes=(9, 30, 12, 0, 25, 16, 20, 11, 14, 18, 7, 22))
     task = classification_task("uneven-mlp", base.data, mlp(5, 3, hidden=(256, 256)))
     alg = make_algorithm("fedavg", task.loss_fn, client_lr=0.05, num_epochs=1, batch_size=8)
-    options = SimulatorOptions(num_epochs=1, batch_size=8, cohort_size=10, chunk_size=2, max_buckets=1, dropout_fraction=0.2)
+    options = SimulatorOptions(cohort_size=10, chunk_size=2, max_buckets=1, dropout_fraction=0.2)
     stacked_bytes = 10 * sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(task.model.init_params))
     results, scratch = [], []
     for aggregate in (weighted_mean, lambda updates, weights: weighted_mean(updates, weights)):

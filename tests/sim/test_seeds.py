@@ -17,7 +17,7 @@ def test_seed_batch_equals_one_simulator_per_seed():
     # SCAFFOLD (client state scattered back per seed) with a sampled cohort and stragglers.
     task = uneven_task()
     algorithm = make_algorithm("scaffold", task.loss_fn, client_lr=0.1, num_epochs=2, batch_size=8, num_clients=len(task.data.clients))
-    options = SimulatorOptions(num_epochs=2, batch_size=8, cohort_size=4, straggler_fraction=0.5, max_buckets=2)
+    options = SimulatorOptions(cohort_size=4, straggler_fraction=0.5, max_buckets=2)
     inits = [logistic_regression(5, 3, seed=s).init_params for s in SEEDS]
     batch = SeedBatch(algorithm, task, options, SEEDS)
     state = batch.init(inits)
@@ -46,7 +46,7 @@ def test_seed_batch_equals_one_simulator_per_seed():
 def test_seed_batch_refuses_mismatched_inputs():
     task = uneven_task()
     algorithm = make_algorithm("fedavg", task.loss_fn, client_lr=0.1)
-    options = SimulatorOptions(num_epochs=1, batch_size=8)
+    options = SimulatorOptions()
     with pytest.raises(ValueError, match="seeds: expected at least one"):
         SeedBatch(algorithm, task, options, ())
     with pytest.raises(ValueError, match="sim.data_on_host"):

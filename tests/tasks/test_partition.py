@@ -116,10 +116,14 @@ def test_repartition_keeps_every_row_and_applies_the_partitioner():
     assert sum(split.train_sizes()) + sum(split.test_sizes()) == total
     for c in split.clients:
         assert len(np.unique(np.concatenate([c.train.y, c.test.y]))) == 2
-    with pytest.raises(ValueError, match="partition.name: unknown partitioner 'shards'; expected one of natural, iid"):
+    with pytest.raises(ValueError, match="partition.name: unknown name 'shards'; expected one of dirichlet, feature_shift, iid, k_classes, natural, quantity_skew"):
         partition.repartition(data, "shards", num_clients=3)
-    with pytest.raises(ValueError, match="partition.num_clients: must be an integer >= 1 for partitioner 'iid', got None"):
+    with pytest.raises(ValueError, match="partition.iid: missing hyperparameter 'num_clients'"):
         partition.repartition(data, "iid")
+    with pytest.raises(ValueError, match="partition.num_clients: must be an integer >= 1 for partitioner 'iid', got 0"):
+        partition.repartition(data, "iid", num_clients=0)
+    with pytest.raises(ValueError, match="partition.k_classes: unknown hyperparameter 'alpha'; expected one of num_clients, test_fraction, k"):
+        partition.repartition(data, "k_classes", num_clients=3, alpha=0.1)
 
 
 def test_validation_pooled_and_single_client_views_keep_every_training_row_once():
