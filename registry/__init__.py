@@ -19,9 +19,12 @@ found through the ``nordfl.plugins`` entry-point group, or named explicitly
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-import inspect
 import importlib.metadata
+import importlib.util
+import inspect
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
@@ -129,6 +132,57 @@ def check_keywords(owner: str, factory: Callable, given: Mapping[str, Any], *, s
     for name, p in parameters.items():
         if p.default is inspect.Parameter.empty and name not in given:
             raise ValueError(f"{owner}: missing hyperparameter {name!r}")
+
+
+class PluginIdentity(NamedTuple):
+    """What a job says about a plugin it needs, so that a site can check it has the same code.
+
+    ``distribution`` and ``version`` are the installed distribution's (None for a module in a
+    plain folder); ``sha256`` hashes the plugin's Python source (every ``.py`` file of its
+    top-level package, by relative path and content), so an edited copy is told apart from a
+    released version."""
+
+    module: str
+    distribution: Optional[str]
+    version: Optional[str]
+    sha256: str
+
+    def describe(self) -> str:
+        where = f"{self.distribution} {self.version}" if self.distribution else "not from an installed distribution"
+        return f"plugin {self.module} ({where}, sha256 {self.sha256[:16]}...)"
+
+
+def _source_files(module: str) -> tuple[Path, list[Path]]:
+    """The root and the ``.py`` files of ``module``'s top-level package (or the lone module file),
+    found without importing (running) any of it; ``ModuleNotFoundError`` if it is not installed."""
+    top = module.split(".")[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None:
+        raise ModuleNotFoundError(f"no module named {top!r}", name=top)
+    if spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations)))
+        return root, sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+    path = Path(spec.origin)
+    return path.parent, [path]
+
+
+def plugin_identity(module: str) -> PluginIdentity:
+    """The identity of an installed plugin module (its distribution, version and code hash), read
+    from its files: nothing of it runs, so a site can check a job's plugin before importing it."""
+    root, files = _source_files(module)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    top = module.split(".")[0]
+    distributions = importlib.metadata.packages_distributions().get(top, [])
+    distribution = distributions[0] if distributions else None
+    version = importlib.metadata.version(distribution) if distribution else None
+    return PluginIdentity(module, distribution, version, digest.hexdigest())
+
+
+def is_builtin(module: str) -> bool:
+    """Whether ``module`` is part of NordFL itself (not a plugin)."""
+    return module == "nordfl" or module.startswith("nordfl.")
 
 
 def load_plugins(modules: Iterable[str] = (), *, entry_points: bool = True) -> tuple[str, ...]:

@@ -125,6 +125,7 @@ def _dry_run(args) -> int:
     from nordfl.conf.schema import ConfigError
     from nordfl.runtime.audit import AuditError, AuditLog
     from nordfl.runtime.config import Job, check_runtime, compose_config, job_from_config
+    from nordfl.runtime.plugins import PluginRefused, check_and_load, parse
     from nordfl.runtime.policy import PolicyError, PolicyViolation, load_policy
     from nordfl.runtime.site import dry_run
     from nordfl.runtime.site_data import SiteDataError
@@ -137,7 +138,9 @@ def _dry_run(args) -> int:
                 return _err("site --dry-run: give --job FILE or OVERRIDES, not both")
             text = Path(args.job).read_text()
             raw = json.loads(text)
-            job = Job.from_json(json.dumps(raw.get("job", raw)))  # a job, or an audit entry that holds one
+            raw = raw.get("job", raw)  # a job, or an audit entry that holds one
+            check_and_load(parse(raw.get("plugins", [])), policy.allowed_plugins if policy else None)  # before parsing it
+            job = Job.from_json(json.dumps(raw))
         else:
             cfg = compose_config(args.overrides)
             check_runtime(cfg, max(cfg.runtime.min_cohort, cfg.runtime.min_sites, 2))
@@ -151,6 +154,8 @@ def _dry_run(args) -> int:
     except PolicyViolation as e:
         if audit is not None:
             audit.record("policy_refused", rule=e.rule, job_value=str(e.job_value), limit=str(e.limit), dry_run=True)
+        return _err(f"{args.name}: the job would be refused: {e}")
+    except PluginRefused as e:
         return _err(f"{args.name}: the job would be refused: {e}")
     except (SiteDataError, AuditError, FileNotFoundError, PolicyError, ConfigError, ValueError) as e:
         return _err(str(e))

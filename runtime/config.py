@@ -20,6 +20,7 @@ from nordfl.algorithms.aggregators import Aggregator, linear_aggregators
 from nordfl.conf.schema import AlgorithmConfig, ConfigError, TaskConfig, build_algorithm, fail, model_kwargs, store_schemas, typed
 from nordfl.tasks import Model, TaskFns, classification_fns, make_model
 from nordfl import registry
+from nordfl.runtime import plugins as job_plugins
 from nordfl.tasks.task import task_shape
 
 
@@ -130,6 +131,7 @@ class Job(NamedTuple):
     secagg_threshold: int = 0  # sites needed to finish a securely aggregated round (0: no secure aggregation)
     secagg_clip_range: float = 1.0e4  # R: each masked value is clipped to [-R, R] ...
     secagg_bits: int = 0  # ... and quantised to this many bits
+    plugins: tuple[dict, ...] = ()  # the plugins it needs: module, distribution, version, sha256 (runtime.plugins)
 
     @property
     def local(self):
@@ -147,7 +149,8 @@ class Job(NamedTuple):
 
     def to_json(self) -> str:
         return json.dumps({"seed": self.seed, "sites": list(self.sites), "rounds": self.rounds,
-                           "algorithm": self.algorithm_config, "task": self.task_config, "privacy": self.privacy()},
+                           "algorithm": self.algorithm_config, "task": self.task_config, "privacy": self.privacy(),
+                           "plugins": list(self.plugins)},
                           sort_keys=True)
 
     @classmethod
@@ -155,6 +158,7 @@ class Job(NamedTuple):
         """Parses a job received over the network, checking every field against the schema."""
         try:
             raw = json.loads(text)
+            plugins = job_plugins.parse(raw.get("plugins", []))
             algorithm, task = typed("algorithm", raw["algorithm"]), typed("task", raw["task"])
             privacy = raw["privacy"]
             if not isinstance(privacy["secure_aggregation"], bool):
@@ -163,7 +167,8 @@ class Job(NamedTuple):
             return cls(int(raw["seed"]), tuple(str(s) for s in raw["sites"]), int(raw["rounds"]),
                        OmegaConf.to_container(algorithm), OmegaConf.to_container(task),
                        int(privacy["min_cohort"]), None if cohort is None else int(cohort), privacy["secure_aggregation"],
-                       int(privacy["secagg_threshold"]), float(privacy["secagg_clip_range"]), int(privacy["secagg_bits"]))
+                       int(privacy["secagg_threshold"]), float(privacy["secagg_clip_range"]), int(privacy["secagg_bits"]),
+                       plugins)
         except (ValueError, KeyError, TypeError, OmegaConfBaseException) as e:
             raise ConfigError(f"job: malformed job description from the coordinator ({e})") from None
 
@@ -195,7 +200,8 @@ def job_from_config(cfg: DictConfig, sites: Sequence[str]) -> Job:
     r = cfg.runtime
     return Job(int(cfg.seed), tuple(sorted(sites)), int(r.rounds), container["algorithm"], container["task"],
                int(r.min_cohort), None if r.cohort_size is None else int(r.cohort_size), bool(r.secure_aggregation),
-               secagg_threshold(cfg, len(sites)), float(r.secagg_clip_range), secagg_bits(cfg, len(sites)))
+               secagg_threshold(cfg, len(sites)), float(r.secagg_clip_range), secagg_bits(cfg, len(sites)),
+               job_plugins.job_plugins(container["algorithm"], container["task"]))
 
 
 class Built(NamedTuple):

@@ -4,6 +4,9 @@ The policy is a small YAML or JSON file that the site's DPO writes and keeps nex
 agent (``nordfl site --policy FILE``). Every key is optional; a missing key sets no limit::
 
     allowed_algorithms: [fedavg, fedprox]   # algorithm.name must be one of these
+    allowed_plugins:                         # plugins a job may use (default: any the site has installed)
+      - {distribution: my-study, version: 0.1.0, sha256: 9f2c...}   # pin version and code hash ...
+      - my_study.models                                              # ... or allow a module by name
     max_epsilon: 8.0                         # the job may spend at most this epsilon at this site ...
     max_delta: 1.0e-5                        # ... for a delta of at most this
     min_cohort: 5                            # runtime.min_cohort must be at least this
@@ -31,7 +34,8 @@ from typing import Any, NamedTuple, Optional
 __all__ = ["PolicyError", "PolicyViolation", "PrivacyCost", "SitePolicy", "check_job", "check_job_budget", "check_spend",
            "load_policy", "privacy_cost", "RULES"]
 
-RULES = ("allowed_algorithms", "max_epsilon", "max_delta", "min_cohort", "require_secure_aggregation", "require_dp")
+RULES = ("allowed_algorithms", "max_epsilon", "max_delta", "min_cohort", "require_secure_aggregation", "require_dp",
+         "allowed_plugins")
 """The policy file's keys, in the order ``check_job`` checks them."""
 
 
@@ -61,6 +65,7 @@ class SitePolicy(NamedTuple):
     min_cohort: Optional[int] = None
     require_secure_aggregation: bool = False
     require_dp: bool = False
+    allowed_plugins: Optional[tuple[dict, ...]] = None  # each {module or distribution, version?, sha256?}
     sha256: str = ""
     path: str = ""
 
@@ -134,8 +139,26 @@ def load_policy(path) -> SitePolicy:
         if not isinstance(value, bool):
             _bad(key, value, "expected true or false", where)
         flags[key] = value
+    plugins = _allowed_plugins(raw.get("allowed_plugins"), where)
     return SitePolicy(algorithms, None if eps is None else float(eps), None if delta is None else float(delta), cohort,
-                      flags["require_secure_aggregation"], flags["require_dp"], hashlib.sha256(data).hexdigest(), where)
+                      flags["require_secure_aggregation"], flags["require_dp"], plugins, hashlib.sha256(data).hexdigest(), where)
+
+
+def _allowed_plugins(value: Any, where: str) -> Optional[tuple[dict, ...]]:
+    """``allowed_plugins``: module names, or mappings naming a module or distribution, optionally pinned."""
+    if value is None:
+        return None
+    expected = "expected a list of module names or {module|distribution, version, sha256} mappings"
+    if not isinstance(value, list):
+        _bad("allowed_plugins", value, expected, where)
+    entries = []
+    for item in value:
+        entry = {"module": item} if isinstance(item, str) else item
+        if (not isinstance(entry, dict) or not set(entry) <= {"module", "distribution", "version", "sha256"}
+                or not (entry.get("module") or entry.get("distribution")) or not all(isinstance(v, str) for v in entry.values())):
+            _bad("allowed_plugins", item, expected, where)
+        entries.append(dict(entry))
+    return tuple(entries)
 
 
 # ----------------------------------------------------------------------------- privacy accounting

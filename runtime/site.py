@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nordfl.algorithms import ClientData
+from nordfl.runtime import plugins as job_plugins
 from nordfl.runtime import secagg, secure_round, wire
 from nordfl.runtime.audit import AuditLog
 from nordfl.runtime.config import Job, build_job
@@ -40,12 +41,10 @@ from nordfl.runtime.policy import (PolicyViolation, PrivacyCost, SitePolicy, che
                                    privacy_cost, uses_dp)
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
-from nordfl.runtime.site_data import load_site_table
+from nordfl.runtime.site_data import load_site_table, site_data_of
 from nordfl.runtime.store import load_tree, save_tree
 from nordfl.tasks import Examples
-from nordfl.tasks.heart import prepare_site
 
-SUPPORTED_TASKS = ("heart",)
 LEDGER_FILE = "privacy_ledger.json"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
@@ -91,7 +90,7 @@ class LocalSetup(NamedTuple):
 
 def local_setup(name: str, examples, job: Job) -> LocalSetup:
     built = build_job(job)
-    split = prepare_site(name, examples, seed=int(job.task_config["data_seed"]))
+    split = site_data_of(job.task_config["name"]).prepare(name, examples, seed=int(job.task_config["data_seed"]))
     train = ClientData(Examples(jnp.asarray(split.train.x), jnp.asarray(split.train.y)), jnp.int32(len(split.train.y)))
     test = Examples(jnp.asarray(split.test.x), jnp.asarray(split.test.y))
     return LocalSetup(built.algorithm, built.fns, train, test, built.model.init_params)
@@ -125,11 +124,9 @@ class SiteAgent:
                  credentials: Optional[grpc.ChannelCredentials], *, task: str = "heart",
                  log: Callable[[str], None] = print, max_backoff: float = 30.0, wait_seconds: int = 5,
                  policy: Optional[SitePolicy] = None):
-        if task not in SUPPORTED_TASKS:
-            raise SiteRefused(f"task: {task!r} has no site data schema; expected one of {', '.join(SUPPORTED_TASKS)}")
         self.name, self.address, self.credentials, self.task, self.log = name, address, credentials, task, log
         self.max_backoff, self.wait_seconds = max_backoff, wait_seconds
-        self.examples = load_site_table(data_paths)  # checked before anything connects
+        self.examples = load_site_table(data_paths, task)  # checked before anything connects
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(self.state_dir / "audit.jsonl", actor=f"site:{name}")
@@ -170,6 +167,7 @@ class SiteAgent:
             self.audit.record("join_refused", reason=reply.reason)
             raise SiteRefused(f"coordinator refused {self.name}: {reply.reason}")
         raw = json.loads(reply.job_json)
+        self._check_plugins(reply.run_id, raw.get("plugins", []))  # before the job is parsed: its options may be theirs
         job = Job.from_json(reply.job_json)
         if job.task_config["name"] != self.task:
             raise SiteRefused(f"the coordinator's job is task {job.task_config['name']!r}; this site serves {self.task!r}")
@@ -218,6 +216,18 @@ class SiteAgent:
         self.ledger = self._load_ledger()
         self._update = jax.jit(self.algorithm.client_update)
         self._evaluate = jax.jit(self.fns.evaluate)
+
+    def _check_plugins(self, run_id: str, raw_plugins) -> None:
+        """Refuses, before anything of it runs, a job whose plugins this site lacks, has in another
+        version or code, or may not run (policy ``allowed_plugins``); else imports them."""
+        try:
+            admitted = job_plugins.check_and_load(job_plugins.parse(raw_plugins),
+                                                  self.policy.allowed_plugins if self.policy else None)
+        except (job_plugins.PluginRefused, ValueError) as e:
+            self.audit.record("plugin_refused", run_id=run_id, reason=str(e))
+            raise SiteRefused(f"{self.name}: refused the job of run {run_id}: {e}") from None
+        if admitted:
+            self.audit.record("plugins_admitted", run_id=run_id, plugins=[p._asdict() for p in admitted])
 
     # ------------------------------------------------------------------ privacy
     def _check_policy(self, job: Job) -> PrivacyCost:
@@ -427,6 +437,7 @@ class EgressPreview(NamedTuple):
     privacy: PrivacyCost
     secure_aggregation: bool
     policy_sha256: Optional[str]
+    plugins: tuple = ()  # the job's plugins (registry.PluginIdentity), checked against this site's installed code
 
     def format(self) -> str:
         """The preview as text for a DPO."""
@@ -436,6 +447,8 @@ class EgressPreview(NamedTuple):
             lines.append(f"  {t.name:<{width}}  {t.dtype}{list(t.shape)}  L2 norm {t.norm:.6g}")
         lines.append(f"  {len(self.tensors)} tensor(s), {self.bytes} bytes, sha256 {self.sha256}")
         lines.append(f"  weight {self.weight:g}")
+        for plugin in self.plugins:
+            lines.append(f"  runs {plugin.describe()}: installed here at that version and hash")
         lines.append("  metrics " + ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items()))
         if self.secure_aggregation:
             lines.append("  secure aggregation is on: these tensors, times the weight, and the weight leave only masked "
@@ -458,7 +471,8 @@ def dry_run(name: str, data_paths: Sequence[Path], job: Job, *, policy: Optional
     Connects to nothing. The site's policy is checked first (``PolicyViolation`` if the job breaks
     it). With ``audit`` the preview is recorded (``dry_run``), so the DPO's look is on file too.
     """
-    setup = local_setup(name, load_site_table(data_paths), job)
+    admitted = job_plugins.check_and_load(job.plugins, policy.allowed_plugins if policy else None)
+    setup = local_setup(name, load_site_table(data_paths, job.task_config["name"]), job)
     num_examples = int(setup.train.num_examples)
     if policy is not None:
         check_job(policy, job, num_examples)
@@ -481,7 +495,7 @@ def dry_run(name: str, data_paths: Sequence[Path], job: Job, *, policy: Optional
     elif job.secure_aggregation:
         metrics = {"train_loss (inside the masked vector)": metrics["train_loss"]}
     preview = EgressPreview(name, tensors, float(out.weight), metrics, len(payload), wire.sha256_hex(payload),
-                            spent._replace(steps=steps), job.secure_aggregation, policy.sha256 if policy else None)
+                            spent._replace(steps=steps), job.secure_aggregation, policy.sha256 if policy else None, admitted)
     if audit is not None:
         audit.record("dry_run", tensors=[[t.name, t.dtype, list(t.shape), t.norm] for t in tensors], weight=preview.weight,
                      bytes=preview.bytes, sha256=preview.sha256, epsilon=_json_number(spent.epsilon), delta=spent.delta,

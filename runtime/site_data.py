@@ -1,5 +1,6 @@
-"""A hospital's own data for the heart task: read its CSV or Parquet file(s) and check them
-against ``nordfl.tasks.heart.SCHEMA`` before the site agent connects to anyone.
+"""A hospital's own data for a task: read its CSV or Parquet file(s) and check them against
+the task's ``site_data`` columns (heart: ``nordfl.tasks.heart.SCHEMA``) before the site agent
+connects to anyone.
 
 Every problem raises ``SiteDataError`` naming the file, and where it applies the row, the
 column, the value and what was expected. Empty cells (CSV) and nulls (Parquet) are missing
@@ -23,21 +24,32 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from nordfl.tasks.data import Examples
-from nordfl.tasks.heart import SCHEMA, Column, encode_rows, read_site_rows
+from nordfl import registry
+from nordfl.tasks.data import Column, Examples, SiteData
+from nordfl.tasks.heart import read_site_rows
 
 PathLike = Union[str, Path]
 SUFFIXES = (".csv", ".parquet")
-COLUMNS = ", ".join(c.name for c in SCHEMA)
 
 
 class SiteDataError(ValueError):
     """A site's data file is missing, unreadable, empty or does not match the task's schema."""
 
 
-def load_site_table(paths: Union[PathLike, Sequence[PathLike]]) -> Examples:
+def site_data_of(task: str) -> SiteData:
+    """The registered task's ``site_data`` (how a site reads its files), or an error saying it has none."""
+    spec = registry.lookup("task", task, field="task").properties.get("site_data")
+    if spec is None:
+        with_it = [n for n in registry.names("task") if registry.lookup("task", n).properties.get("site_data") is not None]
+        raise SiteDataError(f"task: {task!r} declares no site_data (how a site reads its own files); "
+                            f"tasks with one: {', '.join(with_it)}")
+    return spec
+
+
+def load_site_table(paths: Union[PathLike, Sequence[PathLike]], task: str = "heart") -> Examples:
     """Reads, checks and encodes one or several ``.csv`` / ``.parquet`` files, concatenated
-    in the given order: the complete rows as heart's 13 features and label (not standardised).
+    in the given order, against the task's ``site_data`` columns: the complete rows as the
+    task's features and label (not standardised; heart: 13 features).
 
     Raises:
       SiteDataError: for the first file that is missing, unreadable or empty, lacks a column,
@@ -46,47 +58,50 @@ def load_site_table(paths: Union[PathLike, Sequence[PathLike]]) -> Examples:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise SiteDataError(f"site data: no files given; expected one or more {' or '.join(SUFFIXES)} files")
-    parts = [_load_file(Path(p)) for p in paths]
+    spec = site_data_of(task)
+    parts = [_load_file(Path(p), spec) for p in paths]
     return Examples(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
 
 
-def _load_file(path: Path) -> Examples:
+def _load_file(path: Path, spec: SiteData) -> Examples:
+    columns = ", ".join(c.name for c in spec.columns)
     if path.suffix.lower() not in SUFFIXES:
-        raise SiteDataError(f"site data: {path} is not a {' or '.join(SUFFIXES)} file; expected a table with columns {COLUMNS}")
+        raise SiteDataError(f"site data: {path} is not a {' or '.join(SUFFIXES)} file; expected a table with columns {columns}")
     if not path.is_file():
-        raise SiteDataError(f"site data: {path} does not exist; expected a {path.suffix} file with columns {COLUMNS}")
-    rows = _read_parquet(path) if path.suffix.lower() == ".parquet" else _read_csv(path)
+        raise SiteDataError(f"site data: {path} does not exist; expected a {path.suffix} file with columns {columns}")
+    rows = _read_parquet(path, spec) if path.suffix.lower() == ".parquet" else _read_csv(path, spec)
     if not rows:
-        raise SiteDataError(f"site data: {path} has no data rows; expected a header and rows with columns {COLUMNS}")
+        raise SiteDataError(f"site data: {path} has no data rows; expected a header and rows with columns {columns}")
     try:
-        examples = encode_rows(rows, where=lambda i, row: f"site data: {path}, row {i + 1} (id={row['id']})")
+        examples = spec.encode(rows, where=lambda i, row: f"site data: {path}, row {i + 1}" + (f" (id={row['id']})" if "id" in row else ""))
     except ValueError as e:
         raise SiteDataError(str(e)) from None
     if len(examples.y) == 0:
-        empty = {c.name: sum(row[c.name].strip() == "" for row in rows) for c in SCHEMA}
+        empty = {c.name: sum(row[c.name].strip() == "" for row in rows) for c in spec.columns}
         counts = ", ".join(f"{name} in {n}" for name, n in empty.items() if n)
         raise SiteDataError(
             f"site data: {path} has no complete row: all {len(rows)} rows have an empty value (empty cells: {counts}); "
-            f"expected at least one row with a value in every one of the columns {COLUMNS}"
+            f"expected at least one row with a value in every one of the columns {columns}"
         )
     return examples
 
 
-def _check_header(path: Path, header: Sequence[str]) -> None:
-    missing = [c for c in SCHEMA if c.name not in header]
+def _check_header(path: Path, header: Sequence[str], spec: SiteData) -> None:
+    missing = [c for c in spec.columns if c.name not in header]
     if missing:
         wanted = "; ".join(f"{c.name!r} ({c.description}): expected {c.expected}" for c in missing)
         raise SiteDataError(f"site data: {path} lacks column(s) {wanted}. The file has columns: {', '.join(header)}")
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path, spec: SiteData) -> list[dict[str, str]]:
+    columns = ", ".join(c.name for c in spec.columns)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
-                raise SiteDataError(f"site data: {path} is empty; expected a header row with columns {COLUMNS} and data rows")
-            _check_header(path, header)
+                raise SiteDataError(f"site data: {path} is empty; expected a header row with columns {columns} and data rows")
+            _check_header(path, header, spec)
             rows = []
             for number, values in enumerate((v for v in reader if v), start=1):
                 if len(values) != len(header):
@@ -101,7 +116,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _read_parquet(path: Path) -> list[dict[str, str]]:
+def _read_parquet(path: Path, spec: SiteData) -> list[dict[str, str]]:
     """The table as text, as CSV would give it: null is "", a float integer column's 3.0 is "3"."""
     try:
         import pyarrow as pa
@@ -112,9 +127,9 @@ def _read_parquet(path: Path) -> list[dict[str, str]]:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as e:
         raise SiteDataError(f"site data: {path} cannot be read as Parquet: {e}") from None
-    _check_header(path, table.column_names)
+    _check_header(path, table.column_names, spec)
     columns = {}
-    for column in SCHEMA:
+    for column in spec.columns:
         values = table.column(column.name)
         if not _type_fits(pa, column, values.type):
             raise SiteDataError(

@@ -284,7 +284,7 @@ def _command() -> Optional[str]:
     """The command line that ran the suite, without where its output went (a local path)."""
     if Path(sys.argv[0]).name != "nordfl-bench":
         return None
-    return " ".join(["nordfl-bench", *(a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "logger.progress=")))])
+    return " ".join(["nordfl-bench", *(a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.searchpath=", "logger.progress=")))])
 
 
 def _write_manifest(suite_dir: Path, manifest: dict) -> None:

@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
+
+
+class Column(NamedTuple):
+    """One input column that a site's file must have, and what its values must be."""
+
+    name: str
+    kind: str  # "number" (any finite number), "integer", or "category" (text, one of ``levels``)
+    levels: tuple[str, ...] = ()  # a category's levels (the first is one-hot's reference); an integer's range
+    description: str = ""
+
+    @property
+    def expected(self) -> str:
+        """What a value must be, for error messages: "a number", "an integer 0-4", "one of ..."."""
+        if self.kind == "number":
+            return "a number"
+        if self.kind == "integer":
+            return f"an integer {self.levels[0]}-{self.levels[-1]}" if self.levels else "an integer"
+        return f"one of {', '.join(self.levels)}"
 
 
 class Examples(NamedTuple):
@@ -146,3 +164,17 @@ def pooled_dataset(dataset: FederatedDataset) -> FederatedDataset:
 def single_client(dataset: FederatedDataset, index: int) -> FederatedDataset:
     """Client ``index`` alone: the data of the local-training baseline for that site."""
     return dataclasses.replace(dataset, name=f"{dataset.name}/{dataset.clients[index].name}", clients=(dataset.clients[index],))
+
+
+class SiteData(NamedTuple):
+    """How a site reads its own records for a task (a task entry's ``site_data`` property):
+    the columns its files must have, how checked text rows become examples, and the site's
+    own split and preprocessing, which must equal the simulator's client for the same rows.
+
+    ``encode(rows, where=...) -> Examples`` raises ValueError naming ``where(i, row)``, the
+    column, the value and what was expected; ``prepare(site, examples, seed=...) -> ClientSplit``.
+    """
+
+    columns: tuple[Column, ...]
+    encode: Callable[..., Any]
+    prepare: Callable[..., Any]

@@ -27,31 +27,13 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Union
 import numpy as np
 
 from nordfl import registry
-from nordfl.tasks.data import ClientSplit, Examples, FederatedDataset, stratified_split
+from nordfl.tasks.data import ClientSplit, Column, Examples, FederatedDataset, SiteData, stratified_split
 from nordfl.tasks.task import TaskConfig
 
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 VENDORED_CSV = "heart_disease_uci.csv"
 VENDORED_SHA256 = "574f2fa2b43012fa25fca4fcdb36bd7c6bccdd0af4242f6c0e4c8633c5a072ae"
 MISLABELLED_ROW_ID = "304"
-
-class Column(NamedTuple):
-    """One input column that a site's file must have, and what its values must be."""
-
-    name: str
-    kind: str  # "number" (any finite number), "integer", or "category" (text, one of ``levels``)
-    levels: tuple[str, ...] = ()  # a category's levels (the first is one-hot's reference); an integer's range
-    description: str = ""
-
-    @property
-    def expected(self) -> str:
-        """What a value must be, for error messages: "a number", "an integer 0-4", "one of ..."."""
-        if self.kind == "number":
-            return "a number"
-        if self.kind == "integer":
-            return f"an integer {self.levels[0]}-{self.levels[-1]}" if self.levels else "an integer"
-        return f"one of {', '.join(self.levels)}"
-
 
 # What preprocessing needs from every row, in the UCI file's column order. An empty value
 # makes the row incomplete (dropped); anything else that is not as declared is an error.
@@ -208,7 +190,20 @@ def standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
     return ((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
 
 
-@registry.register("task", "heart", config=TaskConfig, feature_shape=(len(FEATURES),), num_classes=2)
+def prepare_site(site: str, examples: Examples, *, seed: int = 0, test_fraction: float = 0.34) -> ClientSplit:
+    """One site's split and standardisation, from its own rows and a seed: what a hospital
+    computes locally in the runtime, and exactly what the simulator uses for that site."""
+    if len(examples.y) < 2:
+        raise ValueError(f"heart: site {site} has {len(examples.y)} complete rows; at least 2 are needed to split")
+    # Seeded by the seed alone (not the site's name or position), so a hospital needs nothing
+    # but its own rows and the job's seed to reproduce the split the simulator uses.
+    train, test = stratified_split(examples.y, test_fraction, np.random.default_rng(seed))
+    x_train, x_test = standardise(examples.x[train], examples.x[test])
+    return ClientSplit(site, Examples(x_train, examples.y[train]), Examples(x_test, examples.y[test]))
+
+
+@registry.register("task", "heart", config=TaskConfig, feature_shape=(len(FEATURES),), num_classes=2,
+                   site_data=SiteData(SCHEMA, encode_rows, prepare_site))
 def heart(
     *,
     seed: int = 0,
@@ -224,15 +219,3 @@ def heart(
     sites = load_sites(path, sha256=sha256)
     clients = tuple(prepare_site(site, examples, seed=seed, test_fraction=test_fraction) for site, examples in sites.items())
     return FederatedDataset("heart", clients, num_classes=2, feature_names=FEATURES)
-
-
-def prepare_site(site: str, examples: Examples, *, seed: int = 0, test_fraction: float = 0.34) -> ClientSplit:
-    """One site's split and standardisation, from its own rows and a seed: what a hospital
-    computes locally in the runtime, and exactly what the simulator uses for that site."""
-    if len(examples.y) < 2:
-        raise ValueError(f"heart: site {site} has {len(examples.y)} complete rows; at least 2 are needed to split")
-    # Seeded by the seed alone (not the site's name or position), so a hospital needs nothing
-    # but its own rows and the job's seed to reproduce the split the simulator uses.
-    train, test = stratified_split(examples.y, test_fraction, np.random.default_rng(seed))
-    x_train, x_test = standardise(examples.x[train], examples.x[test])
-    return ClientSplit(site, Examples(x_train, examples.y[train]), Examples(x_test, examples.y[test]))

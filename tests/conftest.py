@@ -4,6 +4,7 @@ accidental broadcasts in library code fail the tests (the equinox habit)."""
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 import jax
@@ -44,3 +45,20 @@ def softmax_model():
         return softmax_cross_entropy(model.apply(p, batch.x), batch.y, mask)
 
     return model, params, loss_fn
+
+
+@pytest.fixture
+def clean_registry():
+    """Entries a test registers, and the plugin modules that registered them, are dropped
+    afterwards, so tests do not leak plugins into each other."""
+    from nordfl import registry
+
+    saved = {kind: dict(found) for kind, found in registry._ENTRIES.items()}
+    yield
+    added = {entry.module.split(".")[0] for kind, found in registry._ENTRIES.items()
+             for name, entry in found.items() if name not in saved[kind]}
+    for kind, found in saved.items():
+        registry._ENTRIES[kind].clear()
+        registry._ENTRIES[kind].update(found)
+    for name in [m for m in sys.modules if m.split(".")[0] in added]:
+        del sys.modules[name]
