@@ -4,7 +4,7 @@ Two mechanisms, two units of privacy (see docs/privacy.md):
 
 - **DP-SGD at the site** (``dp.mode=sgd``, unit: one example row, i.e. one patient, per site,
   per run). Every local step includes each real row independently with probability
-  ``q = min(1, batch_size / n)`` (Poisson sampling, as ``algorithms.dp.dp_local_sgd``
+  ``q = min(1, batch_size / n)`` (Poisson sampling, as ``algorithms.local.local_sgd`` under DP-SGD
   implements it) and adds Gaussian noise of std ``noise_multiplier * clip`` to the sum of
   clipped per-example gradients. One step is ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``;
   a site's ledger composes its steps with the RDP accountant (add-or-remove-one neighbours).

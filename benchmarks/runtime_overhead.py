@@ -202,7 +202,7 @@ def run_size(name: str, hidden: list, rounds: int, log=print) -> dict:
         tmp = Path(tmp)
         federation = tls.provision(tmp / "federation", SITES)
         files = {site.replace(" ", "_"): path for site, path in write_site_files(tmp / "data").items()}
-        overrides = ["task.model=mlp", f"task.hidden=[{','.join(map(str, hidden))}]", "algorithm=fedavg",
+        overrides = ["task.model=mlp", f"+task.model_options.hidden=[{','.join(map(str, hidden))}]", "algorithm=fedavg",
                      "algorithm.num_epochs=1", "algorithm.batch_size=256", f"runtime.rounds={rounds}",
                      "runtime.round_timeout=3600"]
         log(f"[{name}] {params:,} parameters; coordinator starting (model init, round 0 opens) ...")

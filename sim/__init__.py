@@ -1,4 +1,15 @@
-"""The vectorised simulator: thousands of clients per round in one compiled XLA program."""
+"""The vectorised simulator: thousands of clients per round in one compiled XLA program.
+
+Importing it asks JAX for one CPU device per core (``devices.use_cpu_cores``), so the client
+axis runs on every core from the Python API too (W1: 75.9 -> 40.9 ms a round on 2 cores). It
+does nothing once JAX has started, or when ``XLA_FLAGS`` sets a host device count; set
+``NORDFL_CPU_DEVICES`` to choose the count (``1`` keeps JAX's default of one device).
+"""
+
+from nordfl.sim.devices import cpu_devices_from_env as _cpu_devices_from_env
+from nordfl.sim.devices import use_cpu_cores as _use_cpu_cores
+
+_use_cpu_cores(_cpu_devices_from_env())
 
 from nordfl.sim.cohort import RoundPlan as RoundPlan
 from nordfl.sim.cohort import plan_round as plan_round

@@ -41,3 +41,13 @@ def use_cpu_cores(count: Optional[int] = None) -> int:
         log.debug("JAX backends already initialised; CPU device count left at %d", jax.local_device_count("cpu"))
         return 0
     return count
+
+
+def cpu_devices_from_env() -> Optional[int]:
+    """``NORDFL_CPU_DEVICES`` as a device count (None when unset: one per core)."""
+    value = os.environ.get("NORDFL_CPU_DEVICES", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"NORDFL_CPU_DEVICES: must be an integer >= 1 (or unset for one device per core), got {value!r}")
+    return int(value)

@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from nordfl.algorithms import ClientData, epoch_orders, local_sgd, shuffle_order, steps_per_epoch
+from nordfl.algorithms.dp import DPSGD
 from nordfl.algorithms.local import FEISTEL_ROUNDS, LocalSchedule
 from nordfl.sim.packing import pack_clients
 from nordfl.tasks import Examples
@@ -125,3 +126,12 @@ def test_partial_work_and_empty_client(softmax_model):
     unchanged, m0 = _sgd(loss_fn, params, empty, key, num_epochs=2, batch_size=4)
     assert int(m0.num_steps) == 0 and float(m0.train_loss) == 0.0
     jax.tree_util.tree_map(np.testing.assert_array_equal, unchanged, params)
+
+
+def test_dp_sgd_needs_poisson_sampling(softmax_model):
+    _, params, loss_fn = softmax_model
+    (client,) = ref.make_clients([6])
+    data = ClientData(Examples(jnp.asarray(client.x), jnp.asarray(client.y)), jnp.int32(6))
+    wrong = LocalSchedule(0.1, 1, 2, sampling="shuffle", dp=DPSGD(1.0, 1.0))
+    with pytest.raises(ValueError, match="DP-SGD \\(schedule.dp\\) needs sampling='poisson'"):
+        local_sgd(loss_fn, params, data, jax.random.key(0), wrong)

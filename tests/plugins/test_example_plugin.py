@@ -161,3 +161,17 @@ def test_a_site_refuses_a_job_whose_plugin_it_lacks_or_has_in_another_version_or
     assert out.returncode == 2 and "which this site's policy (allowed_plugins) does not allow" in " ".join(out.stderr.split())
     policy.write_text(f"allowed_plugins:\n  - {{distribution: nordfl-fednova, version: 0.1.0, sha256: {plugin['sha256']}}}\n")
     assert _dry_run(job, data, released, policy=policy).returncode == 0
+
+
+def test_a_connected_site_refuses_and_audits_a_job_naming_a_plugin_it_does_not_have(tmp_path):
+    from nordfl.runtime.site import SiteAgent, SiteRefused
+
+    _, files = provisioned(tmp_path)
+    agent = SiteAgent("Cleveland", "localhost:1", [files["Cleveland"]], tmp_path / "state", None, log=lambda m: None)
+    wanted = {"module": "no_such_study.fednova", "distribution": "no-such-study", "version": "2.0", "sha256": "ab" * 32}
+    with pytest.raises(SiteRefused, match=r"Cleveland: refused the job of run r1: the job needs plugin no_such_study.fednova "
+                                          r"\(no-such-study 2.0, sha256 abababababababab...\); this site does not have it installed"):
+        agent._check_plugins("r1", [wanted])
+    agent.audit.close()
+    entries = [json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert entries[-1]["event"] == "plugin_refused" and "no_such_study.fednova" in entries[-1]["reason"]
