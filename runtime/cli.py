@@ -99,6 +99,9 @@ def cmd_site(args) -> int:
     from nordfl.runtime.site import SiteAgent, SiteRefused
     from nordfl.runtime.site_data import SiteDataError
 
+    from nordfl import registry
+
+    registry.load_plugins()  # this site's installed plugins (entry points): a plugin's task and its site_data
     if args.dry_run:
         return _dry_run(args)
     if args.overrides or args.job:

@@ -38,7 +38,10 @@ class SiteDataError(ValueError):
 
 def site_data_of(task: str) -> SiteData:
     """The registered task's ``site_data`` (how a site reads its files), or an error saying it has none."""
-    spec = registry.lookup("task", task, field="task").properties.get("site_data")
+    try:
+        spec = registry.lookup("task", task, field="task").properties.get("site_data")
+    except ValueError as e:
+        raise SiteDataError(f"{e} (a plugin's task must be installed at the site, in the nordfl.plugins entry points)") from None
     if spec is None:
         with_it = [n for n in registry.names("task") if registry.lookup("task", n).properties.get("site_data") is not None]
         raise SiteDataError(f"task: {task!r} declares no site_data (how a site reads its own files); "

@@ -186,3 +186,10 @@ def test_parquet_without_pyarrow_says_what_to_install(site_files, tmp_path, monk
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     refused(parquet, "s.parquet needs pyarrow (pip install pyarrow)")
+
+
+def test_a_task_not_registered_at_the_site_is_named(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("id\n1\n")
+    with pytest.raises(SiteDataError, match=r"task: unknown name 'blobs'; expected one of digits, heart.*must be installed at the site"):
+        load_site_table([path], "blobs")
