@@ -6,6 +6,8 @@
     nordfl site --name SITE --coordinator HOST:PORT --certs DIR --data FILE [--data FILE] --state DIR [--policy FILE]
     nordfl site --dry-run --name SITE --data FILE [--policy FILE] [--job FILE | OVERRIDES ...]
                                              train one round locally, show what would leave; send nothing
+    nordfl site check --study FILE --mapping FILE --data FILE [--data FILE]
+                                             a site's own records under its mapping, checked against a study
     nordfl audit verify LOG                  check an audit log's hash chain
     nordfl demo [--rounds N] [--algorithm NAME] [--private]
                                              a whole federation of the 4 heart-disease hospitals on localhost
@@ -297,7 +299,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_site_check(args) -> int:
+    """``nordfl site check``: the site's files under its mapping, checked against the study; nothing connects."""
+    from nordfl.runtime.site_data import SiteDataError, read_table
+    from nordfl.tasks.mapping import MappingError, apply_mapping, load_mapping
+    from nordfl.tasks.study import StudyError, load_study
+
+    try:
+        study = load_study(args.study)
+        mapping = load_mapping(args.mapping, study)
+        reports = []
+        for path in args.data:
+            header, rows = read_table(path)
+            reports.append(apply_mapping(header, rows, mapping, study, str(path), check_min_rows=len(args.data) == 1).report)
+    except (StudyError, MappingError, SiteDataError) as e:
+        return _err(str(e))
+    kept = sum(r.rows_kept for r in reports)
+    if kept < study.min_rows:
+        return _err(f"site data: {kept} usable rows in {len(reports)} files; study {study.name} needs at least min_rows={study.min_rows}")
+    print(f"study {study.name} (sha256 {study.sha256[:16]}...), site {mapping.site}: every row checked; nothing was sent")
+    for path, report in zip(args.data, reports):
+        print(f"{path}:\n{report.format()}")
+    return 0
+
+
+def _check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nordfl site check",
+                                description="check this site's files against a study under its mapping, before any connection")
+    p.add_argument("--study", required=True, help="the study file (YAML)")
+    p.add_argument("--mapping", required=True, help="this site's mapping of its records to the study (YAML)")
+    p.add_argument("--data", action="append", required=True, help="CSV or Parquet file (repeatable)")
+    return p
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["site", "check"]:
+        return cmd_site_check(_check_parser().parse_args(argv[2:]))
     args = _parser().parse_args(argv)
     if args.command == "site" and not args.dry_run:
         missing = [f"--{k}" for k in ("coordinator", "state") if not getattr(args, k)]

@@ -96,15 +96,15 @@ def _check_header(path: Path, header: Sequence[str], spec: SiteData) -> None:
         raise SiteDataError(f"site data: {path} lacks column(s) {wanted}. The file has columns: {', '.join(header)}")
 
 
-def _read_csv(path: Path, spec: SiteData) -> list[dict[str, str]]:
-    columns = ", ".join(c.name for c in spec.columns)
+def _csv_text(path: Path, expected: str, on_header=lambda header: None) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV file's header and rows as text; ``on_header`` checks the header before any row is read."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
-                raise SiteDataError(f"site data: {path} is empty; expected a header row with columns {columns} and data rows")
-            _check_header(path, header, spec)
+                raise SiteDataError(f"site data: {path} is empty; expected a header row{expected} and data rows")
+            on_header(header)
             rows = []
             for number, values in enumerate((v for v in reader if v), start=1):
                 if len(values) != len(header):
@@ -116,16 +116,56 @@ def _read_csv(path: Path, spec: SiteData) -> list[dict[str, str]]:
         raise SiteDataError(f"site data: {path} is not UTF-8 text ({e}); expected a UTF-8 CSV file") from None
     except (OSError, csv.Error) as e:
         raise SiteDataError(f"site data: {path} cannot be read as CSV: {e}") from None
-    return rows
+    return header, rows
 
 
-def _read_parquet(path: Path, spec: SiteData) -> list[dict[str, str]]:
-    """The table as text, as CSV would give it: null is "", a float integer column's 3.0 is "3"."""
+def _read_csv(path: Path, spec: SiteData) -> list[dict[str, str]]:
+    columns = ", ".join(c.name for c in spec.columns)
+    return _csv_text(path, f" with columns {columns}", lambda header: _check_header(path, header, spec))[1]
+
+
+def read_table(path: PathLike) -> tuple[list[str], list[dict[str, str]]]:
+    """Any ``.csv`` or ``.parquet`` file's header (duplicates kept, for the caller to refuse) and rows
+    as text, as CSV gives them: null is "", a whole float 3.0 is "3", booleans are TRUE / FALSE."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise SiteDataError(f"site data: {path} is not a {' or '.join(SUFFIXES)} file")
+    if not path.is_file():
+        raise SiteDataError(f"site data: {path} does not exist")
+    if path.suffix.lower() == ".csv":
+        return _csv_text(path, "")
+    pa, pq = _pyarrow(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise SiteDataError(f"site data: {path} cannot be read as Parquet: {e}") from None
+    header = list(table.column_names)
+    columns = [[_plain_text(v) for v in table.column(i).to_pylist()] for i in range(len(header))]
+    return header, [dict(zip(header, row)) for row in zip(*columns)]
+
+
+def _plain_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _pyarrow(path: Path):
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise SiteDataError(f"site data: reading {path} needs pyarrow (pip install pyarrow), or give the data as CSV") from None
+    return pa, pq
+
+
+def _read_parquet(path: Path, spec: SiteData) -> list[dict[str, str]]:
+    """The table as text, as CSV would give it: null is "", a float integer column's 3.0 is "3"."""
+    pa, pq = _pyarrow(path)
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as e:

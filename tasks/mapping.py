@@ -210,8 +210,11 @@ def _days(text: str, fmt: str) -> float:
 
 
 def apply_mapping(header: Sequence[str], rows: Sequence[Mapping[str, str]], mapping: SiteMapping, study: Study,
-                  source: str = "<records>") -> MappedRecords:
-    """The site's rows (text cells by column) as the study's variables, checked; see the module docstring."""
+                  source: str = "<records>", *, check_min_rows: bool = True) -> MappedRecords:
+    """The site's rows (text cells by column) as the study's variables, checked; see the module docstring.
+
+    ``check_min_rows=False`` leaves the study's ``min_rows`` to the caller (a site with several files
+    checks their total)."""
     twice = sorted({c for c in header if list(header).count(c) > 1})
     if twice:
         raise MappingError(f"site data {source}: column {twice[0]!r} appears more than once in the header; expected each once")
@@ -269,7 +272,7 @@ def apply_mapping(header: Sequence[str], rows: Sequence[Mapping[str, str]], mapp
     dropped_range = implausible_rows
     dropped_missing = missing_rows & ~implausible_rows
     keep = ~(dropped_range | dropped_missing)
-    if int(keep.sum()) < study.min_rows:
+    if check_min_rows and int(keep.sum()) < study.min_rows:
         raise MappingError(f"site data {source}: {int(keep.sum())} usable rows of {n} (dropped: {int(dropped_range.sum())} with a "
                            f"value out of range, {int(dropped_missing.sum())} with a missing value); study {study.name} needs "
                            f"at least min_rows={study.min_rows}")
