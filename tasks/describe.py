@@ -1,0 +1,152 @@
+"""A study's descriptive statistics ("Table 1"), per site and pooled, with small-cell suppression.
+
+Each site computes its own summary from its mapped records: per numeric variable the count,
+sum, sum of squares, minimum and maximum, and per categorical or binary variable the count of
+each code, with missing counted apart. ``table_one`` combines the sites and releases:
+- a count below the study's ``min_cell`` is suppressed (shown as "<k");
+- a site's mean, SD, minimum and maximum are suppressed when its count is;
+- the suppression is made safe against subtraction. No released margin (a site's total over a
+  variable's codes, or a code's pooled count over the sites) may have exactly one suppressed
+  cell, or that cell would be the margin minus the others. The smallest other cell is
+  suppressed too, until none has.
+
+The minimum and maximum are exact patient values: only a site with at least ``min_cell``
+rows releases them, and the pooled ones are over those sites. The pooled counts, means and SDs
+are exact: sums of the sites' sufficient statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from nordfl.tasks.study import Study
+
+
+class NumericSummary(NamedTuple):
+    count: int
+    total: float
+    squares: float
+    minimum: float
+    maximum: float
+    missing: int
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+    @property
+    def sd(self) -> float:
+        if self.count < 2:
+            return math.nan
+        return math.sqrt(max(self.squares - self.total**2 / self.count, 0.0) / (self.count - 1))
+
+
+def summarise(study: Study, values: Mapping[str, np.ndarray]) -> dict:
+    """One site's sufficient statistics: numeric -> NumericSummary, categorical -> {code: count, None: missing}."""
+    summary = {}
+    for variable in study.variables:
+        column = np.asarray(values[variable.name])
+        if variable.kind in ("categorical", "binary"):
+            counts = {code: int(np.sum(column == i)) for i, code in enumerate(variable.codes)}
+            counts[None] = int(np.sum(column < 0))
+            summary[variable.name] = counts
+        else:
+            present = column[~np.isnan(column)]
+            summary[variable.name] = NumericSummary(
+                int(present.size), float(present.sum()), float(np.square(present).sum()),
+                float(present.min()) if present.size else math.nan, float(present.max()) if present.size else math.nan,
+                int(column.size - present.size))
+    return summary
+
+
+def _suppressed_cells(counts: np.ndarray, min_cell: int) -> np.ndarray:
+    """Which cells of a [sites, codes] count table to withhold: those below ``min_cell``, and
+    complements, until no site row and no code column has exactly one withheld cell."""
+    hidden = (counts > 0) & (counts < min_cell)
+    changed = True
+    while changed:
+        changed = False
+        for axis in (1, 0):  # a site's codes (its total is released), then a code's sites (the pooled count is)
+            lines = hidden if axis == 1 else hidden.T
+            values = counts if axis == 1 else counts.T
+            for i in range(lines.shape[0]):
+                if lines[i].sum() == 1 and (~lines[i]).any():
+                    others = np.where(lines[i], np.inf, values[i].astype(float))
+                    j = int(np.argmin(others))
+                    if axis == 1:
+                        hidden[i, j] = True
+                    else:
+                        hidden[j, i] = True
+                    changed = True
+            if changed:
+                break
+    return hidden
+
+
+class TableOne(NamedTuple):
+    """Released figures: ``sites`` and ``pooled`` map variable -> {statistic or code: value or "<k"}."""
+
+    sites: dict  # site -> variable -> {...}
+    pooled: dict  # variable -> {...}
+    min_cell: int
+
+    def markdown(self) -> str:
+        names = list(self.sites)
+        lines = ["| variable | " + " | ".join(names) + " | pooled |", "|---|" + "---:|" * (len(names) + 1)]
+        for variable, pooled in self.pooled.items():
+            for key in pooled:
+                label = f"{variable} {key}" if key is not None else f"{variable} missing"
+                cells = [_shown(self.sites[s][variable][key]) for s in names] + [_shown(pooled[key])]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def _shown(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def table_one(study: Study, summaries: Mapping[str, dict]) -> TableOne:
+    """The releasable Table 1 from the sites' summaries (``summarise``), suppressed as the module says."""
+    names: Sequence[str] = list(summaries)
+    k = study.min_cell
+    hidden_text = f"<{k}"
+    sites = {s: {} for s in names}
+    pooled = {}
+    for variable in study.variables:
+        if variable.kind in ("categorical", "binary"):
+            keys = [*variable.codes, None]
+            counts = np.array([[summaries[s][variable.name][c] for c in keys] for s in names], np.int64)
+            hidden = _suppressed_cells(counts, k)
+            for i, s in enumerate(names):
+                sites[s][variable.name] = {c: hidden_text if hidden[i, j] else int(counts[i, j]) for j, c in enumerate(keys)}
+            totals = counts.sum(axis=0)
+            pooled[variable.name] = {c: hidden_text if 0 < totals[j] < k else int(totals[j]) for j, c in enumerate(keys)}
+        else:
+            parts = [summaries[s][variable.name] for s in names]
+            # n and missing sum to the site's rows and, over the sites, to the pooled figures: suppress as a table.
+            hidden = _suppressed_cells(np.array([[p.count, p.missing] for p in parts], np.int64), k)
+            for i, (s, part) in enumerate(zip(names, parts)):
+                withheld = hidden[i, 0] or part.count < k
+                sites[s][variable.name] = {
+                    "n": hidden_text if hidden[i, 0] else part.count,
+                    **{key: hidden_text if withheld else value for key, value in
+                       (("mean", part.mean), ("sd", part.sd), ("min", part.minimum), ("max", part.maximum))},
+                    "missing": hidden_text if hidden[i, 1] else part.missing,
+                }
+            released = [p for i, p in enumerate(parts) if not hidden[i, 0] and p.count >= k]
+            total = NumericSummary(sum(p.count for p in parts), sum(p.total for p in parts), sum(p.squares for p in parts),
+                                   min((p.minimum for p in released), default=math.nan),
+                                   max((p.maximum for p in released), default=math.nan), sum(p.missing for p in parts))
+            small = total.count < k
+            pooled[variable.name] = {"n": hidden_text if 0 < total.count < k else total.count,
+                                     "mean": hidden_text if small else total.mean, "sd": hidden_text if small else total.sd,
+                                     "min": hidden_text if small else total.minimum, "max": hidden_text if small else total.maximum,
+                                     "missing": hidden_text if 0 < total.missing < k else total.missing}
+    return TableOne(sites, pooled, k)
