@@ -1,0 +1,105 @@
+"""A study's mapped records as model inputs: the study's preprocessing, the same at every site.
+
+``study_dataset`` turns each site's mapped records (``tasks.mapping``) into a client. Each
+site splits its rows into train and test, seeded by the seed alone, as the heart sites do. The
+training rows' sufficient statistics (``tasks.describe.summarise``) are what a Table 1 job
+collects. From them come the federated mean and SD for standardisation, and the mean or mode
+for imputation. Every site then encodes with the same numbers: ``preprocessing.standardise:
+federated``. ``site`` uses each site's own statistics; ``none`` leaves values as they are.
+
+Encoding, in the study's variable order:
+- numeric and date: one column, clipped to the range (``clip``), then standardised;
+- binary: 0 / 1;
+- categorical: indicators of every code but the first (``one_hot``), else the code's index.
+
+With ``missing: impute``, a missing value takes the federated mean (numeric) or most common
+code, and the variable gets an indicator column ``<name>_missing``. Classification outcomes
+become integer labels. Regression training comes with its own loss and metrics (issue 14).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from nordfl.tasks.data import ClientSplit, Examples, FederatedDataset, stratified_split
+from nordfl.tasks.describe import NumericSummary, summarise
+from nordfl.tasks.study import Study
+
+
+def feature_names(study: Study) -> tuple[str, ...]:
+    names = []
+    for v in study.features:
+        if v.kind == "categorical" and study.preprocessing.one_hot:
+            names += [f"{v.name}={code}" for code in v.codes[1:]]
+        else:
+            names.append(v.name)
+        if study.missing == "impute":
+            names.append(f"{v.name}_missing")
+    return tuple(names)
+
+
+def pooled_summary(study: Study, summaries) -> dict:
+    """The sites' summaries added up (exact: sums of sufficient statistics)."""
+    pooled = {}
+    for v in study.variables:
+        parts = [s[v.name] for s in summaries]
+        if v.kind in ("categorical", "binary"):
+            pooled[v.name] = {key: sum(p[key] for p in parts) for key in parts[0]}
+        else:
+            pooled[v.name] = NumericSummary(sum(p.count for p in parts), sum(p.total for p in parts), sum(p.squares for p in parts),
+                                            min(p.minimum for p in parts), max(p.maximum for p in parts), sum(p.missing for p in parts))
+    return pooled
+
+
+def encode(study: Study, values: Mapping[str, np.ndarray], stats: dict) -> Examples:
+    """One site's mapped rows as ``Examples(x float32 [n, features], y int32 [n])`` with the given statistics
+    (a ``pooled_summary`` for federated preprocessing, the site's own ``summarise`` for per-site)."""
+    if study.task == "regression":
+        raise NotImplementedError(f"study {study.name}: regression outcomes are not trainable yet (issue 14)")
+    columns = []
+    for v in study.features:
+        column = np.asarray(values[v.name])
+        if v.kind in ("categorical", "binary"):
+            missing = column < 0
+            counts = stats[v.name]
+            mode = max(range(len(v.codes)), key=lambda i: counts[v.codes[i]])
+            codes = np.where(missing, mode, column)
+            if v.kind == "categorical" and study.preprocessing.one_hot:
+                columns += [(codes == i).astype(np.float64) for i in range(1, len(v.codes))]
+            else:
+                columns.append(codes.astype(np.float64))
+        else:
+            missing = np.isnan(column)
+            summary = stats[v.name]
+            filled = np.where(missing, summary.mean, column)
+            if study.preprocessing.clip and v.range is not None:
+                filled = np.clip(filled, *v.range)
+            if study.preprocessing.standardise != "none":
+                sd = summary.sd
+                filled = (filled - summary.mean) / (sd if sd > 0 and math.isfinite(sd) else 1.0)
+            columns.append(filled)
+        if study.missing == "impute":
+            columns.append(missing.astype(np.float64))
+    x = np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((0, 0), np.float32)
+    return Examples(x, np.asarray(values[study.outcome], np.int32))
+
+
+def study_dataset(study: Study, sites: Mapping[str, Mapping[str, np.ndarray]], *, seed: int = 0,
+                  test_fraction: float = 0.25) -> FederatedDataset:
+    """Every site's mapped records as a client (see the module docstring), in the given site order."""
+    splits = {}
+    for name, values in sites.items():
+        y = np.asarray(values[study.outcome])
+        train, test = stratified_split(y, test_fraction, np.random.default_rng(seed))
+        splits[name] = ({k: np.asarray(v)[train] for k, v in values.items()}, {k: np.asarray(v)[test] for k, v in values.items()})
+    own = {name: summarise(study, train) for name, (train, _) in splits.items()}
+    shared = pooled_summary(study, list(own.values()))
+    clients = []
+    for name, (train, test) in splits.items():
+        stats = own[name] if study.preprocessing.standardise == "site" else shared
+        clients.append(ClientSplit(name, encode(study, train, stats), encode(study, test, stats)))
+    num_classes = len(study.variable(study.outcome).codes)
+    return FederatedDataset(study.name, tuple(clients), num_classes=num_classes, feature_names=feature_names(study))
