@@ -8,6 +8,7 @@ config; values are checked by the builders, and every error names the key and th
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from typing import Any, Optional
 
@@ -67,10 +68,11 @@ def typed(group: str, raw: Any) -> DictConfig:
     raw = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw)
     config = schema_of(group, raw.get("name"))
     node = OmegaConf.structured(config)
+    keys = [f.name for f in dataclasses.fields(config)]  # ``in node`` is False for a key still ??? (missing)
     for key in raw:
-        if key not in node:
+        if key not in keys:
             fail(f"{group}.{key}", raw[key], f"is not a key of {group}={raw['name']} ({config.__name__}); "
-                 f"expected one of {', '.join(node.keys())}")
+                 f"expected one of {', '.join(keys)}")
     try:
         return OmegaConf.merge(node, raw)
     except OmegaConfBaseException as e:

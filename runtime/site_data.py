@@ -26,14 +26,14 @@ import numpy as np
 
 from nordfl import registry
 from nordfl.tasks.data import Column, Examples, SiteData
+from nordfl.tasks.tables import SUFFIXES, TableError, csv_text, pyarrow_modules, read_table  # noqa: F401  (read_table: the site check reads it here)
 from nordfl.tasks.heart import read_site_rows
 
 PathLike = Union[str, Path]
-SUFFIXES = (".csv", ".parquet")
 
 
-class SiteDataError(ValueError):
-    """A site's data file is missing, unreadable, empty or does not match the task's schema."""
+SiteDataError = TableError
+"""A site's data file is missing, unreadable, empty or does not match the task's schema."""
 
 
 def site_data_of(task: str) -> SiteData:
@@ -96,76 +96,14 @@ def _check_header(path: Path, header: Sequence[str], spec: SiteData) -> None:
         raise SiteDataError(f"site data: {path} lacks column(s) {wanted}. The file has columns: {', '.join(header)}")
 
 
-def _csv_text(path: Path, expected: str, on_header=lambda header: None) -> tuple[list[str], list[dict[str, str]]]:
-    """A CSV file's header and rows as text; ``on_header`` checks the header before any row is read."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise SiteDataError(f"site data: {path} is empty; expected a header row{expected} and data rows")
-            on_header(header)
-            rows = []
-            for number, values in enumerate((v for v in reader if v), start=1):
-                if len(values) != len(header):
-                    raise SiteDataError(
-                        f"site data: {path}, row {number} has {len(values)} fields; expected {len(header)}, one per header column"
-                    )
-                rows.append(dict(zip(header, values)))
-    except UnicodeDecodeError as e:
-        raise SiteDataError(f"site data: {path} is not UTF-8 text ({e}); expected a UTF-8 CSV file") from None
-    except (OSError, csv.Error) as e:
-        raise SiteDataError(f"site data: {path} cannot be read as CSV: {e}") from None
-    return header, rows
-
-
 def _read_csv(path: Path, spec: SiteData) -> list[dict[str, str]]:
     columns = ", ".join(c.name for c in spec.columns)
-    return _csv_text(path, f" with columns {columns}", lambda header: _check_header(path, header, spec))[1]
-
-
-def read_table(path: PathLike) -> tuple[list[str], list[dict[str, str]]]:
-    """Any ``.csv`` or ``.parquet`` file's header (duplicates kept, for the caller to refuse) and rows
-    as text, as CSV gives them: null is "", a whole float 3.0 is "3", booleans are TRUE / FALSE."""
-    path = Path(path)
-    if path.suffix.lower() not in SUFFIXES:
-        raise SiteDataError(f"site data: {path} is not a {' or '.join(SUFFIXES)} file")
-    if not path.is_file():
-        raise SiteDataError(f"site data: {path} does not exist")
-    if path.suffix.lower() == ".csv":
-        return _csv_text(path, "")
-    pa, pq = _pyarrow(path)
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as e:
-        raise SiteDataError(f"site data: {path} cannot be read as Parquet: {e}") from None
-    header = list(table.column_names)
-    columns = [[_plain_text(v) for v in table.column(i).to_pylist()] for i in range(len(header))]
-    return header, [dict(zip(header, row)) for row in zip(*columns)]
-
-
-def _plain_text(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _pyarrow(path: Path):
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SiteDataError(f"site data: reading {path} needs pyarrow (pip install pyarrow), or give the data as CSV") from None
-    return pa, pq
+    return csv_text(path, f" with columns {columns}", lambda header: _check_header(path, header, spec))[1]
 
 
 def _read_parquet(path: Path, spec: SiteData) -> list[dict[str, str]]:
     """The table as text, as CSV would give it: null is "", a float integer column's 3.0 is "3"."""
-    pa, pq = _pyarrow(path)
+    pa, pq = pyarrow_modules(path)
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as e:

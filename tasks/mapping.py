@@ -75,6 +75,7 @@ class SiteMapping(NamedTuple):
     columns: dict  # variable name -> ColumnMap
     missing: tuple[str, ...] = ("",)
     source: str = "<mapping>"
+    data: tuple[str, ...] = ()  # the site's files, relative to the mapping file (optional: the simulator reads them)
 
 
 def conversion(analyte: Optional[str], from_unit: str, to_unit: str) -> tuple[float, float]:
@@ -100,8 +101,12 @@ def _fail(source: str, field: str, value: Any, expected: str):
 def parse_mapping(raw: Any, study: Study, source: str = "<mapping>") -> SiteMapping:
     """Checks a mapping (a parsed YAML file) against ``study``: every variable mapped, codes into the
     study's codes, units convertible. Returns it with each unit turned into scale and offset."""
-    if not isinstance(raw, dict) or set(raw) - {"site", "study", "columns", "missing"}:
-        _fail(source, "mapping", raw if not isinstance(raw, dict) else sorted(raw), "expected a mapping of site, study, columns, missing")
+    if not isinstance(raw, dict) or set(raw) - {"site", "study", "columns", "missing", "data"}:
+        _fail(source, "mapping", raw if not isinstance(raw, dict) else sorted(raw), "expected a mapping of site, study, columns, missing, data")
+    data = raw.get("data", [])
+    data = [data] if isinstance(data, str) else data
+    if not isinstance(data, list) or not all(isinstance(d, str) and d for d in data):
+        _fail(source, "data", data, "expected the site's CSV or Parquet file names, relative to this file")
     site = raw.get("site")
     if not isinstance(site, str) or not site:
         _fail(source, "site", site, "expected the site's name")
@@ -159,7 +164,7 @@ def parse_mapping(raw: Any, study: Study, source: str = "<mapping>") -> SiteMapp
     twice = sorted({c for c in local if local.count(c) > 1})
     if twice:
         _fail(source, "columns", twice[0], "maps one local column to two study variables")
-    return SiteMapping(site, study.name, mapped, tuple(missing), source)
+    return SiteMapping(site, study.name, mapped, tuple(missing), source, tuple(data))
 
 
 def load_mapping(path, study: Study) -> SiteMapping:

@@ -115,7 +115,7 @@ def mapping(site: str) -> dict:
         entry["chol"] |= {"unit": "mg/dL", "analyte": "cholesterol"}
     if site == "Aarhus":
         entry["age"] |= {"date_format": "%d-%m-%Y", "age_at": EXPORT_DATE}
-    return {"site": site, "study": "nordic5", "missing": [missing] if missing else [""], "columns": entry}
+    return {"site": site, "study": "nordic5", "data": [f"{site}.csv"], "missing": [missing] if missing else [""], "columns": entry}
 
 
 def export_rows(site: str, patients: dict) -> tuple[list[str], list[list[str]]]:

@@ -20,13 +20,20 @@ become integer labels. Regression training comes with its own loss and metrics (
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+import yaml
 
+from nordfl import registry
 from nordfl.tasks.data import ClientSplit, Examples, FederatedDataset, stratified_split
 from nordfl.tasks.describe import NumericSummary, summarise
-from nordfl.tasks.study import Study
+from nordfl.tasks.mapping import MappingError, apply_mapping, parse_mapping
+from nordfl.tasks.study import Study, load_study
+from nordfl.tasks.tables import read_table
+from nordfl.tasks.task import TaskConfig
 
 
 def feature_names(study: Study) -> tuple[str, ...]:
@@ -103,3 +110,56 @@ def study_dataset(study: Study, sites: Mapping[str, Mapping[str, np.ndarray]], *
         clients.append(ClientSplit(name, encode(study, train, stats), encode(study, test, stats)))
     num_classes = len(study.variable(study.outcome).codes)
     return FederatedDataset(study.name, tuple(clients), num_classes=num_classes, feature_names=feature_names(study))
+
+
+# ----------------------------------------------------------------------------- a study as a task
+
+
+@dataclass
+class StudyConfig(TaskConfig):
+    """``task=study``: the study file and the folder of site mappings (each naming its data files)."""
+
+    name: str = "study"
+    study: str = "???"  # the study file (YAML)
+    sites: str = "???"  # a folder of <site>.yaml mapping files, each with `data: [files]` beside it
+    test_fraction: float = 0.25
+
+
+def _study_file(study: str) -> Study:
+    if study in ("???", "", None):
+        raise ValueError("task.study: the study file is needed, e.g. task.study=study.yaml task.sites=FOLDER")
+    return load_study(study)
+
+
+def _study_shape(*, study: str, **_) -> tuple[tuple[int, ...], int]:
+    spec = _study_file(study)
+    return (len(feature_names(spec)),), len(spec.variable(spec.outcome).codes)
+
+
+def load_sites(study: Study, folder) -> dict:
+    """Every site in ``folder``: each mapping file (``*.yaml`` naming this study) applied to its data files, by site name."""
+    folder = Path(folder)
+    sites = {}
+    for path in sorted(folder.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict) or raw.get("study") != study.name or "columns" not in raw:
+            continue  # the study file itself, or another study's mapping
+        mapping = parse_mapping(raw, study, str(path))
+        if not mapping.data:
+            raise MappingError(f"mapping {path}: data: the simulator needs the site's files, e.g. data: [{mapping.site}.csv]")
+        parts = [apply_mapping(*read_table(path.parent / name), mapping, study, str(path.parent / name), check_min_rows=False)
+                 for name in mapping.data]
+        kept = sum(p.report.rows_kept for p in parts)
+        if kept < study.min_rows:
+            raise MappingError(f"site {mapping.site}: {kept} usable rows; study {study.name} needs at least min_rows={study.min_rows}")
+        sites[mapping.site] = {k: np.concatenate([p.values[k] for p in parts]) for k in parts[0].values}
+    if not sites:
+        raise MappingError(f"task.sites: {folder} holds no mapping file for study {study.name} (YAML with study: {study.name})")
+    return sites
+
+
+@registry.register("task", "study", config=StudyConfig, shape=_study_shape)
+def study_task(*, study: str, sites: str, seed: int = 0, test_fraction: float = 0.25) -> FederatedDataset:
+    """A study's sites as a federated dataset: ``nordfl-sim task=study task.study=FILE task.sites=FOLDER``."""
+    spec = _study_file(study)
+    return study_dataset(spec, load_sites(spec, sites), seed=seed, test_fraction=test_fraction)

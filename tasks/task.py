@@ -88,15 +88,21 @@ def classification_task(name: str, data: FederatedDataset, model: Model) -> Task
     return Task(name, data, model, fns.loss_fn, fns.evaluate)
 
 
-def task_shape(name: str) -> tuple[tuple[int, ...], int]:
-    """A registered task's feature shape and number of classes, known without loading its data."""
+def task_shape(name: str, options=None) -> tuple[tuple[int, ...], int]:
+    """A registered task's feature shape and number of classes, known without loading its data.
+
+    A task whose shape depends on its options (a study: its file's variables) declares
+    ``shape=callable(**options) -> (feature_shape, num_classes)`` instead of fixed numbers."""
     properties = registry.lookup("task", name, field="task").properties
+    if "shape" in properties:
+        shape, num_classes = properties["shape"](**(options or {}))
+        return tuple(shape), int(num_classes)
     return tuple(properties["feature_shape"]), int(properties["num_classes"])
 
 
-def make_model(task_name: str, model: str = "logistic_regression", *, seed: int = 0, model_kwargs=None) -> Model:
-    """The named model sized for the named task (no data is read)."""
-    shape, num_classes = task_shape(task_name)
+def make_model(task_name: str, model: str = "logistic_regression", *, seed: int = 0, model_kwargs=None, task_options=None) -> Model:
+    """The named model sized for the named task (no data is read); ``task_options`` for a task whose shape depends on them."""
+    shape, num_classes = task_shape(task_name, task_options)
     entry = registry.lookup("model", model, field="task.model")
     sized = tuple(inspect.signature(entry.builder).parameters)[:2]  # (num_features or image_shape, num_classes)
     registry.check_keywords(f"task.model_options ({model})", entry.builder, model_kwargs or {}, supplied=(*sized, "seed"))
@@ -115,7 +121,8 @@ def make_task(name: str, *, model: str = "logistic_regression", model_seed: int 
     Example:
       >>> task = make_task("synthetic", alpha=1.0, beta=1.0, num_devices=30, seed=0)
     """
-    built = make_model(name, model, seed=model_seed, model_kwargs=model_kwargs)
     builder = registry.lookup("task", name, field="task.name").builder
     registry.check_keywords(f"task ({name})", builder, data_kwargs)
+    built = make_model(name, model, seed=model_seed, model_kwargs=model_kwargs,
+                       task_options={k: v for k, v in data_kwargs.items() if k != "seed"})
     return classification_task(name, builder(**data_kwargs), built)

@@ -15,7 +15,7 @@ SHIPPED = {
     "aggregator": ("median", "trimmed_mean", "weighted_mean"),
     "server_optimizer": ("fedadagrad", "fedadam", "fedavgm", "fedyogi", "sgd"),
     "model": ("cnn", "logistic_regression", "mlp"),
-    "task": ("digits", "heart", "synthetic", "synthetic_iid"),
+    "task": ("digits", "heart", "study", "synthetic", "synthetic_iid"),
     "partitioner": ("dirichlet", "feature_shift", "iid", "k_classes", "natural", "quantity_skew"),
 }
 

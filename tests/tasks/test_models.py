@@ -35,7 +35,7 @@ def test_logistic_regression_is_x_w_plus_b():
 
 
 def test_make_task_rejects_unknown_names():
-    with pytest.raises(ValueError, match="task: unknown name 'mnist'; expected one of digits, heart, synthetic, synthetic_iid"):
+    with pytest.raises(ValueError, match="task.name: unknown name 'mnist'; expected one of digits, heart, study, synthetic, synthetic_iid"):
         make_task("mnist")
     with pytest.raises(ValueError, match="task.model: unknown name 'resnet'"):
         make_task("heart", model="resnet")

@@ -63,3 +63,20 @@ def test_fedavg_on_the_harmonised_sites_approaches_the_ground_truth_model(nordic
                                         SITES[s][3]) for s, t in truth.items()])
     best = _auc(scores, np.concatenate([t["event"] for t in truth.values()]))
     assert 0.7 < trained and trained > best - 0.06, (trained, best)
+
+
+def test_nordfl_sim_trains_a_study_from_its_site_files(nordic5, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    folder, _ = nordic5
+    out = subprocess.run([sys.executable, "-m", "nordfl.sim.app", "task=study", f"task.study={folder / 'study.yaml'}",
+                          f"task.sites={folder}", "algorithm=scaffold", "sim.rounds=3", "sim.eval_every=3",
+                          "logger.progress=false", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["final"]["sites"]) == set(SITES) and 0.5 < summary["final"]["test_auc"] <= 1
+    missing = subprocess.run([sys.executable, "-m", "nordfl.sim.app", "task=study", f"hydra.run.dir={tmp_path / 'x'}"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert missing.returncode == 2 and "task.study: the study file is needed" in " ".join(missing.stderr.split())
