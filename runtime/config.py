@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nordfl.algorithms import Algorithm
 from nordfl.algorithms.aggregators import Aggregator, linear_aggregators
-from nordfl.conf.schema import AlgorithmConfig, ConfigError, TaskConfig, build_algorithm, fail, model_kwargs, store_schemas, typed
+from nordfl.conf.schema import AlgorithmConfig, ConfigError, TaskConfig, build_algorithm, fail, model_kwargs, typed
 from nordfl.tasks import Model, TaskFns, classification_fns, make_model
 from nordfl import registry
 from nordfl.runtime import plugins as job_plugins

@@ -22,7 +22,7 @@ import io
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 

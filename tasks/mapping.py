@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from nordfl.tasks.study import Study
+from nordfl.tasks.study import Study, read_yaml
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -169,16 +168,7 @@ def parse_mapping(raw: Any, study: Study, source: str = "<mapping>") -> SiteMapp
 
 def load_mapping(path, study: Study) -> SiteMapping:
     """Reads and checks a site's mapping file (YAML) against ``study``."""
-    import yaml
-
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise MappingError(f"mapping {path}: cannot read it ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise MappingError(f"mapping {path}: not valid YAML ({' '.join(str(e).split())})") from None
-    return parse_mapping(raw, study, str(path))
+    return parse_mapping(read_yaml(path, "mapping", MappingError), study, str(path))
 
 
 class VariableReport(NamedTuple):

@@ -207,15 +207,18 @@ def parse_study(raw: Any, source: str = "<study>") -> Study:
                  Preprocessing(standardise, flags["one_hot"], flags["clip"]), model["name"], dict(options))
 
 
-def load_study(path) -> Study:
-    """Reads and checks a study file (YAML)."""
+def read_yaml(path, what: str, error: type) -> Any:
+    """A YAML file's content; an unreadable or invalid file raises ``error`` naming ``what`` and the path."""
     import yaml
 
-    path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
-        raise StudyError(f"study {path}: cannot read it ({e.strerror or e})") from None
+        raise error(f"{what} {path}: cannot read it ({e.strerror or e})") from None
     except yaml.YAMLError as e:
-        raise StudyError(f"study {path}: not valid YAML ({' '.join(str(e).split())})") from None
-    return parse_study(raw, str(path))
+        raise error(f"{what} {path}: not valid YAML ({' '.join(str(e).split())})") from None
+
+
+def load_study(path) -> Study:
+    """Reads and checks a study file (YAML)."""
+    return parse_study(read_yaml(path, "study", StudyError), str(path))
