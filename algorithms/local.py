@@ -202,6 +202,7 @@ def local_sgd(
     if epochs_to_run is None:
         epochs_to_run = num_epochs
     _checks.check_choice("local", "sampling", schedule.sampling, SAMPLINGS)
+    value_and_grad = jax.value_and_grad(objective)
     if schedule.sampling == "shuffle":
         if schedule.dp is not None:
             raise ValueError("local: DP-SGD (schedule.dp) needs sampling='poisson', the sampling its accounting assumes")
@@ -209,7 +210,6 @@ def local_sgd(
         padding = max(max_steps * batch_size - num_rows, 0)
         orders = jnp.pad(epoch_orders(key, num_epochs, data.num_examples, num_rows), ((0, 0), (0, padding)))
         orders = orders.reshape(num_epochs, max_steps, batch_size)
-        value_and_grad = jax.value_and_grad(objective)
 
         def step_gradient(params, epoch, step, rows):
             mask = step * batch_size + jnp.arange(batch_size) < data.num_examples
@@ -220,7 +220,6 @@ def local_sgd(
         row_index = jnp.arange(num_rows, dtype=jnp.int32)
         real = row_index < data.num_examples
         if schedule.dp is None:
-            value_and_grad = jax.value_and_grad(objective)
             gradient = lambda params, selected, noise_key: value_and_grad(params, data.examples, selected)  # noqa: E731
         else:
             denominator = q * jnp.maximum(data.num_examples, 1).astype(jnp.float32)

@@ -1,7 +1,8 @@
 """The vectorised simulator: thousands of clients per round in one compiled XLA program.
 
 Importing it asks JAX for one CPU device per core (``devices.use_cpu_cores``), so the client
-axis runs on every core from the Python API too (W1: 75.9 -> 40.9 ms a round on 2 cores). It
+axis runs on every core from the Python API too (W1 on 2 cores: 37.9 -> 33.3 ms a round,
+``benchmarks/default_devices.py``). It
 does nothing once JAX has started, or when ``XLA_FLAGS`` sets a host device count; set
 ``NORDFL_CPU_DEVICES`` to choose the count (``1`` keeps JAX's default of one device).
 """
