@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 import yaml
@@ -61,9 +61,52 @@ def pooled_summary(study: Study, summaries) -> dict:
     return pooled
 
 
-def encode(study: Study, values: Mapping[str, np.ndarray], stats: dict) -> Examples:
-    """One site's mapped rows as ``Examples(x float32 [n, features], y int32 [n])`` with the given statistics
-    (a ``pooled_summary`` for federated preprocessing, the site's own ``summarise`` for per-site)."""
+class Scaling(NamedTuple):
+    """What encoding needs of the training rows: each numeric variable's mean and SD (standardisation and
+    imputation) and each categorical or binary variable's most common code index (imputation).
+
+    Only these pooled figures travel to the sites in a runtime job (``as_json``), not the counts behind them."""
+
+    means: dict  # variable -> float
+    sds: dict  # variable -> float
+    modes: dict  # variable -> int (index into the variable's codes)
+
+    def as_json(self) -> dict:
+        return {"means": self.means, "sds": self.sds, "modes": self.modes}
+
+    @classmethod
+    def from_json(cls, raw: dict, study: Study) -> "Scaling":
+        """Checks a received scaling against the study: every feature present, finite numbers, valid code indices."""
+        try:
+            means, sds, modes = ({str(k): v for k, v in raw[key].items()} for key in ("means", "sds", "modes"))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"scaling: expected {{means, sds, modes}} mappings, got {raw!r:.200} ({e})") from None
+        for v in study.features:
+            if v.kind in ("categorical", "binary"):
+                if not isinstance(modes.get(v.name), int) or not 0 <= modes[v.name] < len(v.codes):
+                    raise ValueError(f"scaling.modes.{v.name}: expected a code index in [0, {len(v.codes)}), got {modes.get(v.name)!r}")
+            else:
+                for key, table in (("means", means), ("sds", sds)):
+                    if not isinstance(table.get(v.name), (int, float)) or isinstance(table.get(v.name), bool):
+                        raise ValueError(f"scaling.{key}.{v.name}: expected a number, got {table.get(v.name)!r}")
+        return cls({k: float(v) for k, v in means.items()}, {k: float(v) for k, v in sds.items()}, dict(modes))
+
+
+def scaling(study: Study, summary: dict) -> Scaling:
+    """The ``Scaling`` of a summary (``summarise`` of one site's training rows, or ``pooled_summary``)."""
+    means, sds, modes = {}, {}, {}
+    for v in study.features:
+        stats = summary[v.name]
+        if v.kind in ("categorical", "binary"):
+            modes[v.name] = max(range(len(v.codes)), key=lambda i: stats[v.codes[i]])
+        else:
+            means[v.name], sds[v.name] = stats.mean, stats.sd
+    return Scaling(means, sds, modes)
+
+
+def encode(study: Study, values: Mapping[str, np.ndarray], stats: Scaling) -> Examples:
+    """One site's mapped rows as ``Examples(x float32 [n, features], y int32 [n])`` with the given scaling
+    (the pooled training rows' for federated preprocessing, the site's own for per-site)."""
     if study.task == "regression":
         raise NotImplementedError(f"study {study.name}: regression outcomes are not trainable yet (issue 14)")
     columns = []
@@ -71,22 +114,20 @@ def encode(study: Study, values: Mapping[str, np.ndarray], stats: dict) -> Examp
         column = np.asarray(values[v.name])
         if v.kind in ("categorical", "binary"):
             missing = column < 0
-            counts = stats[v.name]
-            mode = max(range(len(v.codes)), key=lambda i: counts[v.codes[i]])
-            codes = np.where(missing, mode, column)
+            codes = np.where(missing, stats.modes[v.name], column)
             if v.kind == "categorical" and study.preprocessing.one_hot:
                 columns += [(codes == i).astype(np.float64) for i in range(1, len(v.codes))]
             else:
                 columns.append(codes.astype(np.float64))
         else:
             missing = np.isnan(column)
-            summary = stats[v.name]
-            filled = np.where(missing, summary.mean, column)
+            mean = stats.means[v.name]
+            filled = np.where(missing, mean, column)
             if study.preprocessing.clip and v.range is not None:
                 filled = np.clip(filled, *v.range)
             if study.preprocessing.standardise != "none":
-                sd = summary.sd
-                filled = (filled - summary.mean) / (sd if sd > 0 and math.isfinite(sd) else 1.0)
+                sd = stats.sds[v.name]
+                filled = (filled - mean) / (sd if sd > 0 and math.isfinite(sd) else 1.0)
             columns.append(filled)
         if study.missing == "impute":
             columns.append(missing.astype(np.float64))
@@ -94,22 +135,33 @@ def encode(study: Study, values: Mapping[str, np.ndarray], stats: dict) -> Examp
     return Examples(x, np.asarray(values[study.outcome], np.int32))
 
 
+def split_site(study: Study, values: Mapping[str, np.ndarray], *, seed: int, test_fraction: float) -> tuple[dict, dict]:
+    """A site's mapped rows split into (train, test), stratified on a classification outcome and
+    seeded by the seed alone: a hospital needs only its own rows and the job's seed to reproduce it."""
+    y = np.asarray(values[study.outcome])
+    train, test = stratified_split(y, test_fraction, np.random.default_rng(seed))
+    return {k: np.asarray(v)[train] for k, v in values.items()}, {k: np.asarray(v)[test] for k, v in values.items()}
+
+
+def site_client(study: Study, name: str, train: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray],
+                shared: Optional[Scaling]) -> ClientSplit:
+    """One site's split, encoded with the shared scaling, or its own training rows' when the study says
+    ``standardise: site`` (``shared`` may then be None): what a site computes locally in the runtime."""
+    stats = scaling(study, summarise(study, train)) if study.preprocessing.standardise == "site" else shared
+    if stats is None:
+        raise ValueError(f"study {study.name}: preprocessing.standardise={study.preprocessing.standardise} needs the federated "
+                         "scaling from the study's Table 1 job")
+    return ClientSplit(name, encode(study, train, stats), encode(study, test, stats))
+
+
 def study_dataset(study: Study, sites: Mapping[str, Mapping[str, np.ndarray]], *, seed: int = 0,
                   test_fraction: float = 0.25) -> FederatedDataset:
     """Every site's mapped records as a client (see the module docstring), in the given site order."""
-    splits = {}
-    for name, values in sites.items():
-        y = np.asarray(values[study.outcome])
-        train, test = stratified_split(y, test_fraction, np.random.default_rng(seed))
-        splits[name] = ({k: np.asarray(v)[train] for k, v in values.items()}, {k: np.asarray(v)[test] for k, v in values.items()})
-    own = {name: summarise(study, train) for name, (train, _) in splits.items()}
-    shared = pooled_summary(study, list(own.values()))
-    clients = []
-    for name, (train, test) in splits.items():
-        stats = own[name] if study.preprocessing.standardise == "site" else shared
-        clients.append(ClientSplit(name, encode(study, train, stats), encode(study, test, stats)))
+    splits = {name: split_site(study, values, seed=seed, test_fraction=test_fraction) for name, values in sites.items()}
+    shared = scaling(study, pooled_summary(study, [summarise(study, train) for train, _ in splits.values()]))
+    clients = tuple(site_client(study, name, train, test, shared) for name, (train, test) in splits.items())
     num_classes = len(study.variable(study.outcome).codes)
-    return FederatedDataset(study.name, tuple(clients), num_classes=num_classes, feature_names=feature_names(study))
+    return FederatedDataset(study.name, clients, num_classes=num_classes, feature_names=feature_names(study))
 
 
 # ----------------------------------------------------------------------------- a study as a task
