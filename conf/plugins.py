@@ -8,7 +8,8 @@ must be on ``PYTHONPATH``). A folder ``conf/`` beside a plugin module holds its 
 (``conf/algorithm/fednova.yaml``), found like NordFL's own.
 
 The key has to be read before composition (the options it brings are what composition
-needs), so the apps read it from the command line with ``prepare``.
+needs), so the apps read it from the command line with ``prepare``, which also turns
+``study=NAME_OR_FILE`` into the study task's overrides (``nordfl.conf.studies``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Sequence
 
 from nordfl import registry
 from nordfl.conf.schema import ConfigError, store_schemas
+from nordfl.conf.studies import study_overrides
 
 KEY = "plugins"
 
@@ -60,21 +62,28 @@ def search_path_override(dirs: Sequence[Path], overrides: Sequence[str]) -> list
     return [*(o for o in overrides if not is_search_path(o)), f"hydra.searchpath=[{','.join(paths)}]"]
 
 
-def prepare(overrides: Sequence[str]) -> list[str]:
+def prepare(overrides: Sequence[str], *, studies: bool = True) -> list[str]:
     """Loads the plugins (entry points and ``plugins=``), stores every option's schema, and
-    returns ``overrides`` with the plugins' config folders on Hydra's search path."""
+    returns ``overrides`` with the plugins' config folders on Hydra's search path and, with
+    ``studies``, ``study=`` as the study task's overrides (a run config's key; ``studies=False``
+    refuses it, for an app whose config has no task)."""
     try:
         loaded = registry.load_plugins(named_plugins(overrides))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     store_schemas()
+    if studies:
+        overrides = study_overrides(overrides)
+    elif any(o.partition("=")[0].lstrip("+") == "study" for o in overrides if "=" in o):
+        raise ConfigError("study: is a simulator run's key; give it in the suite's overrides instead, e.g. "
+                          "common: [study=heart, ...] in conf/suite/<name>.yaml")
     return search_path_override(config_dirs(loaded), overrides)
 
 
-def cli_main(main, app: str) -> None:
-    """Runs a ``hydra.main`` function after ``prepare`` on the command line; a bad plugin exits 2."""
+def cli_main(main, app: str, *, studies: bool = True) -> None:
+    """Runs a ``hydra.main`` function after ``prepare`` on the command line; a bad plugin or study exits 2."""
     try:
-        sys.argv[1:] = prepare(sys.argv[1:])
+        sys.argv[1:] = prepare(sys.argv[1:], studies=studies)
     except ConfigError as e:
         print(f"{app}: config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -3,8 +3,10 @@
 ``nordfl-sim`` with no arguments trains FedAvg on the 4 heart-disease hospitals and prints
 each hospital's test metrics. Everything is a Hydra override:
 ``nordfl-sim algorithm=scaffold task=synthetic sim.cohort_size=10``; sweeps with ``-m``:
-``nordfl-sim -m algorithm=fedavg,fedprox,scaffold seed=0,1,2``. Each run writes
-``metrics.jsonl``, ``summary.json`` and a checkpoint into its Hydra run folder;
+``nordfl-sim -m algorithm=fedavg,fedprox,scaffold seed=0,1,2``; a study with ``study=heart``
+(or ``study=path/to/study.yaml``, see ``nordfl.conf.studies``). Each run writes
+``metrics.jsonl``, ``summary.json`` and a checkpoint into its Hydra run folder (a study's run
+also its Table 1, ``table1.md`` and ``table1.csv``);
 ``nordfl-report`` turns run and sweep folders into tables and plots.
 """
 
@@ -33,6 +35,9 @@ from nordfl.conf.plugins import cli_main
 from nordfl.sim.devices import use_cpu_cores
 from nordfl.sim.engine import Evaluation, Simulator
 from nordfl.sim.metrics_log import MetricsLog, evaluation_row, write_summary
+from nordfl.tasks.describe import summarise, table_one
+from nordfl.tasks.study import load_study
+from nordfl.tasks.study_data import load_sites
 
 register()
 
@@ -81,10 +86,27 @@ def _progress(console: Console, enabled: bool) -> Progress:
     )
 
 
+def write_table_one(study_file: str, sites_folder: str, run_dir: Path) -> tuple[Path, Path]:
+    """The study's Table 1 (``tasks.describe.table_one``, from each site's summary of all its mapped rows)
+    as ``table1.md`` and ``table1.csv`` in ``run_dir``; returns their paths."""
+    study = load_study(study_file)
+    sites = load_sites(study, sites_folder)
+    table = table_one(study, {name: summarise(study, values) for name, values in sites.items()})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    markdown, csv = run_dir / "table1.md", run_dir / "table1.csv"
+    markdown.write_text(f"# {study.name}: Table 1 (counts below {study.min_cell} withheld)\n\n{table.markdown()}\n", encoding="utf-8")
+    csv.write_text(table.csv(), encoding="utf-8")
+    return markdown, csv
+
+
 def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> RunResult:
-    """Runs (or resumes) the experiment ``cfg`` in ``run_dir``; raises ConfigError before training on bad values."""
+    """Runs (or resumes) the experiment ``cfg`` in ``run_dir``; raises ConfigError before training on bad values.
+    A study task's Table 1 is written first (``write_table_one``)."""
     console = console or Console()
     experiment = build(cfg)
+    if cfg.task.name == "study":
+        markdown, csv = write_table_one(cfg.task.study, cfg.task.sites, run_dir)
+        console.print(f"Table 1 of study {experiment.task.data.name}: {markdown} and {csv}", highlight=False)
     task = experiment.task
     site_names = [c.name for c in task.data.clients]
     sim = Simulator(experiment.algorithm, task, experiment.options, seed=cfg.seed, aggregate=experiment.aggregate)

@@ -104,7 +104,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """``nordfl-bench``: loads the plugins the command line names, then runs ``main``."""
-    cli_main(main, "nordfl-bench")
+    cli_main(main, "nordfl-bench", studies=False)  # study= belongs in a suite's run overrides
 
 
 if __name__ == "__main__":

@@ -12,11 +12,14 @@ each code, with missing counted apart. ``table_one`` combines the sites and rele
 
 The minimum and maximum are exact patient values: only a site with at least ``min_cell``
 rows releases them, and the pooled ones are over those sites. The pooled counts, means and SDs
-are exact: sums of the sites' sufficient statistics.
+are exact: sums of the sites' sufficient statistics. ``TableOne.markdown()`` writes the table for
+a paper, ``TableOne.csv()`` for a spreadsheet (full precision).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from typing import Mapping, NamedTuple, Sequence
 
@@ -102,6 +105,25 @@ class TableOne(NamedTuple):
                 cells = [_shown(self.sites[s][variable][key]) for s in names] + [_shown(pooled[key])]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+    def csv(self) -> str:
+        """The same table as CSV, one row per variable and statistic (or code), numbers at full precision:
+        ``variable,statistic,<site>...,pooled``; a withheld cell is ``<k``, a figure that does not exist ``n/a``."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        names = list(self.sites)
+        writer.writerow(["variable", "statistic", *names, "pooled"])
+        for variable, pooled in self.pooled.items():
+            for key in pooled:
+                cells = [self.sites[s][variable][key] for s in names] + [pooled[key]]
+                writer.writerow([variable, "missing" if key is None else key, *(_exact(c) for c in cells)])
+        return buffer.getvalue()
+
+
+def _exact(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else repr(value)
+    return str(value)
 
 
 def _shown(value) -> str:

@@ -11,6 +11,19 @@ its units and its date formats, declared in a small YAML file kept at the site.
       chol:   {column: kolesterol, unit: mg/dL, analyte: cholesterol}  # converted to the study's mmol/L
       weight: {column: vekt, scale: 1.0, offset: 0.0}                   # any linear conversion
 
+A file that holds several sites' rows, with a column naming the site, is read through a row
+selector, ``rows``: one condition, or a list of conditions that must all hold. A condition names
+a column and one of ``equals`` (a text), ``in`` (a list of texts) or ``between`` (numbers
+``[low, high]``, both included); a missing cell never matches::
+
+    data: [../../data/heart_disease_uci.csv]
+    rows: {column: dataset, equals: Cleveland}
+    rows: [{column: dataset, in: [Cleveland, Hungary]}, {column: id, between: [304, 597]}]
+
+The selector applies before any row is checked: rows it leaves out are neither mapped nor
+counted as read (the report says how many the files had), and row numbers in errors stay the
+file's own.
+
 ``apply_mapping`` turns the rows (text, as read from CSV or Parquet) into the study's
 variables: numeric and date variables as float64 (NaN when missing), categorical and binary
 ones as the index of their study code (-1 when missing). What cannot be a value at all (an
@@ -68,6 +81,21 @@ class ColumnMap(NamedTuple):
     age_at: Optional[str] = None  # with date_format: years from the date to this ISO date (an age from a birth date)
 
 
+class RowCondition(NamedTuple):
+    """One condition of a mapping's row selector: the column's text is one of ``values``, or its number lies in ``between``."""
+
+    column: str
+    values: Optional[tuple[str, ...]] = None  # equals / in
+    between: Optional[tuple[float, float]] = None  # inclusive
+
+    def describe(self) -> str:
+        if self.between is not None:
+            return f"{self.between[0]:g} <= {self.column} <= {self.between[1]:g}"
+        if len(self.values) == 1:
+            return f"{self.column} = {self.values[0]}"
+        return f"{self.column} in {', '.join(self.values)}"
+
+
 class SiteMapping(NamedTuple):
     site: str
     study: str
@@ -75,6 +103,10 @@ class SiteMapping(NamedTuple):
     missing: tuple[str, ...] = ("",)
     source: str = "<mapping>"
     data: tuple[str, ...] = ()  # the site's files, relative to the mapping file (optional: the simulator reads them)
+    rows: tuple[RowCondition, ...] = ()  # the row selector: every condition must hold (none: every row)
+
+    def describe_rows(self) -> str:
+        return " and ".join(c.describe() for c in self.rows)
 
 
 def conversion(analyte: Optional[str], from_unit: str, to_unit: str) -> tuple[float, float]:
@@ -97,11 +129,80 @@ def _fail(source: str, field: str, value: Any, expected: str):
     raise MappingError(f"mapping {source}: {field}: {expected}, got {value!r}")
 
 
+def _cell_text(value: Any) -> Optional[str]:
+    """A YAML scalar as the cell text it matches: text, or a whole number (YAML reads ``id: 304`` as one)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def parse_rows(raw: Any, source: str) -> tuple[RowCondition, ...]:
+    """The ``rows`` selector: a condition or a list of them (see the module docstring)."""
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        _fail(source, "rows", raw, "expected a condition {column, equals | in | between}, or a list of them")
+    conditions = []
+    for index, item in enumerate(items):
+        where = f"rows[{index}]" if isinstance(raw, list) else "rows"
+        tests = sorted(set(item) & {"equals", "in", "between"}) if isinstance(item, dict) else []
+        if (not isinstance(item, dict) or set(item) - {"column", "equals", "in", "between"} or len(tests) != 1
+                or not isinstance(item.get("column"), str) or not item["column"]):
+            _fail(source, where, item, "expected {column: NAME} with exactly one of equals: TEXT, in: [TEXTS], between: [LOW, HIGH]")
+        test, value = tests[0], item[tests[0]]
+        if test == "between":
+            ok = (isinstance(value, list) and len(value) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value) and value[0] <= value[1])
+            if not ok:
+                _fail(source, f"{where}.between", value, "expected [low, high], two numbers with low <= high")
+            conditions.append(RowCondition(item["column"], between=(float(value[0]), float(value[1]))))
+            continue
+        texts = [value] if test == "equals" else value
+        cells = [_cell_text(t) for t in texts] if isinstance(texts, list) and texts else [None]
+        if None in cells:
+            expected = "a cell's text" if test == "equals" else "a non-empty list of cells' texts"
+            _fail(source, f"{where}.{test}", value, f"expected {expected} (quote a text YAML would read otherwise, e.g. 'TRUE')")
+        conditions.append(RowCondition(item["column"], values=tuple(cells)))
+    return tuple(conditions)
+
+
+def select_rows(header: Sequence[str], rows: Sequence[Mapping[str, str]], mapping: SiteMapping,
+                source: str = "<records>") -> list[int]:
+    """The indices of the rows the mapping's selector keeps (every row without one)."""
+    for condition in mapping.rows:
+        if condition.column not in header:
+            raise MappingError(f"site data {source}: lacks column {condition.column!r} (the rows selector of {mapping.source}); "
+                               f"the file has columns {', '.join(header)}")
+    kept = []
+    for i, row in enumerate(rows):
+        for condition in mapping.rows:
+            text = str(row[condition.column]).strip()
+            if text in mapping.missing:
+                break
+            if condition.values is not None:
+                if text not in condition.values:
+                    break
+                continue
+            try:
+                number = float(text)
+            except ValueError:
+                raise MappingError(f"site data {source}, row {i + 1}, column {condition.column}: {text!r} is not a number; "
+                                   f"the rows selector of {mapping.source} expects one between {condition.between[0]:g} "
+                                   f"and {condition.between[1]:g}") from None
+            if not condition.between[0] <= number <= condition.between[1]:
+                break
+        else:
+            kept.append(i)
+    return kept
+
+
 def parse_mapping(raw: Any, study: Study, source: str = "<mapping>") -> SiteMapping:
     """Checks a mapping (a parsed YAML file) against ``study``: every variable mapped, codes into the
     study's codes, units convertible. Returns it with each unit turned into scale and offset."""
-    if not isinstance(raw, dict) or set(raw) - {"site", "study", "columns", "missing", "data"}:
-        _fail(source, "mapping", raw if not isinstance(raw, dict) else sorted(raw), "expected a mapping of site, study, columns, missing, data")
+    if not isinstance(raw, dict) or set(raw) - {"site", "study", "columns", "missing", "data", "rows"}:
+        _fail(source, "mapping", raw if not isinstance(raw, dict) else sorted(raw),
+              "expected a mapping of site, study, columns, missing, data, rows")
     data = raw.get("data", [])
     data = [data] if isinstance(data, str) else data
     if not isinstance(data, list) or not all(isinstance(d, str) and d for d in data):
@@ -163,7 +264,8 @@ def parse_mapping(raw: Any, study: Study, source: str = "<mapping>") -> SiteMapp
     twice = sorted({c for c in local if local.count(c) > 1})
     if twice:
         _fail(source, "columns", twice[0], "maps one local column to two study variables")
-    return SiteMapping(site, study.name, mapped, tuple(missing), source, tuple(data))
+    rows = parse_rows(raw["rows"], source) if "rows" in raw else ()
+    return SiteMapping(site, study.name, mapped, tuple(missing), source, tuple(data), rows)
 
 
 def load_mapping(path, study: Study) -> SiteMapping:
@@ -184,9 +286,14 @@ class SiteReport(NamedTuple):
     rows_kept: int
     dropped: dict  # reason -> rows
     variables: dict  # name -> VariableReport
+    selected: str = ""  # the mapping's row selector, described ("" without one)
+    rows_in_file: Optional[int] = None  # with a selector: the file's rows, before it
 
     def format(self) -> str:
-        lines = [f"{self.site}: {self.rows_read} rows read, {self.rows_kept} kept"]
+        read = f"{self.rows_read} rows read"
+        if self.selected:
+            read += f" (selected from {self.rows_in_file} by rows: {self.selected})"
+        lines = [f"{self.site}: {read}, {self.rows_kept} kept"]
         lines += [f"  dropped {n} row(s): {why}" for why, n in self.dropped.items() if n]
         for name, r in self.variables.items():
             lines.append(f"  {name}: {r.missing} missing, {r.out_of_range} out of range")
@@ -209,7 +316,7 @@ def apply_mapping(header: Sequence[str], rows: Sequence[Mapping[str, str]], mapp
     """The site's rows (text cells by column) as the study's variables, checked; see the module docstring.
 
     ``check_min_rows=False`` leaves the study's ``min_rows`` to the caller (a site with several files
-    checks their total)."""
+    checks their total). The mapping's row selector (``rows``) applies first."""
     twice = sorted({c for c in header if list(header).count(c) > 1})
     if twice:
         raise MappingError(f"site data {source}: column {twice[0]!r} appears more than once in the header; expected each once")
@@ -218,6 +325,9 @@ def apply_mapping(header: Sequence[str], rows: Sequence[Mapping[str, str]], mapp
         if column not in header:
             raise MappingError(f"site data {source}: lacks column {column!r} (study variable {variable.name}, mapped in "
                                f"{mapping.source}); the file has columns {', '.join(header)}")
+    rows_in_file = len(rows)
+    numbers = select_rows(header, rows, mapping, source) if mapping.rows else range(rows_in_file)
+    rows = [rows[i] for i in numbers]
     n = len(rows)
     values: dict[str, np.ndarray] = {}
     missing_rows = np.zeros(n, bool)
@@ -231,7 +341,7 @@ def apply_mapping(header: Sequence[str], rows: Sequence[Mapping[str, str]], mapp
         out_of_range = np.zeros(n, bool)
         for i, row in enumerate(rows):
             text = str(row[entry.column]).strip()
-            where = f"site data {source}, row {i + 1}, column {entry.column}"
+            where = f"site data {source}, row {numbers[i] + 1}, column {entry.column}"
             if text in mapping.missing:
                 missing[i] = True
                 continue
@@ -267,11 +377,13 @@ def apply_mapping(header: Sequence[str], rows: Sequence[Mapping[str, str]], mapp
     dropped_range = implausible_rows
     dropped_missing = missing_rows & ~implausible_rows
     keep = ~(dropped_range | dropped_missing)
+    selected = mapping.describe_rows()
     if check_min_rows and int(keep.sum()) < study.min_rows:
-        raise MappingError(f"site data {source}: {int(keep.sum())} usable rows of {n} (dropped: {int(dropped_range.sum())} with a "
+        raise MappingError(f"site data {source}: {int(keep.sum())} usable rows of {n}"
+                           f"{f' selected by rows: {selected}' if selected else ''} (dropped: {int(dropped_range.sum())} with a "
                            f"value out of range, {int(dropped_missing.sum())} with a missing value); study {study.name} needs "
                            f"at least min_rows={study.min_rows}")
     report = SiteReport(mapping.site, n, int(keep.sum()),
                         {"a value out of its study range": int(dropped_range.sum()), "a missing value": int(dropped_missing.sum())},
-                        per_variable)
+                        per_variable, selected, rows_in_file if selected else None)
     return MappedRecords({k: v[keep] for k, v in values.items()}, report)

@@ -48,6 +48,12 @@ def test_regular_install_imports_every_module(tmp_path):
             assert where.startswith({str(target)!r}), (name, where)
         from nordfl.tasks import heart
         assert heart().train_sizes() == [199, 172, 30, 85]
+        from nordfl.tasks.catalogue import locate
+        from nordfl.tasks.study import load_study
+        from nordfl.tasks.study_data import load_sites
+        files = locate("heart")
+        assert str(files.study).startswith({str(target)!r}), files
+        assert list(load_sites(load_study(files.study), files.sites)) == ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
         print("imported", len({_source_modules()!r}))
         """
     )
