@@ -82,11 +82,18 @@ def cmd_coordinator(args) -> int:
     credentials = None if args.insecure else tls.server_credentials(federation / "coordinator")
     server, port = serve(coordinator, args.address, credentials)
     job = coordinator.job
-    print(f"coordinator: run {coordinator.run_id}, {job.algorithm_config['name']} on {job.task_config['name']}, "
-          f"sites {', '.join(job.sites)}; listening on port {port}, round {coordinator.round}/{job.rounds}", flush=True)
+    what = (f"the Table 1 job of study {job.study_spec.name}" if job.kind == "describe"
+            else f"{job.algorithm_config['name']} on {job.task_config['name']}")
+    print(f"coordinator: run {coordinator.run_id}, {what}, sites {', '.join(job.sites)}; listening on port {port}, "
+          f"round {coordinator.round}/{job.rounds}", flush=True)
     run_until_done(coordinator, server)
     if coordinator.stopped:
         return _err(coordinator.stopped)
+    if job.kind == "describe":
+        print(coordinator.table_markdown(), flush=True)
+        print(f"coordinator: Table 1 and statistics.json in {args.state}; train with runtime.statistics="
+              f"{Path(args.state) / 'statistics.json'}", flush=True)
+        return 0
     for site, metrics in sorted(coordinator.final_metrics.items()):
         shown = "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())) or "scores kept at the site (DP)"
         print(f"final model at {site}: {shown}")
@@ -99,7 +106,9 @@ def cmd_site(args) -> int:
     from nordfl.runtime.audit import AuditError
     from nordfl.runtime.policy import PolicyError, load_policy
     from nordfl.runtime.site import SiteAgent, SiteRefused
-    from nordfl.runtime.site_data import SiteDataError
+    from nordfl.runtime.site_data import SiteDataError, load_study_records
+    from nordfl.tasks.mapping import MappingError
+    from nordfl.tasks.study import StudyError
 
     from nordfl import registry
 
@@ -111,16 +120,34 @@ def cmd_site(args) -> int:
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     try:
+        data = _site_data(args, load_study_records)  # every row checked here, before anything connects
+        if not isinstance(data, list):
+            print(f"{args.name}: study {data.study.name} (sha256 {data.study.sha256[:16]}...): "
+                  f"{sum(r.rows_kept for r in data.reports)} rows checked and kept", flush=True)
         policy = load_policy(args.policy) if args.policy else None
         credentials = None if args.insecure else tls.channel_credentials(Path(args.certs))
-        agent = SiteAgent(args.name, args.coordinator, [Path(p) for p in args.data], Path(args.state), credentials,
+        agent = SiteAgent(args.name, args.coordinator, data, Path(args.state), credentials,
                           task=args.task, log=lambda m: print(m, flush=True), policy=policy)
         metrics = agent.run()
-    except (SiteDataError, SiteRefused, AuditError, FileNotFoundError, PolicyError) as e:
+    except (SiteDataError, SiteRefused, AuditError, FileNotFoundError, PolicyError, StudyError, MappingError) as e:
         return _err(str(e))
+    if agent.job_kind == "describe":
+        print(f"{args.name}: the study's Table 1 job finished; what this site sent is in its audit log", flush=True)
+        return 0
     shown = "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()))
     print(f"{args.name}: run finished; final model on this site's test rows: {shown}", flush=True)
     return 0
+
+
+def _site_data(args, load_study_records):
+    """The site's data as the agent takes it: its study records (``--study --mapping``) or its task files."""
+    if args.study or args.mapping:
+        if not (args.study and args.mapping):
+            raise FileNotFoundError("site: --study and --mapping go together (the study file and this site's mapping)")
+        return load_study_records(args.study, args.mapping, args.data)
+    if not args.data:
+        raise FileNotFoundError("site: --data FILE is required (or --study and --mapping for a study)")
+    return [Path(p) for p in args.data]
 
 
 def _dry_run(args) -> int:
@@ -133,7 +160,9 @@ def _dry_run(args) -> int:
     from nordfl.runtime.plugins import PluginRefused, check_and_load, parse
     from nordfl.runtime.policy import PolicyError, PolicyViolation, load_policy
     from nordfl.runtime.site import dry_run
-    from nordfl.runtime.site_data import SiteDataError
+    from nordfl.runtime.site_data import SiteDataError, load_study_records
+    from nordfl.tasks.mapping import MappingError
+    from nordfl.tasks.study import StudyError
 
     audit = None
     try:
@@ -150,19 +179,21 @@ def _dry_run(args) -> int:
             cfg = compose_config(args.overrides)
             check_runtime(cfg, max(cfg.runtime.min_cohort, cfg.runtime.min_sites, 2))
             job = job_from_config(cfg, [args.name])
-        if job.task_config["name"] != args.task:
-            return _err(f"site --dry-run: the job is task {job.task_config['name']!r}; this site serves {args.task!r}")
+        data = _site_data(args, load_study_records)
+        task = args.task if isinstance(data, list) else data.task
+        if job.task_config["name"] != task:
+            return _err(f"site --dry-run: the job is task {job.task_config['name']!r}; this site serves {task!r}")
         audit = AuditLog(Path(args.state) / "audit.jsonl", actor=f"site:{args.name}") if args.state else None
         if audit is not None and policy is not None:
             audit.record("policy_loaded", path=policy.path, sha256=policy.sha256, rules=policy.rules())
-        preview = dry_run(args.name, [Path(p) for p in args.data], job, policy=policy, audit=audit)
+        preview = dry_run(args.name, data, job, policy=policy, audit=audit)
     except PolicyViolation as e:
         if audit is not None:
             audit.record("policy_refused", rule=e.rule, job_value=str(e.job_value), limit=str(e.limit), dry_run=True)
         return _err(f"{args.name}: the job would be refused: {e}")
     except PluginRefused as e:
         return _err(f"{args.name}: the job would be refused: {e}")
-    except (SiteDataError, AuditError, FileNotFoundError, PolicyError, ConfigError, ValueError) as e:
+    except (SiteDataError, AuditError, FileNotFoundError, PolicyError, ConfigError, StudyError, MappingError, ValueError) as e:
         return _err(str(e))
     finally:
         if audit is not None:
@@ -268,9 +299,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--coordinator", help="HOST:PORT (required unless --dry-run)")
     p.add_argument("--certs", help="this site's folder from `nordfl provision` (sites/<name>)")
-    p.add_argument("--data", action="append", required=True, help="CSV or Parquet file (repeatable)")
+    p.add_argument("--data", action="append", help="CSV or Parquet file (repeatable; with --mapping, default: its data files)")
     p.add_argument("--state", help="where this site keeps its state and audit log (required unless --dry-run)")
     p.add_argument("--task", default="heart")
+    p.add_argument("--study", help="a study file (YAML): this site serves that study, with --mapping")
+    p.add_argument("--mapping", help="this site's mapping of its own records to the study (YAML)")
     p.add_argument("--policy", help="this site's privacy policy (YAML or JSON); a job breaking it is refused")
     p.add_argument("--insecure", action="store_true", help="no TLS (local development only)")
     p.add_argument("--dry-run", action="store_true",
@@ -301,24 +334,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_site_check(args) -> int:
     """``nordfl site check``: the site's files under its mapping, checked against the study; nothing connects."""
-    from nordfl.runtime.site_data import SiteDataError, read_table
-    from nordfl.tasks.mapping import MappingError, apply_mapping, load_mapping
-    from nordfl.tasks.study import StudyError, load_study
+    from nordfl.runtime.site_data import SiteDataError, load_study_records
+    from nordfl.tasks.mapping import MappingError
+    from nordfl.tasks.study import StudyError
 
     try:
-        study = load_study(args.study)
-        mapping = load_mapping(args.mapping, study)
-        reports = []
-        for path in args.data:
-            header, rows = read_table(path)
-            reports.append(apply_mapping(header, rows, mapping, study, str(path), check_min_rows=len(args.data) == 1).report)
+        records = load_study_records(args.study, args.mapping, args.data)
     except (StudyError, MappingError, SiteDataError) as e:
         return _err(str(e))
-    kept = sum(r.rows_kept for r in reports)
-    if kept < study.min_rows:
-        return _err(f"site data: {kept} usable rows in {len(reports)} files; study {study.name} needs at least min_rows={study.min_rows}")
+    study, mapping = records.study, records.mapping
     print(f"study {study.name} (sha256 {study.sha256[:16]}...), site {mapping.site}: every row checked; nothing was sent")
-    for path, report in zip(args.data, reports):
+    for path, report in zip(records.paths, records.reports):
         print(f"{path}:\n{report.format()}")
     return 0
 
@@ -328,7 +354,7 @@ def _check_parser() -> argparse.ArgumentParser:
                                 description="check this site's files against a study under its mapping, before any connection")
     p.add_argument("--study", required=True, help="the study file (YAML)")
     p.add_argument("--mapping", required=True, help="this site's mapping of its records to the study (YAML)")
-    p.add_argument("--data", action="append", required=True, help="CSV or Parquet file (repeatable)")
+    p.add_argument("--data", action="append", help="CSV or Parquet file (repeatable; default: the mapping's data files)")
     return p
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
+
+import numpy as np
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
@@ -21,6 +24,8 @@ from nordfl.conf.schema import AlgorithmConfig, ConfigError, TaskConfig, build_a
 from nordfl.tasks import Model, TaskFns, classification_fns, make_model
 from nordfl import registry
 from nordfl.runtime import plugins as job_plugins
+from nordfl.tasks.study import Study, StudyError, load_study, parse_study
+from nordfl.tasks.study_data import Scaling
 from nordfl.tasks.task import task_shape
 
 
@@ -41,6 +46,11 @@ class RuntimeConfig:
     secagg_threshold: Optional[int] = None
     secagg_clip_range: float = 1.0e4
     secagg_bits: Optional[int] = None
+    job: str = "train"  # train | describe: a study's Table 1 job (its statistics feed the training job's scaling)
+    statistics: Optional[str] = None  # a study's training job: the statistics.json its Table 1 job wrote
+
+
+JOB_KINDS = ("train", "describe")
 
 
 @dataclass
@@ -85,6 +95,12 @@ def check_runtime(cfg: DictConfig, num_sites: int) -> None:
     for key in ("max_round_attempts", "chunk_size", "max_message_bytes", "wait_seconds"):
         if r[key] < 1:
             fail(f"runtime.{key}", r[key], "must be >= 1")
+    if r.job not in JOB_KINDS:
+        fail("runtime.job", r.job, f"must be one of {', '.join(JOB_KINDS)}")
+    if r.job == "describe" and cfg.task.get("study") is None:
+        fail("runtime.job", r.job, f"describes a study's sites; task={cfg.task.name} is not a study (use task=study task.study=FILE)")
+    if r.job == "describe" and r.secure_aggregation:
+        fail("runtime.secure_aggregation", True, "is for training jobs; a Table 1 job releases only suppressed per-site tables")
     if r.secure_aggregation:
         cohort = r.cohort_size or num_sites
         if num_sites < 2:
@@ -132,6 +148,13 @@ class Job(NamedTuple):
     secagg_clip_range: float = 1.0e4  # R: each masked value is clipped to [-R, R] ...
     secagg_bits: int = 0  # ... and quantised to this many bits
     plugins: tuple[dict, ...] = ()  # the plugins it needs: module, distribution, version, sha256 (runtime.plugins)
+    kind: str = "train"  # train | describe (a study's Table 1 job)
+    study: Optional[dict] = None  # a study task: the study itself (canonical), which each site checks against its own file
+    scaling: Optional[dict] = None  # a study's federated scaling (tasks.study_data.Scaling), from its Table 1 job
+
+    @property
+    def study_spec(self) -> Optional[Study]:
+        return None if self.study is None else parse_study(self.study, "the job's study")
 
     @property
     def local(self):
@@ -150,7 +173,7 @@ class Job(NamedTuple):
     def to_json(self) -> str:
         return json.dumps({"seed": self.seed, "sites": list(self.sites), "rounds": self.rounds,
                            "algorithm": self.algorithm_config, "task": self.task_config, "privacy": self.privacy(),
-                           "plugins": list(self.plugins)},
+                           "plugins": list(self.plugins), "kind": self.kind, "study": self.study, "scaling": self.scaling},
                           sort_keys=True)
 
     @classmethod
@@ -164,12 +187,23 @@ class Job(NamedTuple):
             if not isinstance(privacy["secure_aggregation"], bool):
                 raise TypeError(f"privacy.secure_aggregation must be true or false, got {privacy['secure_aggregation']!r}")
             cohort = privacy["cohort_size"]
+            kind = raw.get("kind", "train")
+            if kind not in JOB_KINDS:
+                raise ValueError(f"kind must be one of {', '.join(JOB_KINDS)}, got {kind!r}")
+            study = raw.get("study")
+            if study is not None:
+                spec = parse_study(study, "the job's study")
+                study = spec.canonical()
+                if raw.get("scaling") is not None:
+                    Scaling.from_json(raw["scaling"], spec)
+            elif raw.get("scaling") is not None:
+                raise ValueError("scaling without a study")
             return cls(int(raw["seed"]), tuple(str(s) for s in raw["sites"]), int(raw["rounds"]),
                        OmegaConf.to_container(algorithm), OmegaConf.to_container(task),
                        int(privacy["min_cohort"]), None if cohort is None else int(cohort), privacy["secure_aggregation"],
                        int(privacy["secagg_threshold"]), float(privacy["secagg_clip_range"]), int(privacy["secagg_bits"]),
-                       plugins)
-        except (ValueError, KeyError, TypeError, OmegaConfBaseException) as e:
+                       plugins, kind, study, raw.get("scaling"))
+        except (ValueError, KeyError, TypeError, AttributeError, OmegaConfBaseException) as e:
             raise ConfigError(f"job: malformed job description from the coordinator ({e})") from None
 
 
@@ -198,19 +232,61 @@ def secagg_bits(cfg: DictConfig, num_sites: int) -> int:
 def job_from_config(cfg: DictConfig, sites: Sequence[str]) -> Job:
     container = OmegaConf.to_container(cfg, resolve=True)
     r = cfg.runtime
-    return Job(int(cfg.seed), tuple(sorted(sites)), int(r.rounds), container["algorithm"], container["task"],
+    task, study, scaling = container["task"], None, None
+    if task.get("study") is not None:  # a study task: the study travels in the job, not its path here
+        spec = _study_of(task["study"])
+        study = spec.canonical()
+        task["study"], task["sites"] = f"{spec.name} (sha256 {spec.sha256})", "the federation's sites"
+        if r.job == "train" and spec.preprocessing.standardise != "site":
+            scaling = read_statistics(r.statistics, spec, task)
+    return Job(int(cfg.seed), tuple(sorted(sites)), 1 if r.job == "describe" else int(r.rounds), container["algorithm"], task,
                int(r.min_cohort), None if r.cohort_size is None else int(r.cohort_size), bool(r.secure_aggregation),
                secagg_threshold(cfg, len(sites)), float(r.secagg_clip_range), secagg_bits(cfg, len(sites)),
-               job_plugins.job_plugins(container["algorithm"], container["task"]))
+               job_plugins.job_plugins(container["algorithm"], container["task"]), str(r.job), study, scaling)
+
+
+def _study_of(path: str) -> Study:
+    try:
+        return load_study(path)
+    except StudyError as e:
+        raise ConfigError(f"task.study: {e}") from None
+
+
+STATISTICS_FILE = "statistics.json"
+
+
+def read_statistics(path: Optional[str], study: Study, task: dict) -> dict:
+    """The federated scaling a study's Table 1 job wrote (``statistics.json``), checked against this job:
+    the same study (hash), data seed and test fraction, so every site's split and scaling match it."""
+    if path is None:
+        fail("runtime.statistics", None, f"study {study.name} standardises with federated statistics "
+             f"(preprocessing.standardise={study.preprocessing.standardise}): run its Table 1 job first "
+             f"(runtime.job=describe) and give the {STATISTICS_FILE} it wrote")
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        fail("runtime.statistics", path, f"must be a readable {STATISTICS_FILE} ({e})")
+    for key, expected in (("study_sha256", study.sha256), ("data_seed", int(task["data_seed"])),
+                          ("test_fraction", float(task["test_fraction"]))):
+        if raw.get(key) != expected:
+            fail("runtime.statistics", path, f"was computed for {key}={raw.get(key)!r}; this job has {key}={expected!r} "
+                 "(rerun the Table 1 job with this study and task)")
+    try:
+        Scaling.from_json(raw["scaling"], study)
+    except (KeyError, ValueError) as e:
+        fail("runtime.statistics", path, f"holds no valid scaling ({e})")
+    return raw["scaling"]
 
 
 class Built(NamedTuple):
-    """The job's model, loss/eval functions, algorithm and aggregator."""
+    """The job's model, loss/eval functions, algorithm and aggregator, and the shape of its examples."""
 
     model: Model
     fns: TaskFns
     algorithm: Algorithm
     aggregate: Aggregator
+    feature_shape: tuple[int, ...]
+    label_dtype: Any  # int32 class labels, or float32 targets for a regression task
 
 
 def build_job(job: Job) -> Built:
@@ -218,12 +294,14 @@ def build_job(job: Job) -> Built:
     task = job.task_config
     if task["name"] not in registry.names("task"):
         fail("task.name", task["name"], f"must be one of {', '.join(registry.names('task'))}")
+    options = None if job.study is None else {"study": job.study_spec}  # a study sizes its model from its variables
     try:
-        model = make_model(task["name"], task["model"], seed=job.seed, model_kwargs=model_kwargs(task))
+        model = make_model(task["name"], task["model"], seed=job.seed, model_kwargs=model_kwargs(task), task_options=options)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    fns = classification_fns(model, task_shape(task["name"])[1])
+    shape, outputs = task_shape(task["name"], options)
+    fns = classification_fns(model, outputs)
     cfg = OmegaConf.create({"algorithm": job.algorithm_config})
     algorithm, aggregate = build_algorithm(cfg, fns.loss_fn, num_clients=len(job.sites),
                                            expected_clients=job.cohort_size or len(job.sites))
-    return Built(model, fns, algorithm, aggregate)
+    return Built(model, fns, algorithm, aggregate, shape, np.int32)

@@ -83,8 +83,63 @@ class OpenRound(NamedTuple):
     manifest: pb.Manifest
 
 
-class Coordinator:
-    """The round state machine, independent of gRPC (the servicer below only translates).
+class JobServer:
+    """What every job's coordinator does, whatever the job: admits sites by certificate, answers Join
+    with the job, and streams task headers and payloads. Subclasses (``Coordinator`` for training,
+    ``runtime.table_one.TableOneJob`` for a study's Table 1) give ``poll``, ``submit``, ``tick`` and ``finished``."""
+
+    def __init__(self, job: Job, limits: Limits, state_dir: Path, admitted: Callable[[Optional[str]], tuple[bool, str]],
+                 log: Callable[[str], None] = print, insecure: bool = False):
+        self.job, self.limits, self.admitted, self.log, self.insecure = job, limits, admitted, log, insecure
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(self.state_dir / "audit.jsonl", actor="coordinator")
+        self.site_index = {site: i for i, site in enumerate(job.sites)}
+        self.final_metrics: dict[str, dict] = {}
+        self.lock = threading.Condition()
+        self.stopped: Optional[str] = None
+        self.run_id = ""
+        self.last_contribution: dict[str, int] = {}  # site -> last round whose aggregate used its update
+
+    def _identify(self, identity: Optional[str], claimed: str) -> str:
+        if self.insecure:
+            identity = claimed
+        ok, reason = self.admitted(identity)
+        if not ok:
+            raise Rejected(reason)
+        if claimed and claimed != identity:
+            raise Rejected(f"request names site {claimed!r} but the certificate is {identity!r}")
+        return identity
+
+    def join(self, identity: Optional[str], request: pb.JoinRequest) -> pb.JoinReply:
+        try:
+            site = self._identify(identity, request.site)
+            if request.protocol_version != wire.PROTOCOL_VERSION:
+                raise Rejected(f"protocol {request.protocol_version!r}; this coordinator speaks {wire.PROTOCOL_VERSION!r}")
+        except Rejected as e:
+            self.audit.record("join_refused", durable=False, site=identity, reason=str(e))
+            return pb.JoinReply(accepted=False, reason=str(e))
+        self.audit.record("join", durable=False, site=site)
+        job = json.loads(self.job.to_json()) | {"site_index": self.site_index[site], "chunk_size": self.limits.chunk_size}
+        return pb.JoinReply(accepted=True, run_id=self.run_id, job_json=json.dumps(job))
+
+    def _header(self, site: str, kind: int, round_index: int, **fields) -> pb.TaskHeader:
+        """Every task header names the run and the last round whose aggregate used ``site``'s update."""
+        return pb.TaskHeader(kind=kind, run_id=self.run_id, round=round_index,
+                             last_contribution=self.last_contribution.get(site, -1), **fields)
+
+    def _stream(self, header: pb.TaskHeader, payload: bytes) -> Iterator[pb.TaskChunk]:
+        yield pb.TaskChunk(header=header)
+        for part in wire.chunks(payload, self.limits.chunk_size):
+            yield pb.TaskChunk(data=bytes(part))
+
+    def awaiting_final_metrics(self) -> bool:
+        """Whether sites may still send their scores of the final model (``run_until_done`` waits for them)."""
+        return False
+
+
+class Coordinator(JobServer):
+    """The round state machine of a training job, independent of gRPC (the servicer below only translates).
 
     Args:
       job: what every site runs.
@@ -97,16 +152,12 @@ class Coordinator:
 
     def __init__(self, job: Job, limits: Limits, state_dir: Path, admitted: Callable[[Optional[str]], tuple[bool, str]],
                  log: Callable[[str], None] = print, insecure: bool = False):
-        self.job, self.limits, self.admitted, self.log, self.insecure = job, limits, admitted, log, insecure
-        self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.audit = AuditLog(self.state_dir / "audit.jsonl", actor="coordinator")
+        super().__init__(job, limits, state_dir, admitted, log, insecure)
         built = build_job(job)
         self.algorithm, self.aggregate = built.algorithm, built.aggregate
         params = built.model.init_params
         self.server = self.algorithm.server_init(params)
-        self.site_index = {site: i for i, site in enumerate(job.sites)}
-        self.update_template = self._update_template(built.model.init_params)
+        self.update_template = self._update_template(built)
         self._server_update = jax.jit(lambda state, updates, weights: self.algorithm.server_update(
             state, self.aggregate(updates, weights)))
         self._server_update_from = jax.jit(self.algorithm.server_update)  # secure aggregation: from the unmasked sum
@@ -124,31 +175,22 @@ class Coordinator:
         else:
             self.run_id = uuid.uuid4().hex
             self.round = 0
-            self.last_contribution: dict[str, int] = {}  # site -> last round whose aggregate used its update
             self._save_state()
             self.audit.record("start", run_id=self.run_id, job=json.loads(job.to_json()))
-        self.final_metrics: dict[str, dict] = {}
         self._final: Optional[tuple[bytes, pb.Manifest]] = None
-        self.lock = threading.Condition()
         self.updates: dict[str, tuple] = {}
         self.refused: set[str] = set()  # sites whose update this attempt was rejected: not sent the task again
         self.deadline: Optional[float] = None
-        self.stopped: Optional[str] = None
         self.secure: Optional[CoordinatorRound] = None  # the open attempt's secure aggregation, if on
         self.open = self._open_round(attempt=1) if self.round < job.rounds else None
 
     # ------------------------------------------------------------------ round life cycle
-    def _update_template(self, params):
+    def _update_template(self, built):
         message = self.algorithm.broadcast(self.server)
-        client_state = self.algorithm.client_init(params)
-        data = ClientData(Examples(jnp.zeros((1, *self._feature_shape()), jnp.float32), jnp.zeros(1, jnp.int32)), jnp.int32(1))
+        client_state = self.algorithm.client_init(built.model.init_params)
+        data = ClientData(Examples(jnp.zeros((1, *built.feature_shape), jnp.float32), jnp.zeros(1, built.label_dtype)), jnp.int32(1))
         out = jax.eval_shape(self.algorithm.client_update, message, client_state, data, jax.random.key(0))
         return out.update
-
-    def _feature_shape(self):
-        from nordfl.tasks.task import task_shape
-
-        return task_shape(self.job.task_config["name"])[0]
 
     def _cohort(self) -> tuple[str, ...]:
         eligible = [s for s in self.job.sites if self.admitted(s)[0]]
@@ -317,28 +359,6 @@ class Coordinator:
         return self.round >= self.job.rounds
 
     # ------------------------------------------------------------------ requests
-    def _identify(self, identity: Optional[str], claimed: str) -> str:
-        if self.insecure:
-            identity = claimed
-        ok, reason = self.admitted(identity)
-        if not ok:
-            raise Rejected(reason)
-        if claimed and claimed != identity:
-            raise Rejected(f"request names site {claimed!r} but the certificate is {identity!r}")
-        return identity
-
-    def join(self, identity: Optional[str], request: pb.JoinRequest) -> pb.JoinReply:
-        try:
-            site = self._identify(identity, request.site)
-            if request.protocol_version != wire.PROTOCOL_VERSION:
-                raise Rejected(f"protocol {request.protocol_version!r}; this coordinator speaks {wire.PROTOCOL_VERSION!r}")
-        except Rejected as e:
-            self.audit.record("join_refused", durable=False, site=identity, reason=str(e))
-            return pb.JoinReply(accepted=False, reason=str(e))
-        self.audit.record("join", durable=False, site=site)
-        job = json.loads(self.job.to_json()) | {"site_index": self.site_index[site], "chunk_size": self.limits.chunk_size}
-        return pb.JoinReply(accepted=True, run_id=self.run_id, job_json=json.dumps(job))
-
     def poll(self, identity: Optional[str], request: pb.PollRequest) -> Iterator[pb.TaskChunk]:
         site = self._identify(identity, request.site)
         if request.run_id != self.run_id:
@@ -384,15 +404,8 @@ class Coordinator:
         payload, manifest = self._final
         return self._stream(self._header(site, pb.TaskHeader.FINISHED, self.round, manifest=manifest), payload)
 
-    def _header(self, site: str, kind: int, round_index: int, **fields) -> pb.TaskHeader:
-        """Every task header names the run and the last round whose aggregate used ``site``'s update."""
-        return pb.TaskHeader(kind=kind, run_id=self.run_id, round=round_index,
-                             last_contribution=self.last_contribution.get(site, -1), **fields)
-
-    def _stream(self, header: pb.TaskHeader, payload: bytes) -> Iterator[pb.TaskChunk]:
-        yield pb.TaskChunk(header=header)
-        for part in wire.chunks(payload, self.limits.chunk_size):
-            yield pb.TaskChunk(data=bytes(part))
+    def awaiting_final_metrics(self) -> bool:
+        return len(self.final_metrics) < len(self._cohort())
 
     def submit(self, identity: Optional[str], chunks: Iterator[pb.UpdateChunk]) -> pb.SubmitReply:
         """Checks and stores one update; the reply says why a rejected one was refused."""
@@ -465,8 +478,9 @@ class Coordinator:
             raise Rejected(f"duplicate update from {site} for round {header.round}")
 
 
-def coordinator_for(overrides: Sequence[str], federation_dir: Path, state_dir: Path, *, factory=None, **kwargs) -> "Coordinator":
-    """The coordinator of a provisioned federation, from Hydra-style overrides.
+def coordinator_for(overrides: Sequence[str], federation_dir: Path, state_dir: Path, *, factory=None, **kwargs) -> JobServer:
+    """The coordinator of a provisioned federation, from Hydra-style overrides: a ``Coordinator`` for a
+    training job, a ``TableOneJob`` for a study's Table 1 (``runtime.job=describe``).
 
     The config is checked against the federation's sites before anything starts, and
     ``federation.json`` is re-read on every request so revocations apply at once.
@@ -477,14 +491,18 @@ def coordinator_for(overrides: Sequence[str], federation_dir: Path, state_dir: P
     sites = sorted(watcher.current().sites)
     check_runtime(cfg, len(sites))
     limits = Limits(**{k: cfg.runtime[k] for k in Limits._fields})
-    return (factory or Coordinator)(job_from_config(cfg, sites), limits, Path(state_dir),
-                                    admitted=lambda identity: tls.admit(watcher.current(), identity), **kwargs)
+    job = job_from_config(cfg, sites)
+    if factory is None:
+        from nordfl.runtime.table_one import TableOneJob
+
+        factory = TableOneJob if job.kind == "describe" else Coordinator
+    return factory(job, limits, Path(state_dir), admitted=lambda identity: tls.admit(watcher.current(), identity), **kwargs)
 
 
 class Servicer(pb_grpc.FederationServicer):
     """gRPC front: finds the caller's mTLS identity and delegates to the coordinator."""
 
-    def __init__(self, coordinator: Coordinator, identity: Callable[[grpc.ServicerContext], Optional[str]]):
+    def __init__(self, coordinator: JobServer, identity: Callable[[grpc.ServicerContext], Optional[str]]):
         self.coordinator, self.identity = coordinator, identity
 
     def Join(self, request, context):
@@ -503,7 +521,7 @@ class Servicer(pb_grpc.FederationServicer):
         return self.coordinator.submit(self.identity(context), request_iterator)
 
 
-def serve(coordinator: Coordinator, address: str, credentials: Optional[grpc.ServerCredentials]) -> tuple[grpc.Server, int]:
+def serve(coordinator: JobServer, address: str, credentials: Optional[grpc.ServerCredentials]) -> tuple[grpc.Server, int]:
     """Starts the gRPC server on ``address`` (``host:port``, port 0 picks one); returns it and its port."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -518,7 +536,7 @@ def serve(coordinator: Coordinator, address: str, credentials: Optional[grpc.Ser
     return server, port
 
 
-def run_until_done(coordinator: Coordinator, server: grpc.Server, final_metrics_grace: float = 30.0) -> None:
+def run_until_done(coordinator: JobServer, server: grpc.Server, final_metrics_grace: float = 30.0) -> None:
     """Drives round timeouts until the run finishes (or stops), then waits briefly for the sites' final metrics."""
     while not coordinator.finished and coordinator.stopped is None:
         coordinator.tick()
@@ -528,6 +546,6 @@ def run_until_done(coordinator: Coordinator, server: grpc.Server, final_metrics_
         server.stop(grace=2).wait()
         return
     end = time.monotonic() + final_metrics_grace
-    while len(coordinator.final_metrics) < len(coordinator._cohort()) and time.monotonic() < end:
+    while coordinator.awaiting_final_metrics() and time.monotonic() < end:
         time.sleep(0.1)
     server.stop(grace=2).wait()

@@ -25,7 +25,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import grpc
 import jax
@@ -41,8 +41,9 @@ from nordfl.runtime.policy import (PolicyViolation, PrivacyCost, SitePolicy, che
                                    privacy_cost, uses_dp)
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
-from nordfl.runtime.site_data import load_site_table, site_data_of
-from nordfl.runtime.store import load_tree, save_tree
+from nordfl.runtime.site_data import StudyRecords, TaskFiles, load_site_table
+from nordfl.runtime.table_one import summary_egress
+from nordfl.runtime.store import atomic_write_text, load_tree, save_tree
 from nordfl.tasks import Examples
 
 LEDGER_FILE = "privacy_ledger.json"
@@ -88,9 +89,10 @@ class LocalSetup(NamedTuple):
     init_params: Any
 
 
-def local_setup(name: str, examples, job: Job) -> LocalSetup:
+def local_setup(name: str, data, job: Job) -> LocalSetup:
+    """``data``: the site's ``TaskFiles`` or ``StudyRecords`` (``runtime.site_data``)."""
     built = build_job(job)
-    split = site_data_of(job.task_config["name"]).prepare(name, examples, seed=int(job.task_config["data_seed"]))
+    split = data.split(name, job)
     train = ClientData(Examples(jnp.asarray(split.train.x), jnp.asarray(split.train.y)), jnp.int32(len(split.train.y)))
     test = Examples(jnp.asarray(split.test.x), jnp.asarray(split.test.y))
     return LocalSetup(built.algorithm, built.fns, train, test, built.model.init_params)
@@ -107,26 +109,35 @@ def round_key(job: Job, round_index: int, site_index: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(job.seed), round_index), site_index)
 
 
+def site_records(data, task: str):
+    """A site's local data: its ``StudyRecords`` as given, or its files for ``task`` read and checked (``TaskFiles``)."""
+    if isinstance(data, StudyRecords):
+        return data
+    return TaskFiles(task, load_site_table(data, task))
+
+
 class SiteAgent:
     """One hospital's agent.
 
     Args:
       name: the site's name; must equal its certificate's identity.
       address: the coordinator, ``host:port``.
-      data_paths: the site's CSV/Parquet files.
+      data: the site's CSV/Parquet files for ``task``, or its ``StudyRecords`` (a study's records under the
+        site's mapping, already checked: ``site_data.load_study_records``).
       state_dir: where the client state and the audit log live.
       credentials: mTLS channel credentials, or None for insecure local development.
-      task: the task these files serve; a job for another task is refused.
+      task: the task the files serve (not used with ``StudyRecords``); a job for another task is refused.
       policy: this site's privacy policy (``policy.load_policy``); a job breaking it is refused before training.
     """
 
-    def __init__(self, name: str, address: str, data_paths: Sequence[Path], state_dir: Path,
+    def __init__(self, name: str, address: str, data: Union[Sequence[Path], StudyRecords], state_dir: Path,
                  credentials: Optional[grpc.ChannelCredentials], *, task: str = "heart",
                  log: Callable[[str], None] = print, max_backoff: float = 30.0, wait_seconds: int = 5,
                  policy: Optional[SitePolicy] = None):
         self.name, self.address, self.credentials, self.task, self.log = name, address, credentials, task, log
         self.max_backoff, self.wait_seconds = max_backoff, wait_seconds
-        self.examples = load_site_table(data_paths, task)  # checked before anything connects
+        self.data = site_records(data, task)  # read and checked before anything connects
+        self.task = self.data.task
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(self.state_dir / "audit.jsonl", actor=f"site:{name}")
@@ -134,7 +145,11 @@ class SiteAgent:
         self.secure: Optional[_HeldRound] = None  # this site's part of a securely aggregated round, in memory only
         if policy is not None:
             self.audit.record("policy_loaded", path=policy.path, sha256=policy.sha256, rules=policy.rules())
+        if isinstance(self.data, StudyRecords):
+            self.audit.record("site_checked", study=self.data.study.name, study_sha256=self.data.study.sha256,
+                              mapping=self.data.mapping.source, reports=[r.format() for r in self.data.reports])
         self.final_metrics: Optional[dict] = None
+        self.job_kind: Optional[str] = None  # the kind of the last job joined: train, or describe (a study's Table 1)
 
     # ------------------------------------------------------------------ connection
     def _channel(self) -> grpc.Channel:
@@ -171,9 +186,14 @@ class SiteAgent:
         job = Job.from_json(reply.job_json)
         if job.task_config["name"] != self.task:
             raise SiteRefused(f"the coordinator's job is task {job.task_config['name']!r}; this site serves {self.task!r}")
+        self._check_study(reply.run_id, job)
         self.audit.record("joined", durable=False, run_id=reply.run_id, job=raw)
         self.failures = 0
         self.run_id = reply.run_id
+        self.site_index, self.chunk_size = int(raw["site_index"]), int(raw["chunk_size"])
+        self.job_kind = job.kind
+        if job.kind == "describe":
+            return self._describe(stub, job)
         self._prepare(job, raw)
         while True:
             stream = stub.PollTask(pb.PollRequest(run_id=reply.run_id, site=self.name, wait_seconds=self.wait_seconds))
@@ -193,9 +213,8 @@ class SiteAgent:
             self._train(stub, reply.run_id, header, message)
 
     def _prepare(self, job: Job, raw: dict) -> None:
-        setup = local_setup(self.name, self.examples, job)
+        setup = local_setup(self.name, self.data, job)
         self.algorithm, self.fns, self.job, self.train, self.test = setup.algorithm, setup.fns, job, setup.train, setup.test
-        self.site_index, self.chunk_size = int(raw["site_index"]), int(raw["chunk_size"])
         self.planned = self._check_policy(job)
         params = setup.init_params
         self.message_template = jax.eval_shape(self.algorithm.broadcast, self.algorithm.server_init(params))
@@ -216,6 +235,42 @@ class SiteAgent:
         self.ledger = self._load_ledger()
         self._update = jax.jit(self.algorithm.client_update)
         self._evaluate = jax.jit(self.fns.evaluate)
+
+    def _check_study(self, run_id: str, job: Job) -> None:
+        """A study job must carry exactly this site's study (same canonical hash), or the site refuses it."""
+        if not isinstance(self.data, StudyRecords):
+            return
+        mine = self.data.study
+        theirs = job.study_spec
+        if theirs is None or theirs.sha256 != mine.sha256:
+            got = "no study" if theirs is None else f"study {theirs.name} sha256 {theirs.sha256}"
+            self.audit.record("study_refused", run_id=run_id, expected=mine.sha256, got=None if theirs is None else theirs.sha256)
+            raise SiteRefused(f"{self.name}: refused the job of run {run_id}: it carries {got}; this site's study file is "
+                              f"{mine.name} sha256 {mine.sha256}")
+        self.audit.record("study_accepted", durable=False, run_id=run_id, study=mine.name, study_sha256=mine.sha256)
+
+    def _describe(self, stub, job: Job) -> dict:
+        """A study's Table 1 job: sends this site's summaries once (their numbers in the audit log first); waits for the end."""
+        while True:
+            stream = stub.PollTask(pb.PollRequest(run_id=self.run_id, site=self.name, wait_seconds=self.wait_seconds))
+            header, _ = self._receive(stream)
+            if header.kind == pb.TaskHeader.FINISHED:
+                self.audit.record("finished", round=int(header.round), job="describe")
+                self.final_metrics = {}
+                return {}
+            if header.kind != pb.TaskHeader.DESCRIBE:
+                continue
+            arrays = self.data.describe(job)
+            specs, payload = wire.encode(arrays)
+            manifest = wire.manifest_to_proto(specs, payload)
+            self.audit.record("summary_sent", round=int(header.round), sha256=manifest.sha256, bytes=len(payload),
+                              summary=summary_egress(arrays))
+            head = pb.UpdateHeader(run_id=self.run_id, round=header.round, site=self.name, weight=0.0, manifest=manifest)
+            chunks = [pb.UpdateChunk(header=head)] + [pb.UpdateChunk(data=bytes(c)) for c in wire.chunks(payload, self.chunk_size)]
+            result = stub.SubmitUpdate(iter(chunks))
+            self.audit.record("update_result", durable=False, round=int(header.round), accepted=result.accepted, reason=result.reason)
+            if not result.accepted:
+                raise SiteRefused(f"{self.name}: the coordinator rejected this site's summary: {result.reason}")
 
     def _check_plugins(self, run_id: str, raw_plugins) -> None:
         """Refuses, before anything of it runs, a job whose plugins this site lacks, has in another
@@ -271,9 +326,7 @@ class SiteAgent:
             self.audit.record("policy_refused", run_id=self.run_id, round=round_index, rule=e.rule,
                               job_value=str(e.job_value), limit=str(e.limit), policy_sha256=self.policy.sha256 if self.policy else None)
             raise SiteRefused(f"{self.name}: stopped before round {round_index}'s update left: {e}") from None
-        tmp = self.state_dir / (LEDGER_FILE + ".tmp")
-        tmp.write_text(json.dumps(ledger))
-        tmp.replace(self.state_dir / LEDGER_FILE)
+        atomic_write_text(self.state_dir / LEDGER_FILE, json.dumps(ledger))
         self.ledger = ledger
         self.audit.record("privacy_spent", round=round_index, mechanism=spent.mechanism, epsilon=_json_number(spent.epsilon),
                           delta=spent.delta, steps=ledger["steps"], updates=ledger["updates"],
@@ -464,7 +517,7 @@ class EgressPreview(NamedTuple):
         return "\n".join(lines)
 
 
-def dry_run(name: str, data_paths: Sequence[Path], job: Job, *, policy: Optional[SitePolicy] = None,
+def dry_run(name: str, data: Union[Sequence[Path], StudyRecords], job: Job, *, policy: Optional[SitePolicy] = None,
             audit: Optional[AuditLog] = None) -> EgressPreview:
     """Trains one round locally from the job's initial model and returns what its update would carry.
 
@@ -472,7 +525,7 @@ def dry_run(name: str, data_paths: Sequence[Path], job: Job, *, policy: Optional
     it). With ``audit`` the preview is recorded (``dry_run``), so the DPO's look is on file too.
     """
     admitted = job_plugins.check_and_load(job.plugins, policy.allowed_plugins if policy else None)
-    setup = local_setup(name, load_site_table(data_paths, job.task_config["name"]), job)
+    setup = local_setup(name, site_records(data, job.task_config["name"]), job)
     num_examples = int(setup.train.num_examples)
     if policy is not None:
         check_job(policy, job, num_examples)

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 from nordfl import registry
-from nordfl.tasks.data import Column, Examples, SiteData
+from nordfl.tasks.data import ClientSplit, Column, Examples, SiteData
+from nordfl.tasks.describe import summarise, summary_arrays
+from nordfl.tasks.mapping import SiteMapping, SiteReport, data_paths, load_mapping, map_site_files
+from nordfl.tasks.study import Study, load_study
+from nordfl.tasks.study_data import Scaling, site_client, split_site
 from nordfl.tasks.tables import SUFFIXES, TableError, csv_text, pyarrow_modules, read_table  # noqa: F401  (read_table: the site check reads it here)
 from nordfl.tasks.heart import read_site_rows
 
@@ -141,6 +145,54 @@ def _as_text(column: Column, value) -> str:
     if isinstance(value, float):
         return str(int(value)) if column.kind == "integer" and value.is_integer() else repr(value)
     return str(value)
+
+
+class TaskFiles(NamedTuple):
+    """A registered task's own files at a site (heart), read with the task's ``site_data``."""
+
+    task: str
+    examples: Examples
+
+    def split(self, name: str, job) -> ClientSplit:
+        return site_data_of(self.task).prepare(name, self.examples, seed=int(job.task_config["data_seed"]))
+
+
+class StudyRecords(NamedTuple):
+    """A site's own records under its mapping to a study: checked and mapped when read, before any connection."""
+
+    study: Study
+    mapping: SiteMapping
+    values: dict  # variable -> np.ndarray, the kept rows (tasks.mapping.apply_mapping)
+    reports: tuple[SiteReport, ...]
+    paths: tuple[Path, ...]
+
+    task = "study"
+
+    def split(self, name: str, job) -> ClientSplit:
+        """The site's train/test split, encoded with the job's federated scaling (or its own, ``standardise: site``)."""
+        train, test = split_site(self.study, self.values, seed=int(job.task_config["data_seed"]),
+                                 test_fraction=float(job.task_config["test_fraction"]))
+        shared = None if job.scaling is None else Scaling.from_json(job.scaling, self.study)
+        return site_client(self.study, name, train, test, shared)
+
+    def describe(self, job) -> dict:
+        """What this site sends in the study's Table 1 job: the sufficient statistics of all its rows (for the
+        table) and of its training rows (for the federated scaling), minimum and maximum withheld below min_cell."""
+        train, _ = split_site(self.study, self.values, seed=int(job.task_config["data_seed"]),
+                              test_fraction=float(job.task_config["test_fraction"]))
+        k = self.study.min_cell
+        return {"all": summary_arrays(self.study, summarise(self.study, self.values), min_cell=k),
+                "train": summary_arrays(self.study, summarise(self.study, train), min_cell=k)}
+
+
+def load_study_records(study_path: PathLike, mapping_path: PathLike, paths: Optional[Sequence[PathLike]] = None) -> StudyRecords:
+    """Reads the study file, the site's mapping and its files (``paths``, or the mapping's ``data:``), and checks
+    every row: errors name file, row, column and value (``StudyError``, ``MappingError``, ``SiteDataError``)."""
+    study = load_study(study_path)
+    mapping = load_mapping(mapping_path, study)
+    files = tuple(Path(p) for p in (paths or data_paths(mapping)))
+    values, reports = map_site_files(study, mapping, files)
+    return StudyRecords(study, mapping, values, tuple(reports), files)
 
 
 def write_site_files(directory: PathLike) -> dict[str, Path]:

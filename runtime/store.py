@@ -30,6 +30,17 @@ def save_tree(path: Path, tree: Any, **meta) -> None:
     os.replace(temporary, path)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` via a temporary file, fsync and a rename: a reader sees the old file or the new one."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
 def load_tree(path: Path, template: Any) -> tuple[Any, dict]:
     """Reads ``(tree, meta)`` from ``path``; the arrays must match ``template``'s names, dtypes and shapes."""
     with np.load(path) as archive:

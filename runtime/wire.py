@@ -55,10 +55,11 @@ __all__ = [
     "template_of",
 ]
 
-PROTOCOL_VERSION = "nordfl.runtime.v1.2"
+PROTOCOL_VERSION = "nordfl.runtime.v1.3"
 """Sent in ``JoinRequest.protocol_version``: the proto package and a revision of its meaning (v1.1: sites
 keep client state by ``TaskHeader.last_contribution``; v1.2: secure-aggregation steps, the round's
-attempt in the headers, privacy settings in the job); coordinator and sites must agree exactly."""
+attempt in the headers, privacy settings in the job; v1.3: a study's Table 1 job, DESCRIBE tasks, the study
+and its scaling in the job); coordinator and sites must agree exactly."""
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 """Bytes per streamed data chunk (1 MiB): well under gRPC's default 4 MB message limit."""

@@ -172,3 +172,50 @@ def table_one(study: Study, summaries: Mapping[str, dict]) -> TableOne:
                                      "min": hidden_text if small else total.minimum, "max": hidden_text if small else total.maximum,
                                      "missing": hidden_text if 0 < total.missing < k else total.missing}
     return TableOne(sites, pooled, k)
+
+
+NUMERIC_FIELDS = ("count", "total", "squares", "minimum", "maximum", "missing")
+"""A numeric variable's summary as the vector a site sends in the Table 1 job, in this order."""
+
+
+def summary_arrays(study: Study, summary: Mapping[str, object], *, min_cell: int = 0) -> dict:
+    """A site's summary as named float64 vectors (what travels): numeric ``NUMERIC_FIELDS``, categorical
+    the count of each code then the missing count.
+
+    With ``min_cell``, a site whose count of a variable is below it sends NaN for that variable's minimum
+    and maximum: they are patient values that a small site must not give away (``table_one`` would not
+    release them either)."""
+    arrays = {}
+    for v in study.variables:
+        part = summary[v.name]
+        if v.kind in ("categorical", "binary"):
+            arrays[v.name] = np.asarray([part[c] for c in (*v.codes, None)], np.float64)
+        else:
+            hide = part.count < min_cell
+            arrays[v.name] = np.asarray([part.count, part.total, part.squares, math.nan if hide else part.minimum,
+                                         math.nan if hide else part.maximum, part.missing], np.float64)
+    return arrays
+
+
+def summary_template(study: Study) -> dict:
+    """The shapes ``summary_arrays`` gives for this study (what a receiver checks a site's message against)."""
+    return {v.name: np.zeros(len(v.codes) + 1 if v.kind in ("categorical", "binary") else len(NUMERIC_FIELDS), np.float64)
+            for v in study.variables}
+
+
+def summary_from_arrays(study: Study, arrays: Mapping[str, np.ndarray], source: str = "summary") -> dict:
+    """The summary back from received vectors, checked: counts are non-negative whole numbers, sums finite."""
+    summary = {}
+    for v in study.variables:
+        values = np.asarray(arrays[v.name], np.float64)
+        counts = values if v.kind in ("categorical", "binary") else values[[0, 5]]
+        if not (np.all(np.isfinite(counts)) and np.all(counts >= 0) and np.all(counts == np.round(counts))):
+            raise ValueError(f"{source}: {v.name}: counts must be whole numbers >= 0, got {counts.tolist()}")
+        if v.kind in ("categorical", "binary"):
+            summary[v.name] = {c: int(n) for c, n in zip((*v.codes, None), values)}
+        else:
+            if not np.all(np.isfinite(values[1:3])):
+                raise ValueError(f"{source}: {v.name}: sum and sum of squares must be finite, got {values[1:3].tolist()}")
+            summary[v.name] = NumericSummary(int(values[0]), float(values[1]), float(values[2]), float(values[3]),
+                                             float(values[4]), int(values[5]))
+    return summary

@@ -387,3 +387,29 @@ def apply_mapping(header: Sequence[str], rows: Sequence[Mapping[str, str]], mapp
                         {"a value out of its study range": int(dropped_range.sum()), "a missing value": int(dropped_missing.sum())},
                         per_variable, selected, rows_in_file if selected else None)
     return MappedRecords({k: v[keep] for k, v in values.items()}, report)
+
+
+def map_site_files(study: Study, mapping: SiteMapping, paths: Sequence) -> tuple[dict, list[SiteReport]]:
+    """A site's files (CSV or Parquet), each read and mapped to the study, concatenated in order:
+    ``(variable -> values, one report per file)``. The study's ``min_rows`` applies to the total.
+
+    Raises ``MappingError`` (or ``tables.TableError`` for an unreadable file) naming file, row, column and value."""
+    from nordfl.tasks.tables import read_table
+
+    if not paths:
+        raise MappingError(f"mapping {mapping.source}: data: no files given for site {mapping.site}; expected its CSV or "
+                           "Parquet files (data: [...] in the mapping, or --data)")
+    parts = [apply_mapping(*read_table(path), mapping, study, str(path), check_min_rows=False) for path in paths]
+    kept = sum(p.report.rows_kept for p in parts)
+    if kept < study.min_rows:
+        raise MappingError(f"site data: {kept} usable rows in {len(parts)} file(s) of site {mapping.site}; study {study.name} "
+                           f"needs at least min_rows={study.min_rows}")
+    values = {k: np.concatenate([p.values[k] for p in parts]) for k in parts[0].values}
+    return values, [p.report for p in parts]
+
+
+def data_paths(mapping: SiteMapping) -> list:
+    """The files a mapping names (``data:``), resolved against the mapping file's folder."""
+    from pathlib import Path
+
+    return [Path(mapping.source).parent / name for name in mapping.data]

@@ -148,7 +148,7 @@ def _variable(source: str, index: int, raw: Any) -> Variable:
         codes = BINARY_CODES if codes is None else codes
         if not isinstance(codes, (list, tuple)) or len(codes) != 2 or len(set(map(str, codes))) != 2:
             _fail(source, f"{where}.codes", codes, "expected two distinct codes (the 'no' one first) for a binary variable")
-    elif codes is not None:
+    elif codes not in (None, []):  # [] is what ``Study.canonical`` writes for a variable without codes
         _fail(source, f"{where}.codes", codes, f"is only for categorical and binary variables, not {kind}")
     unit = raw.get("unit")
     if unit is not None and not isinstance(unit, str):

@@ -80,12 +80,14 @@ class TaskHeader(_message.Message):
         SECAGG_SHARE_KEYS: _ClassVar[TaskHeader.Kind]
         SECAGG_MASKED_INPUT: _ClassVar[TaskHeader.Kind]
         SECAGG_UNMASK: _ClassVar[TaskHeader.Kind]
+        DESCRIBE: _ClassVar[TaskHeader.Kind]
     WAIT: TaskHeader.Kind
     TRAIN: TaskHeader.Kind
     FINISHED: TaskHeader.Kind
     SECAGG_SHARE_KEYS: TaskHeader.Kind
     SECAGG_MASKED_INPUT: TaskHeader.Kind
     SECAGG_UNMASK: TaskHeader.Kind
+    DESCRIBE: TaskHeader.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]

@@ -107,3 +107,10 @@ def test_each_mapping_fault_has_its_own_error(change, rows, message):
         mapping = parse_mapping({**OSLO, "columns": {**OSLO["columns"], **change}}, study, "oslo.yaml")
         header = HEADER + ["kjonn"] if rows == "duplicate" else list(rows[0]) if rows else HEADER
         apply_mapping(header, _rows(("1", "01.01.1964", "K", "200", "ja")) if rows == "duplicate" else rows, mapping, study, "oslo.csv")
+
+
+def test_a_studys_canonical_form_parses_back_to_the_same_study():
+    """A job carries the canonical study; a site re-parses it and compares hashes."""
+    study = parse_study(STUDY)
+    again = parse_study(study.canonical(), "the job's study")
+    assert again == study and again.sha256 == study.sha256
