@@ -3,7 +3,8 @@
 ``nordfl-sim study=heart`` (a shipped study, ``nordfl.tasks.catalogue``) or ``study=path/to/
 study.yaml`` (its sites' mapping files beside it, or in ``study_sites=FOLDER``) becomes
 ``task=study task.study=FILE task.sites=FOLDER``, plus the split a shipped study comes with
-(``task.test_fraction``) unless the command gives its own. It is rewritten
+(``task.test_fraction``) and the study's model (``task.model``, ``task.model_options``) unless the
+command gives its own. It is rewritten
 before composition because the files are found (and nordic5's written) in Python, not in YAML.
 ``prepare`` applies it for ``nordfl-sim``, its ``-m`` sweeps and every run of a ``nordfl-bench``
 suite (``common: [study=heart, ...]``).
@@ -32,6 +33,22 @@ def _value(override: str) -> tuple[str, str]:
 
 def _quoted(path) -> str:
     return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _study_model(path, *, options: bool) -> list[str]:
+    """``task.model`` (and its options) as the study file names them (``model: {name, options}``)."""
+    import json
+
+    from nordfl.tasks.study import StudyError, load_study
+
+    try:
+        study = load_study(path)
+    except StudyError as e:
+        raise ConfigError(str(e)) from None
+    chosen = [f"task.model={study.model}"]
+    if options:  # the options dict starts empty: each key is added (+)
+        chosen += [f"+task.model_options.{k}={json.dumps(v)}" for k, v in study.model_options.items()]
+    return chosen
 
 
 def study_overrides(overrides: Sequence[str]) -> list[str]:
@@ -66,4 +83,6 @@ def study_overrides(overrides: Sequence[str]) -> list[str]:
     task = ["task=study", f"task.study={_quoted(files.study)}", f"task.sites={_quoted(files.sites)}"]
     if files.test_fraction is not None and "task.test_fraction" not in keys:  # the user's own wins
         task.append(f"task.test_fraction={files.test_fraction}")
+    if "task.model" not in keys:  # the study's own model, unless the command names one
+        task += _study_model(files.study, options="task.model_options" not in keys)
     return [*rest[:at], *task, *rest[at:]]  # in study='s place: argparse wants the overrides together

@@ -4,14 +4,17 @@
     nordfl revoke DIR SITE                   refuse SITE from its next request on
     nordfl coordinator --federation DIR --state DIR [--address HOST:PORT] [OVERRIDES ...]
     nordfl site --name SITE --coordinator HOST:PORT --certs DIR --data FILE [--data FILE] --state DIR [--policy FILE]
+    nordfl site --name SITE --coordinator HOST:PORT --certs DIR --study FILE --mapping FILE [--data FILE] --state DIR
+                                             a site serving a study: its own records through its mapping
     nordfl site --dry-run --name SITE --data FILE [--policy FILE] [--job FILE | OVERRIDES ...]
                                              train one round locally, show what would leave; send nothing
     nordfl site check --study FILE --mapping FILE --data FILE [--data FILE]
                                              a site's own records under its mapping, checked against a study
     nordfl audit verify LOG                  check an audit log's hash chain
-    nordfl demo [--rounds N] [--algorithm NAME] [--private]
+    nordfl demo [--rounds N] [--algorithm NAME] [--private] [--study NAME_OR_FILE]
                                              a whole federation of the 4 heart-disease hospitals on localhost
-                                             (--private: secure aggregation and DP on, each site under a policy)
+                                             (--private: secure aggregation and DP on, each site under a policy;
+                                             --study nordic5: five hospitals' own exports, Table 1 job, training)
 
 OVERRIDES are the simulator's Hydra overrides for the shared groups (``algorithm=scaffold``,
 ``algorithm.client_lr=0.1``) and the runtime group (``runtime.rounds=50``, ``runtime.min_sites=3``).
@@ -126,14 +129,11 @@ def cmd_site(args) -> int:
                   f"{sum(r.rows_kept for r in data.reports)} rows checked and kept", flush=True)
         policy = load_policy(args.policy) if args.policy else None
         credentials = None if args.insecure else tls.channel_credentials(Path(args.certs))
-        agent = SiteAgent(args.name, args.coordinator, data, Path(args.state), credentials,
-                          task=args.task, log=lambda m: print(m, flush=True), policy=policy)
+        agent = SiteAgent(args.name, args.coordinator, data, Path(args.state), credentials, task=args.task,
+                          log=lambda m: print(m, flush=True), policy=policy, stay_after_describe=not isinstance(data, list))
         metrics = agent.run()
     except (SiteDataError, SiteRefused, AuditError, FileNotFoundError, PolicyError, StudyError, MappingError) as e:
         return _err(str(e))
-    if agent.job_kind == "describe":
-        print(f"{args.name}: the study's Table 1 job finished; what this site sent is in its audit log", flush=True)
-        return 0
     shown = "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()))
     print(f"{args.name}: run finished; final model on this site's test rows: {shown}", flush=True)
     return 0
@@ -215,34 +215,87 @@ PRIVATE_DEMO_POLICY = ("# a DPO's policy for the demo: every rule on\nmax_epsilo
                        "require_secure_aggregation: true\nrequire_dp: true\n")
 
 
+CLI = [sys.executable, "-m", "nordfl.runtime.cli"]
+
+
+def _coordinator(root: Path, port: int, state: str, overrides: Sequence[str]) -> subprocess.Popen:
+    """A demo federation's coordinator as its own process, on loopback over mTLS."""
+    return subprocess.Popen(CLI + ["coordinator", "--federation", str(root / "federation"), "--state", str(root / "coordinator" / state),
+                                   "--address", f"localhost:{port}", *overrides])
+
+
+def _sites(root: Path, port: int, sites: dict) -> list[subprocess.Popen]:
+    """A demo federation's sites, each its own process; ``sites``: name -> its own arguments (data, or study and mapping)."""
+    return [subprocess.Popen(CLI + ["site", "--name", name, "--coordinator", f"localhost:{port}", "--certs",
+                                    str(root / "federation" / "sites" / name), "--state", str(root / "sites" / name), *own],
+                             stdout=subprocess.DEVNULL)
+            for name, own in sorted(sites.items())]
+
+
+def cmd_demo_study(args, root: Path) -> int:
+    """``nordfl demo --study NAME_OR_FILE``: the study's Table 1 job, then a training job scaled with its statistics."""
+    from nordfl.runtime import tls
+    from nordfl.tasks.catalogue import locate
+    from nordfl.tasks.study import load_study
+    from nordfl.tasks.study_data import mapping_files
+
+    files = locate(args.study)
+    study = load_study(files.study)
+    mappings = mapping_files(study, files.sites)
+    tls.provision(root / "federation", sorted(mappings))
+    print(f"demo: study {study.name} (sha256 {study.sha256[:16]}...) at {', '.join(sorted(mappings))}, each site reading its "
+          f"own export through its mapping file in {files.sites}; federation in {root}", flush=True)
+    sites = {name: ["--study", str(files.study), "--mapping", m.source] for name, m in mappings.items()}
+    task = [f"study={files.study}", f"study_sites={files.sites}"]
+    if files.test_fraction is not None:
+        task.append(f"task.test_fraction={files.test_fraction}")
+    print("demo: 1/2 the Table 1 job (descriptive statistics, small cells suppressed; its pooled means and SDs "
+          "scale the training job)", flush=True)
+    port = args.port or _free_port()
+    # Each site runs once for both jobs: after the Table 1 job it waits for the training job at the same address.
+    agents = _sites(root, port, sites)
+    if _coordinator(root, port, "table1", [*task, "runtime.job=describe"]).wait() != 0:
+        for agent in agents:
+            agent.kill()
+        return 1
+    statistics = root / "coordinator" / "table1" / "statistics.json"
+    print(f"demo: 2/2 training {args.algorithm} for {args.rounds} rounds with the federated scaling", flush=True)
+    coordinator = _coordinator(root, port, "train", [*task, f"algorithm={args.algorithm}", f"runtime.rounds={args.rounds}",
+                                                     f"runtime.statistics={statistics}"])
+    codes = [p.wait() for p in agents] + [coordinator.wait()]
+    for log in sorted((root / "coordinator").glob("*/audit.jsonl")) + sorted((root / "sites").glob("*/audit.jsonl")):
+        cmd_audit(argparse.Namespace(log=str(log)))
+    return 0 if all(c == 0 for c in codes) else 1
+
+
 def cmd_demo(args) -> int:
     """Provisions 4 hospitals, writes each its data, runs coordinator and sites as separate processes."""
     import json
 
     from nordfl.runtime import tls
-    from nordfl.runtime.site_data import write_site_files
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="nordfl-demo-"))
+    if args.study:
+        if args.private:
+            return _err("demo: --private is for the heart demo; a study's jobs take the same runtime overrides by hand")
+        code = cmd_demo_study(args, root)
+        if not args.dir and code == 0 and not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        return code
+    from nordfl.runtime.site_data import write_site_files
+
     files = {name.replace(" ", "_"): path for name, path in write_site_files(root / "data").items()}
     tls.provision(root / "federation", sorted(files))
     private = PRIVATE_DEMO[args.dp] if args.private else []
     print(f"demo: federation of {', '.join(sorted(files))} in {root}"
           + (f"; private: secure aggregation, DP ({args.dp}), a site policy at each site" if args.private else ""), flush=True)
     port = args.port or _free_port()
-    base = [sys.executable, "-m", "nordfl.runtime.cli"]
-    coordinator = subprocess.Popen(base + ["coordinator", "--federation", str(root / "federation"), "--state",
-                                           str(root / "coordinator"), "--address", f"localhost:{port}",
-                                           f"algorithm={args.algorithm}", f"runtime.rounds={args.rounds}", *private])
+    coordinator = _coordinator(root, port, "", [f"algorithm={args.algorithm}", f"runtime.rounds={args.rounds}", *private])
     policy = []
     if args.private:
         (root / "policy.yaml").write_text(PRIVATE_DEMO_POLICY)
         policy = ["--policy", str(root / "policy.yaml")]
-    sites = [
-        subprocess.Popen(base + ["site", "--name", name, "--coordinator", f"localhost:{port}", "--certs",
-                                 str(root / "federation" / "sites" / name), "--data", str(path), "--state",
-                                 str(root / "sites" / name), *policy], stdout=subprocess.DEVNULL)
-        for name, path in sorted(files.items())
-    ]
+    sites = _sites(root, port, {name: ["--data", str(path), *policy] for name, path in files.items()})
     codes = [p.wait() for p in sites] + [coordinator.wait()]
     for log in [root / "coordinator" / "audit.jsonl"] + [root / "sites" / n / "audit.jsonl" for n in sorted(files)]:
         cmd_audit(argparse.Namespace(log=str(log)))
@@ -328,6 +381,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="secure aggregation and differential privacy on, every site under a privacy policy")
     p.add_argument("--dp", choices=sorted(PRIVATE_DEMO), default="sgd",
                    help="--private: DP-SGD at the sites (sgd, default) or DP-FedAvg with distributed noise (update)")
+    p.add_argument("--study", help="run a study instead (a shipped one, e.g. nordic5, or a study file with its sites' "
+                                   "mapping files beside it): its Table 1 job, then training")
     p.set_defaults(func=cmd_demo)
     return parser
 

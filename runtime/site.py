@@ -56,6 +56,10 @@ def _json_number(x: float):
     return x if math.isfinite(x) else str(x)
 
 
+class _NotYet(Exception):
+    """The coordinator still serves the job this site has finished: try again shortly."""
+
+
 class SiteRefused(Exception):
     """The coordinator (or this site's own checks) refused to work together; retrying will not help."""
 
@@ -128,13 +132,15 @@ class SiteAgent:
       credentials: mTLS channel credentials, or None for insecure local development.
       task: the task the files serve (not used with ``StudyRecords``); a job for another task is refused.
       policy: this site's privacy policy (``policy.load_policy``); a job breaking it is refused before training.
+      stay_after_describe: after a study's Table 1 job, wait for its training job instead of returning.
     """
 
     def __init__(self, name: str, address: str, data: Union[Sequence[Path], StudyRecords], state_dir: Path,
                  credentials: Optional[grpc.ChannelCredentials], *, task: str = "heart",
                  log: Callable[[str], None] = print, max_backoff: float = 30.0, wait_seconds: int = 5,
-                 policy: Optional[SitePolicy] = None):
+                 policy: Optional[SitePolicy] = None, stay_after_describe: bool = False):
         self.name, self.address, self.credentials, self.task, self.log = name, address, credentials, task, log
+        self.stay_after_describe = stay_after_describe
         self.max_backoff, self.wait_seconds = max_backoff, wait_seconds
         self.data = site_records(data, task)  # read and checked before anything connects
         self.task = self.data.task
@@ -158,12 +164,23 @@ class SiteAgent:
         return grpc.secure_channel(self.address, self.credentials)
 
     def run(self) -> dict:
-        """Works until the run finishes; returns this site's metrics of the final model."""
+        """Works until the run finishes; returns this site's metrics of the final model.
+
+        With ``stay_after_describe``, a finished Table 1 job is not the end: the site waits for the
+        study's training job (the next run at the same address) and returns when that one finishes."""
         self.failures = 0  # consecutive failed connections; reset by every successful join
+        done_run = None
         while True:
             try:
                 with self._channel() as channel:
-                    return self._session(pb_grpc.FederationStub(channel))
+                    result = self._session(pb_grpc.FederationStub(channel), done_run)
+                if self.job_kind == "describe" and self.stay_after_describe:
+                    done_run = self.run_id
+                    self.log(f"{self.name}: Table 1 job finished; waiting for the study's training job at {self.address}")
+                    continue
+                return result
+            except _NotYet:
+                time.sleep(0.5)
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE:
                     self.audit.record("refused", code=e.code().name, reason=e.details())
@@ -176,8 +193,10 @@ class SiteAgent:
                 time.sleep(delay)
 
     # ------------------------------------------------------------------ one connected session
-    def _session(self, stub: pb_grpc.FederationStub) -> dict:
+    def _session(self, stub: pb_grpc.FederationStub, done_run: Optional[str] = None) -> dict:
         reply = stub.Join(pb.JoinRequest(site=self.name, protocol_version=wire.PROTOCOL_VERSION))
+        if reply.accepted and reply.run_id == done_run:  # the finished Table 1 job's coordinator is still closing
+            raise _NotYet()
         if not reply.accepted:
             self.audit.record("join_refused", reason=reply.reason)
             raise SiteRefused(f"coordinator refused {self.name}: {reply.reason}")

@@ -31,13 +31,14 @@ def test_study_becomes_the_study_task_overrides_in_its_place(tmp_path):
     heart = catalogue.locate("heart")
     out = study_overrides(["-m", "study=heart", "seed=0,1"])
     assert out == ["-m", "task=study", f"task.study='{heart.study}'", f"task.sites='{heart.sites}'", "task.test_fraction=0.34",
-                   "seed=0,1"]
+                   "task.model=logistic_regression", "seed=0,1"]
     assert "task.test_fraction=0.34" not in study_overrides(["task.test_fraction=0.2", "study=heart"])  # the user's wins
     write_nordic5(tmp_path / "mine, 2025", seed=1)  # a folder name Hydra would otherwise split
     sites = tmp_path / "elsewhere"
     sites.mkdir()
     out = study_overrides([f"study='{tmp_path / 'mine, 2025' / 'study.yaml'}'", f"study_sites={sites}"])
-    assert out == ["task=study", f"task.study='{tmp_path / 'mine, 2025' / 'study.yaml'}'", f"task.sites='{sites}'"]
+    assert out == ["task=study", f"task.study='{tmp_path / 'mine, 2025' / 'study.yaml'}'", f"task.sites='{sites}'",
+                   "task.model=logistic_regression"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -124,3 +125,16 @@ def test_a_sweep_over_a_study_folder_outside_the_package(tmp_path):
     for run in runs:
         assert set(json.loads((run / "summary.json").read_text())["final"]["sites"]) == set(NORDIC5_SITES)
         assert (run / "table1.csv").read_text() == (runs[0] / "table1.csv").read_text()
+
+
+def test_the_studys_own_model_is_the_default_and_the_command_line_wins(tmp_path):
+    """``model: {name, options}`` in the study file sizes the run's model unless task.model is given."""
+    import yaml
+
+    write_nordic5(tmp_path, seed=0)
+    study = yaml.safe_load((tmp_path / "study.yaml").read_text())
+    study["model"] = {"name": "mlp", "options": {"hidden": [8, 4]}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    out = study_overrides([f"study={tmp_path / 'study.yaml'}"])
+    assert out[-2:] == ["task.model=mlp", "+task.model_options.hidden=[8, 4]"]
+    assert study_overrides([f"study={tmp_path / 'study.yaml'}", "task.model=logistic_regression"])[-1] == "task.model=logistic_regression"
