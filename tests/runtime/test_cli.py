@@ -62,6 +62,20 @@ def test_demo_trains_four_hospitals_over_mtls(tmp_path):
     assert done.stdout.count("chain intact") == 5  # the coordinator's and every site's audit log
 
 
+@pytest.mark.slow
+def test_study_demo_runs_table_one_then_training_at_five_hospitals(tmp_path):
+    """``nordfl demo --study nordic5``: five sites each reading their own export, a Table 1 job, then FedAvg."""
+    done = _run("demo", "--study", "nordic5", "--rounds", "2", "--dir", tmp_path / "demo", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| age n | 300 | 420 | 200 | 260 | 360 | 1540 |" in done.stdout  # Table 1: Aarhus, Oslo, Tartu, Turku, Uppsala
+    for site in ("Aarhus", "Oslo", "Tartu", "Turku", "Uppsala"):
+        assert f"final model at {site}: accuracy" in done.stdout
+        log = (tmp_path / "demo" / "sites" / site / "audit.jsonl").read_text()
+        assert '"summary_sent"' in log and '"update_sent"' in log  # one site process took part in both jobs
+    assert done.stdout.count("chain intact") == 7  # both coordinators' audit logs and every site's
+    assert (tmp_path / "demo" / "coordinator" / "table1" / "table1.csv").is_file()
+
+
 
 @pytest.mark.slow
 def test_private_demo_runs_dp_and_secure_aggregation_to_completion(tmp_path):

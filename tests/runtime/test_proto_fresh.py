@@ -63,7 +63,7 @@ def test_service_and_messages_are_the_protocol():
         got = {f.name: f.number for f in descriptor.fields}
         assert {k: got.get(k) for k in fields} == fields, message
     assert dict(pb.TaskHeader.Kind.items()) == {"WAIT": 0, "TRAIN": 1, "FINISHED": 2, "SECAGG_SHARE_KEYS": 3,
-                                                 "SECAGG_MASKED_INPUT": 4, "SECAGG_UNMASK": 5}
+                                                 "SECAGG_MASKED_INPUT": 4, "SECAGG_UNMASK": 5, "DESCRIBE": 6}
     assert dict(pb.SecAggStep.items()) == {"PLAIN": 0, "ADVERTISE": 1, "SHARE_KEYS": 2, "MASKED_INPUT": 3, "UNMASK_SHARES": 4}
     for chunk in ("TaskChunk", "UpdateChunk"):
         oneof = pb.DESCRIPTOR.message_types_by_name[chunk].oneofs_by_name["part"]
