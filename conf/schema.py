@@ -21,7 +21,7 @@ from nordfl.algorithms import Algorithm, aggregator, make_algorithm
 from nordfl.algorithms.aggregators import Aggregator, linear_aggregators
 from nordfl.algorithms.config import SHARED_KEYS, AggregatorConfig, AlgorithmConfig, DPConfig, ServerConfig
 from nordfl.algorithms.dp import DP_MODES, NOISE_PLACEMENTS
-from nordfl.tasks import Task, classification_task, make_task
+from nordfl.tasks import Task, make_task
 from nordfl.tasks.partition import PartitionConfig, repartition
 from nordfl.tasks.task import TASK_KEYS, TaskConfig
 
@@ -104,7 +104,7 @@ def build_task(cfg: DictConfig) -> Task:
         data = repartition(task.data, p.name, seed=t.data_seed, **options)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return task if data is task.data else classification_task(task.name, data, task.model)
+    return task if data is task.data else task._replace(data=data)  # the same loss and metrics on the new clients
 
 
 def check_dp(a: DictConfig) -> None:

@@ -57,11 +57,12 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"registry: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def register(kind: str, name: str, *, config: Optional[type] = None, **properties) -> Callable:
+def register(kind: str, name: str, /, *, config: Optional[type] = None, **properties) -> Callable:
     """A decorator that registers ``builder`` as the ``kind`` called ``name``.
 
     ``config`` is the dataclass of the option's config node (its fields are exactly the
-    keys ``algorithm=name`` accepts); ``properties`` are what callers may rely on.
+    keys ``algorithm=name`` accepts); ``properties`` are what callers may rely on (``kind`` and
+    ``name`` are positional only, so a task may declare the property ``kind=``).
 
     Registering a second, different builder under a taken name is an error naming both
     modules (a plugin cannot silently replace a shipped component); re-importing the same

@@ -169,8 +169,10 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
             status = f"loss {row['client_loss']:.4f}"
             if "test_accuracy" in row:
                 status += f"  test acc {row['test_accuracy']:.3f}"
+            elif "test_rmse" in row:
+                status += f"  test rmse {row['test_rmse']:.3f}"
             progress.update(bar, completed=state.round, status=f"{status}  {done / row['elapsed_s']:.1f} rounds/s")
-            if "test_accuracy" in row and not console.is_terminal:  # no live bar in logs: one line per evaluation
+            if evaluation is not None and not console.is_terminal:  # no live bar in logs: one line per evaluation
                 console.print(f"round {state.round}/{rounds}  {status}")
             if cfg.sim.checkpoint_every and (state.round % cfg.sim.checkpoint_every == 0 or state.round == rounds):
                 checkpoint.save(checkpoint_dir, state, fingerprint)
@@ -196,19 +198,30 @@ def _number(value: float) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:.3f}"
 
 
+COLUMN_TITLES = {"auc": "ROC AUC", "rmse": "RMSE", "mae": "MAE", "r2": "R²"}
+
+
 def final_table(result: RunResult, max_sites: int = 20) -> Table:
-    """Per-site and pooled test metrics of the final global model (the worst sites first when there are many)."""
+    """Per-site and pooled test metrics of the final global model, one column per metric of the task
+    (loss, accuracy, ROC AUC; or loss, RMSE, MAE, R² for regression), the worst sites first when there are many."""
     e = result.evaluation
+    fields = e.pooled._fields
     table = Table(title=f"Global model after {result.rounds} rounds (train loss {e.train_loss:.4f})")
-    for column in ("site", "loss", "accuracy", "ROC AUC"):
+    for column in ("site", *(COLUMN_TITLES.get(f, f) for f in fields)):
         table.add_column(column, justify="left" if column == "site" else "right")
     order = list(range(len(result.site_names)))
     if len(order) > max_sites:
-        order = sorted(order, key=lambda i: np.nan_to_num(e.sites.accuracy[i], nan=np.inf))[:max_sites]
-        table.caption = f"the {max_sites} sites with the lowest test accuracy, of {len(result.site_names)}"
+        if "accuracy" in fields:
+            order = sorted(order, key=lambda i: np.nan_to_num(e.sites.accuracy[i], nan=np.inf))[:max_sites]
+            table.caption = f"the {max_sites} sites with the lowest test accuracy, of {len(result.site_names)}"
+        elif "rmse" in fields:
+            order = sorted(order, key=lambda i: -np.nan_to_num(e.sites.rmse[i], nan=-np.inf))[:max_sites]
+            table.caption = f"the {max_sites} sites with the highest test RMSE, of {len(result.site_names)}"
+        else:
+            order = order[:max_sites]
     for i in order:
-        table.add_row(result.site_names[i], _number(e.sites.loss[i]), _number(e.sites.accuracy[i]), _number(e.sites.auc[i]))
-    table.add_row("[bold]pooled[/bold]", _number(e.pooled.loss), _number(e.pooled.accuracy), _number(e.pooled.auc))
+        table.add_row(result.site_names[i], *(_number(getattr(e.sites, f)[i]) for f in fields))
+    table.add_row("[bold]pooled[/bold]", *(_number(v) for v in e.pooled))
     return table
 
 

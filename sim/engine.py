@@ -28,7 +28,7 @@ from nordfl.algorithms import Algorithm, weighted_mean
 from nordfl.algorithms.aggregators import Aggregator, is_linear, mean_of_sum, weighted_sum
 from nordfl.sim.cohort import RoundPlan, plan_round
 from nordfl.sim.packing import BucketSpec, ClientPool, bucket_specs, gather_clients, plan_buckets, pool_clients
-from nordfl.tasks import EvalMetrics, Examples, Task
+from nordfl.tasks import EvalMetrics, Examples, Task, metrics_type
 
 
 class SimState(NamedTuple):
@@ -57,7 +57,10 @@ class Slots(NamedTuple):
 
 
 class Evaluation(NamedTuple):
-    """The global model scored: train loss over all clients (weighted by examples), pooled and per-site test."""
+    """The global model scored: train loss over all clients (weighted by examples), pooled and per-site test.
+
+    ``pooled`` and ``sites`` are the task's own metrics type, what ``task.evaluate`` returns:
+    ``EvalMetrics`` for classification, ``RegressionMetrics`` for regression."""
 
     train_loss: float
     pooled: EvalMetrics
@@ -181,6 +184,7 @@ class Simulator:
         )
         self._evaluate_bucket = jax.jit(self._evaluate_bucket_program, static_argnames=("n_max",))
         self._evaluate_pooled = jax.jit(task.evaluate)
+        self.metrics_type = metrics_type(task)  # EvalMetrics, RegressionMetrics or a plugin's own
 
     # ----------------------------------------------------------------- set-up helpers
     def _chunking(self, slots_needed: int, rows: int) -> tuple[int, int]:
@@ -328,15 +332,16 @@ class Simulator:
 
     def _per_client(self, params, pool: ClientPool, buckets: list[BucketSpec]) -> EvalMetrics:
         """Metrics of ``params`` on every client's rows of ``pool``, in client order."""
-        out = [np.full(self.num_clients, np.nan, np.float32) for _ in EvalMetrics._fields]
+        fields = self.metrics_type._fields
+        out = [np.full(self.num_clients, np.nan, np.float32) for _ in fields]
         for spec in buckets:
             data = gather_clients(pool, spec.client_ids, np.ones(len(spec.client_ids), bool), spec.n_max)
             metrics = self._evaluate_bucket(params, data, n_max=spec.n_max)
             for field, values in zip(out, metrics):
                 field[spec.client_ids] = np.asarray(values)
         sizes = pool.sizes
-        result = EvalMetrics(*out)
-        return result._replace(**{f: np.where(sizes > 0, getattr(result, f), np.nan) for f in EvalMetrics._fields})
+        result = self.metrics_type(*out)
+        return result._replace(**{f: np.where(sizes > 0, getattr(result, f), np.nan) for f in fields})
 
     def evaluate(self, params) -> Evaluation:
         """Scores ``params`` on every client's training data and on the pooled and per-site test sets."""
@@ -348,4 +353,4 @@ class Simulator:
         sites = self._per_client(params, self._test_pool, self._test_buckets)
         pooled_test: Examples = self._pooled_test
         pooled = self._evaluate_pooled(params, pooled_test, np.ones(len(pooled_test.y), bool))
-        return Evaluation(train_loss, EvalMetrics(*(float(v) for v in pooled)), sites)
+        return Evaluation(train_loss, self.metrics_type(*(float(v) for v in pooled)), sites)

@@ -86,15 +86,13 @@ def write_summary(path: Path, summary: dict) -> None:
 
 
 def evaluation_row(evaluation, site_names) -> dict:
-    """An ``Evaluation`` as the metrics row fields ``nordfl-report`` and the leaderboards read."""
-    sites = {
-        name: {"loss": float(evaluation.sites.loss[i]), "accuracy": float(evaluation.sites.accuracy[i]),
-               "auc": float(evaluation.sites.auc[i])}
-        for i, name in enumerate(site_names)
-    }
-    pooled = evaluation.pooled
-    return {"train_loss": float(evaluation.train_loss), "test_loss": float(pooled.loss),
-            "test_accuracy": float(pooled.accuracy), "test_auc": float(pooled.auc), "sites": sites}
+    """An ``Evaluation`` as the metrics row fields ``nordfl-report`` and the leaderboards read: ``train_loss``,
+    ``test_<field>`` pooled and ``sites: {name: {field: value}}`` for every field of the task's metrics
+    (classification: loss, accuracy, auc; regression: loss, rmse, mae, r2)."""
+    fields = evaluation.pooled._fields
+    sites = {name: {f: float(getattr(evaluation.sites, f)[i]) for f in fields} for i, name in enumerate(site_names)}
+    pooled = {f"test_{f}": float(v) for f, v in zip(fields, evaluation.pooled)}
+    return {"train_loss": float(evaluation.train_loss), **pooled, "sites": sites}
 
 
 def upload_to_wandb(run_dir: Path, *, config: dict, project: str, mode: Optional[str], run_name: str,

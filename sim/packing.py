@@ -20,11 +20,18 @@ from nordfl.algorithms import ClientData, steps_per_epoch
 from nordfl.tasks import Examples
 
 
+def label_dtype(clients: Sequence[Examples]) -> type:
+    """int32 for class labels, float32 for a continuous (regression) outcome."""
+    floating = any(np.issubdtype(np.asarray(c.y).dtype, np.floating) for c in clients)
+    return np.float32 if floating else np.int32
+
+
 def pack_clients(clients: Sequence[Examples], n_max: Optional[int] = None) -> ClientData:
     """Stacks clients' examples, zero-padded to ``n_max`` rows (default: the largest, at least 1).
 
     Returns:
-      ``ClientData(Examples(x [C, n_max, ...], y [C, n_max]), num_examples int32 [C])`` in NumPy.
+      ``ClientData(Examples(x [C, n_max, ...], y [C, n_max]), num_examples int32 [C])`` in NumPy
+      (``y`` int32, or float32 for a regression outcome: ``label_dtype``).
     """
     sizes = [len(c.y) for c in clients]
     n_max = max(sizes + [1]) if n_max is None else n_max
@@ -32,7 +39,7 @@ def pack_clients(clients: Sequence[Examples], n_max: Optional[int] = None) -> Cl
         raise ValueError(f"pack_clients: n_max={n_max} is smaller than the largest client ({max(sizes)} rows)")
     feature_shape = clients[0].x.shape[1:]
     x = np.zeros((len(clients), n_max, *feature_shape), np.float32)
-    y = np.zeros((len(clients), n_max), np.int32)
+    y = np.zeros((len(clients), n_max), label_dtype(clients))
     for i, c in enumerate(clients):
         x[i, : len(c.y)] = c.x
         y[i, : len(c.y)] = c.y
@@ -52,9 +59,10 @@ def pool_clients(clients: Sequence[Examples]) -> ClientPool:
     sizes = np.asarray([len(c.y) for c in clients], np.int32)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
     x = np.concatenate([np.asarray(c.x, np.float32) for c in clients])
-    y = np.concatenate([np.asarray(c.y, np.int32) for c in clients])
+    dtype = label_dtype(clients)
+    y = np.concatenate([np.asarray(c.y, dtype) for c in clients])
     if len(y) == 0:  # keep one row so gathers have something to index
-        x, y = np.zeros((1, *clients[0].x.shape[1:]), np.float32), np.zeros(1, np.int32)
+        x, y = np.zeros((1, *clients[0].x.shape[1:]), np.float32), np.zeros(1, dtype)
     return ClientPool(Examples(x, y), offsets, sizes)
 
 

@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-FINAL_METRICS = ("train_loss", "test_loss", "test_accuracy", "test_auc")
+FINAL_METRICS = ("train_loss", "test_loss", "test_accuracy", "test_auc", "test_rmse", "test_mae", "test_r2")
+"""Classification runs report accuracy and AUC, regression runs RMSE, MAE and R²; tables show those a run has."""
 METRICS = (*FINAL_METRICS, "client_loss")
 EVAL_KEY = "test_loss"  # only rows of evaluation rounds have it
 UNFINISHED_NOTE = "* unfinished: at least one run stopped before its planned rounds (no summary.json, or fewer rounds)"
@@ -68,8 +69,9 @@ class ConfigSummary(NamedTuple):
     rounds: tuple[int, ...]  # rounds done by each seed's run, in the order of ``seeds``
     finished: bool
     final: dict[str, Stat]  # every name in FINAL_METRICS
-    worst_site: Optional[tuple[str, float]]  # lowest final test accuracy averaged over seeds
+    worst_site: Optional[tuple[str, float]]  # lowest final test accuracy (highest RMSE) averaged over seeds
     curves: dict[str, Curve]  # every name in METRICS
+    worst_metric: str = "accuracy"  # what ``worst_site`` ranks by: accuracy, or rmse for a regression task
 
 
 # ---------------------------------------------------------------------------- reading
@@ -221,17 +223,23 @@ def _curve(runs: Sequence[Run], metric: str) -> Curve:
     return Curve(np.array(sorted(by_round), int), np.array([s.mean for s in stats]), np.array([s.std for s in stats]))
 
 
-def _worst_site(finals: Sequence[dict]) -> Optional[tuple[str, float]]:
-    """The site with the lowest final test accuracy averaged over seeds: who the federation serves worst."""
-    accuracies: dict[str, list[float]] = defaultdict(list)
+def _worst_metric(finals: Sequence[dict]) -> str:
+    """Accuracy ranks the sites of a classification task; RMSE those of a regression task (whose rows have no accuracy)."""
+    regression = any("rmse" in m and "accuracy" not in m for final in finals for m in final.get("sites", {}).values())
+    return "rmse" if regression else "accuracy"
+
+
+def _worst_site(finals: Sequence[dict], metric: str = "accuracy") -> Optional[tuple[str, float]]:
+    """The site with the lowest final test accuracy (highest RMSE) averaged over seeds: who the federation serves worst."""
+    values: dict[str, list[float]] = defaultdict(list)
     for final in finals:
         for site, metrics in final.get("sites", {}).items():
-            if metrics.get("accuracy") is not None:
-                accuracies[site].append(metrics["accuracy"])
-    if not accuracies:
+            if metrics.get(metric) is not None:
+                values[site].append(metrics[metric])
+    if not values:
         return None
-    means = {site: float(np.mean(values)) for site, values in sorted(accuracies.items())}
-    worst = min(means, key=means.__getitem__)
+    means = {site: float(np.mean(v)) for site, v in sorted(values.items())}
+    worst = (max if metric == "rmse" else min)(means, key=means.__getitem__)
     return worst, means[worst]
 
 
@@ -239,14 +247,16 @@ def _summarise_config(label: str, runs: Sequence[Run]) -> ConfigSummary:
     """Averages one configuration's runs over seeds."""
     runs = sorted(runs, key=lambda run: run.seed)
     finals = [_last_eval(run.rows) for run in runs]
+    worst_metric = _worst_metric(finals)
     return ConfigSummary(
         label=label,
         seeds=tuple(run.seed for run in runs),
         rounds=tuple(run.rows[-1]["round"] if run.rows else 0 for run in runs),
         finished=all(run.finished for run in runs),
         final={metric: stat([final.get(metric) for final in finals]) for metric in FINAL_METRICS},
-        worst_site=_worst_site(finals),
+        worst_site=_worst_site(finals, worst_metric),
         curves={metric: _curve(runs, metric) for metric in METRICS},
+        worst_metric=worst_metric,
     )
 
 
@@ -284,7 +294,10 @@ def _rounds_text(summary: ConfigSummary) -> str:
 
 
 def _worst_text(summary: ConfigSummary) -> str:
-    return "n/a" if summary.worst_site is None else f"{summary.worst_site[0]} ({summary.worst_site[1]:.4f})"
+    if summary.worst_site is None:
+        return "n/a"
+    metric = "" if summary.worst_metric == "accuracy" else f"{summary.worst_metric} "
+    return f"{summary.worst_site[0]} ({metric}{summary.worst_site[1]:.4f})"
 
 
 def _header(columns: Sequence[str]) -> list[str]:
@@ -333,11 +346,13 @@ def write_csv(summaries: Sequence[ConfigSummary], columns: Sequence[str], path: 
     stat_names = [f"{m}_{part}" for m in columns for part in ("mean", "std")]
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["configuration", "seeds", "rounds", *stat_names, "worst_site", "worst_site_accuracy"])
+        metrics = sorted({s.worst_metric for s in summaries}, key=("accuracy", "rmse").index)
+        writer.writerow(["configuration", "seeds", "rounds", *stat_names, "worst_site", *(f"worst_site_{m}" for m in metrics)])
         for s in summaries:
-            site, accuracy = s.worst_site or ("", math.nan)
+            site, value = s.worst_site or ("", math.nan)
             stats = [_number(v) for m in columns for v in s.final[m]]
-            writer.writerow([s.label, len(s.seeds), _rounds_text(s), *stats, site, _number(accuracy)])
+            worst = [_number(value if m == s.worst_metric else math.nan) for m in metrics]
+            writer.writerow([s.label, len(s.seeds), _rounds_text(s), *stats, site, *worst])
     return path
 
 

@@ -49,7 +49,7 @@ from nordfl.sim.engine import Simulator
 from nordfl.sim.metrics_log import MetricsLog, evaluation_row, upload_to_wandb, write_summary
 from nordfl.sim.seeds import SeedBatch
 from nordfl.sim.suite_config import MODES, Cell, Suite, setting_pairs, load_suite, plan_cells
-from nordfl.tasks import Task, classification_task, make_model
+from nordfl.tasks import Task, classification_task, make_model, metrics_type
 from nordfl.tasks.data import pooled_dataset, single_client, validation_split
 
 register()
@@ -271,6 +271,11 @@ def build_cell(cell: Cell, run: SuiteRun, tasks: dict[str, Task]):
     key = _data_key(cfg)
     if key not in tasks:
         task = build_task(cfg)
+        fields = metrics_type(task)._fields
+        if "accuracy" not in fields:  # e.g. a regression study
+            fail(f"suite {run.suite.name}, {cell.setting}/{cell.algorithm}: task.name", cfg.task.name,
+                 f"must be a classification task: suites rank by test accuracy, and {task.data.name} is scored by "
+                 f"{', '.join(fields)}; compare its runs with nordfl-sim -m and nordfl-report")
         if run.mode == "tune":
             data = validation_split(task.data, run.suite.validation_fraction, cfg.task.data_seed)
             task = classification_task(task.name, data, task.model)

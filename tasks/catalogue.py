@@ -10,6 +10,8 @@ study was shipped with; ``nordfl.conf.studies`` turns that into the ``task=study
 - ``nordic5``: the synthetic five-country cohort (``tasks.nordic5``). Its files are generated
   once, seeded, into the cache folder (``$NORDFL_CACHE``, else ``$XDG_CACHE_HOME/nordfl``, else
   ``~/.cache/nordfl``) under ``studies/nordic5-seed0``, and reused when present.
+- ``nordic5_los``: the same cohort's length of stay in days, a regression study; its study file
+  and mappings are in that folder's ``los/``.
 """
 
 from __future__ import annotations
@@ -47,18 +49,25 @@ def cache_dir() -> Path:
 def nordic5_folder(seed: int = 0) -> Path:
     """The nordic5 files for ``seed`` in the cache, written once: into a temporary folder beside the
     final one, then renamed, so a reader never sees half a folder and two writers do not clash."""
-    from nordfl.tasks.nordic5 import write_nordic5
+    from nordfl.tasks.nordic5 import LOS_FOLDER, write_nordic5
 
     folder = cache_dir() / "studies" / f"nordic5-seed{seed}"
-    if (folder / STUDY_FILE).is_file():
+
+    def complete() -> bool:
+        return (folder / STUDY_FILE).is_file() and (folder / LOS_FOLDER / STUDY_FILE).is_file()
+
+    if complete():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         write_nordic5(partial, seed=seed)
-        os.rename(partial, folder)
+        if (folder / STUDY_FILE).is_file():  # written before nordic5_los shipped: add its folder (same CSV files)
+            os.rename(partial / LOS_FOLDER, folder / LOS_FOLDER)
+        else:
+            os.rename(partial, folder)
     except OSError:
-        if not (folder / STUDY_FILE).is_file():  # not another writer's finished folder: a real failure
+        if not complete():  # not another writer's finished folder: a real failure
             raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -70,7 +79,14 @@ def _nordic5() -> StudyFiles:
     return StudyFiles(folder / STUDY_FILE, folder)
 
 
-SHIPPED = {"heart": _heart, "nordic5": _nordic5}
+def _nordic5_los() -> StudyFiles:
+    from nordfl.tasks.nordic5 import LOS_FOLDER
+
+    folder = nordic5_folder(0) / LOS_FOLDER
+    return StudyFiles(folder / STUDY_FILE, folder)
+
+
+SHIPPED = {"heart": _heart, "nordic5": _nordic5, "nordic5_los": _nordic5_los}
 """Shipped study name -> a function giving its files (nordic5's are written on first use)."""
 
 

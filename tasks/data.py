@@ -28,7 +28,7 @@ class Column(NamedTuple):
 
 
 class Examples(NamedTuple):
-    """Labelled examples: ``x`` float32 [n, ...features], ``y`` int32 [n]."""
+    """Labelled examples: ``x`` float32 [n, ...features], ``y`` int32 [n] (class labels; float32 for a regression outcome)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -49,7 +49,7 @@ class FederatedDataset:
 
     name: str
     clients: tuple[ClientSplit, ...]
-    num_classes: int
+    num_classes: int  # the model's outputs: one per class, 1 for a regression outcome
     feature_names: Optional[tuple[str, ...]] = None
 
     @property
@@ -75,6 +75,8 @@ def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Ge
 
     The test set has ``ceil(test_fraction * n)`` rows, shared among classes in proportion
     to their counts (largest remainders get the leftover rows), as scikit-learn does.
+    Floating labels are a continuous (regression) outcome, with no classes to stratify on:
+    the test rows are then a plain seeded random draw.
 
     Returns:
       (train_indices, test_indices), each sorted.
@@ -83,6 +85,9 @@ def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Ge
         raise ValueError(f"stratified_split: test_fraction must be in (0, 1), got {test_fraction!r}")
     n = len(labels)
     n_test = math.ceil(test_fraction * n)
+    if np.issubdtype(np.asarray(labels).dtype, np.floating):
+        test = np.sort(rng.permutation(n)[:n_test])
+        return np.setdiff1d(np.arange(n), test), test
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * n_test / n
     per_class = np.floor(exact).astype(int)

@@ -45,3 +45,29 @@ def roc_auc(scores: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
     rank_sum = jnp.sum(jnp.where(positive, mid_rank, 0.0))
     u = rank_sum - num_pos * (num_pos + 1.0) / 2.0
     return u / (num_pos * num_neg)
+
+
+def mean_squared_error(predictions: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``(predictions - targets)**2`` over masked rows (``predictions`` and ``targets`` [B])."""
+    return _masked_mean(jnp.square(predictions - targets), mask)
+
+
+def root_mean_squared_error(predictions: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Square root of ``mean_squared_error``: the typical error, in the outcome's unit."""
+    return jnp.sqrt(mean_squared_error(predictions, targets, mask))
+
+
+def mean_absolute_error(predictions: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``|predictions - targets|`` over masked rows."""
+    return _masked_mean(jnp.abs(predictions - targets), mask)
+
+
+def r_squared(predictions: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Coefficient of determination 1 - SSE/SST over the masked rows, SST about those rows' mean target.
+
+    NaN when the masked rows' targets do not vary (or there are none): R² is undefined there.
+    """
+    mean = _masked_mean(targets, mask)
+    sse = jnp.sum(jnp.where(mask, jnp.square(predictions - targets), 0.0))
+    sst = jnp.sum(jnp.where(mask, jnp.square(targets - mean), 0.0))
+    return jnp.where(sst > 0, 1.0 - sse / jnp.where(sst > 0, sst, 1.0), jnp.nan)

@@ -18,7 +18,9 @@ baseline risk, so class balance differs. Each exports in its own way:
 
 ``write_nordic5(folder)`` writes ``study.yaml``, one ``<site>.yaml`` mapping and one
 ``<site>.csv`` per hospital. ``nordfl site check --study study.yaml --mapping Oslo.yaml --data
-Oslo.csv`` checks a site.
+Oslo.csv`` checks a site. A second study, ``nordic5_los`` (``LOS_STUDY``), is a regression of
+the length of stay on the same features: its study file and each site's mapping of the same CSV
+files go to ``los/`` (``task.study=FOLDER/los/study.yaml task.sites=FOLDER/los``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ STUDY = {
         {"name": "event", "kind": "binary"},
     ],
 }
+LOS_STUDY = {
+    **{key: value for key, value in STUDY.items() if key != "variables"},
+    "name": "nordic5_los",
+    "description": "SYNTHETIC five-country cohort (nordfl.tasks.nordic5), length of stay; not patient data",
+    "task": "regression",
+    "outcome": "los",
+    "variables": [*STUDY["variables"][:-1], {"name": "los", "kind": "numeric", "unit": "days", "range": [0, 365]}],
+}
+"""The regression study: length of stay in days from the same features, a linear model on them."""
+LOS_FOLDER = "los"  # beside the CSV files: the regression study's file and mappings
 EXPORT_DATE = "2025-01-01"  # the day the sites exported; Aarhus's ages are computed at it
 
 
@@ -118,6 +130,15 @@ def mapping(site: str) -> dict:
     return {"site": site, "study": "nordic5", "data": [f"{site}.csv"], "missing": [missing] if missing else [""], "columns": entry}
 
 
+def los_mapping(site: str) -> dict:
+    """The site's mapping for ``nordic5_los``: the same columns without the event, plus the length of stay,
+    reading the CSV one folder up (the mapping lives in ``los/``)."""
+    binary = mapping(site)
+    columns = {name: entry for name, entry in binary["columns"].items() if name != "event"}
+    columns["los"] = {"column": FORMATS[site][0][6]}
+    return {**binary, "study": LOS_STUDY["name"], "data": [f"../{site}.csv"], "columns": columns}
+
+
 def export_rows(site: str, patients: dict) -> tuple[list[str], list[list[str]]]:
     """The site's records as its own system exports them: its columns, codes, units and formats."""
     columns, codes, missing = FORMATS[site]
@@ -138,11 +159,17 @@ def export_rows(site: str, patients: dict) -> tuple[list[str], list[list[str]]]:
     return columns, rows
 
 
+def _write_yaml(path: Path, data: dict) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
 def write_nordic5(folder, seed: int = 0) -> dict[str, tuple[Path, Path]]:
-    """Writes study.yaml and each site's mapping and CSV export; returns site -> (mapping, csv)."""
+    """Writes study.yaml and each site's mapping and CSV export, and the regression study ``nordic5_los``
+    with its mappings in ``los/``; returns site -> (mapping, csv) of the binary study."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "study.yaml").write_text(yaml.safe_dump(STUDY, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    (folder / LOS_FOLDER).mkdir(parents=True, exist_ok=True)
+    _write_yaml(folder / "study.yaml", STUDY)
+    _write_yaml(folder / LOS_FOLDER / "study.yaml", LOS_STUDY)
     written = {}
     for site, patients in generate(seed).items():
         header, rows = export_rows(site, patients)
@@ -151,6 +178,7 @@ def write_nordic5(folder, seed: int = 0) -> dict[str, tuple[Path, Path]]:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(header)
             writer.writerows(rows)
-        (folder / f"{site}.yaml").write_text(yaml.safe_dump(mapping(site), sort_keys=False, allow_unicode=True), encoding="utf-8")
+        _write_yaml(folder / f"{site}.yaml", mapping(site))
+        _write_yaml(folder / LOS_FOLDER / f"{site}.yaml", los_mapping(site))
         written[site] = (folder / f"{site}.yaml", data)
     return written

@@ -238,6 +238,13 @@ def pooled_partition(
     return dataclasses.replace(federated, feature_names=dataset.feature_names)
 
 
+def _needs_class_labels(name: str, dataset: FederatedDataset) -> None:
+    """Refuses a label-skew partitioner on a continuous (regression) outcome: it has no classes to skew."""
+    if any(np.issubdtype(np.asarray(c.train.y).dtype, np.floating) for c in dataset.clients):
+        raise ValueError(f"partition.name: {name} deals out class labels, but task {dataset.name} has a continuous "
+                         "(regression) outcome; expected natural, iid, quantity_skew or feature_shift")
+
+
 @registry.register("partitioner", "natural", config=PartitionConfig)
 def natural_partition(dataset: FederatedDataset, *, seed: int = 0) -> FederatedDataset:
     """Keeps the dataset's own clients (hospitals, devices)."""
@@ -289,6 +296,7 @@ class DirichletConfig(PooledConfig):
 def dirichlet_partition(dataset: FederatedDataset, *, num_clients: int, seed: int = 0, test_fraction: float = 0.2,
                         alpha: float = 0.5, min_size: int = 1, allow_empty: bool = False) -> FederatedDataset:
     """Dirichlet label skew (``dirichlet_label_skew``)."""
+    _needs_class_labels("dirichlet", dataset)
     return pooled_partition(
         dataset, "dirichlet",
         lambda x, y, rng: (x, dirichlet_label_skew(y, num_clients, alpha, rng, min_size=min_size, allow_empty=allow_empty)),
@@ -305,6 +313,7 @@ class KClassesConfig(PooledConfig):
 def k_classes_partition(dataset: FederatedDataset, *, num_clients: int, seed: int = 0, test_fraction: float = 0.2,
                         k: int = 2) -> FederatedDataset:
     """Every client holds exactly ``k`` classes (``k_classes_per_client``)."""
+    _needs_class_labels("k_classes", dataset)
     return pooled_partition(dataset, "k_classes", lambda x, y, rng: (x, k_classes_per_client(y, num_clients, k, rng)),
                             num_clients=num_clients, seed=seed, test_fraction=test_fraction)
 

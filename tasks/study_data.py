@@ -14,7 +14,8 @@ Encoding, in the study's variable order:
 
 With ``missing: impute``, a missing value takes the federated mean (numeric) or most common
 code, and the variable gets an indicator column ``<name>_missing``. Classification outcomes
-become integer labels. Regression training comes with its own loss and metrics (issue 14).
+become integer labels; a regression outcome stays the number it is, in its unit (float32, not
+clipped nor standardised), and trains with mean squared error (``tasks.task.regression_fns``).
 """
 
 from __future__ import annotations
@@ -105,10 +106,9 @@ def scaling(study: Study, summary: dict) -> Scaling:
 
 
 def encode(study: Study, values: Mapping[str, np.ndarray], stats: Scaling) -> Examples:
-    """One site's mapped rows as ``Examples(x float32 [n, features], y int32 [n])`` with the given scaling
-    (the pooled training rows' for federated preprocessing, the site's own for per-site)."""
-    if study.task == "regression":
-        raise NotImplementedError(f"study {study.name}: regression outcomes are not trainable yet (issue 14)")
+    """One site's mapped rows as ``Examples(x float32 [n, features], y int32 [n])`` (y float32, the outcome in its
+    unit, for regression) with the given scaling (the pooled training rows' for federated preprocessing, the site's
+    own for per-site)."""
     columns = []
     for v in study.features:
         column = np.asarray(values[v.name])
@@ -132,7 +132,7 @@ def encode(study: Study, values: Mapping[str, np.ndarray], stats: Scaling) -> Ex
         if study.missing == "impute":
             columns.append(missing.astype(np.float64))
     x = np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((0, 0), np.float32)
-    return Examples(x, np.asarray(values[study.outcome], np.int32))
+    return Examples(x, np.asarray(values[study.outcome], np.float32 if study.task == "regression" else np.int32))
 
 
 def split_site(study: Study, values: Mapping[str, np.ndarray], *, seed: int, test_fraction: float) -> tuple[dict, dict]:
@@ -160,7 +160,7 @@ def study_dataset(study: Study, sites: Mapping[str, Mapping[str, np.ndarray]], *
     splits = {name: split_site(study, values, seed=seed, test_fraction=test_fraction) for name, values in sites.items()}
     shared = scaling(study, pooled_summary(study, [summarise(study, train) for train, _ in splits.values()]))
     clients = tuple(site_client(study, name, train, test, shared) for name, (train, test) in splits.items())
-    num_classes = len(study.variable(study.outcome).codes)
+    num_classes = _num_outputs(study)
     return FederatedDataset(study.name, clients, num_classes=num_classes, feature_names=feature_names(study))
 
 
@@ -183,9 +183,18 @@ def _study_file(study: str) -> Study:
     return load_study(study)
 
 
+def _num_outputs(study: Study) -> int:
+    """The model's outputs: one per outcome code (binary, multiclass), one prediction (regression)."""
+    return 1 if study.task == "regression" else len(study.variable(study.outcome).codes)
+
+
 def _study_shape(*, study: str, **_) -> tuple[tuple[int, ...], int]:
     spec = _study_file(study)
-    return (len(feature_names(spec)),), len(spec.variable(spec.outcome).codes)
+    return (len(feature_names(spec)),), _num_outputs(spec)
+
+
+def _study_kind(*, study: str, **_) -> str:
+    return "regression" if _study_file(study).task == "regression" else "classification"
 
 
 def load_sites(study: Study, folder) -> dict:
@@ -210,7 +219,7 @@ def load_sites(study: Study, folder) -> dict:
     return sites
 
 
-@registry.register("task", "study", config=StudyConfig, shape=_study_shape)
+@registry.register("task", "study", config=StudyConfig, shape=_study_shape, kind=_study_kind)
 def study_task(*, study: str, sites: str, seed: int = 0, test_fraction: float = 0.25) -> FederatedDataset:
     """A study's sites as a federated dataset: ``nordfl-sim task=study task.study=FILE task.sites=FOLDER``."""
     spec = _study_file(study)

@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nordfl.tasks import metrics as M
 from nordfl.tasks.data import Examples, FederatedDataset
@@ -42,11 +43,25 @@ class EvalMetrics(NamedTuple):
     auc: jax.Array
 
 
+class RegressionMetrics(NamedTuple):
+    """Mean squared error (the training loss), its root, mean absolute error and R² over the masked rows."""
+
+    loss: jax.Array
+    rmse: jax.Array
+    mae: jax.Array
+    r2: jax.Array
+
+
+TASK_KINDS = ("classification", "regression")
+"""What a registered task may declare as its ``kind`` (``task_kind``)."""
+
+
 class Task(NamedTuple):
-    """A classification problem as plain data and pure functions.
+    """A classification or regression problem as plain data and pure functions.
 
     ``loss_fn(params, batch: Examples, mask) -> scalar`` is what algorithms minimise;
-    ``evaluate(params, examples, mask) -> EvalMetrics`` is jittable and honours the mask.
+    ``evaluate(params, examples, mask) -> EvalMetrics`` (``RegressionMetrics`` for a regression
+    task) is jittable and honours the mask.
     """
 
     name: str
@@ -60,7 +75,7 @@ class TaskFns(NamedTuple):
     """A model's training loss and evaluation, without any data: all a site or coordinator needs."""
 
     loss_fn: Callable[[Params, Examples, jax.Array], jax.Array]
-    evaluate: Callable[[Params, Examples, jax.Array], EvalMetrics]
+    evaluate: Callable[[Params, Examples, jax.Array], EvalMetrics]  # or RegressionMetrics
 
 
 def classification_fns(model: Model, num_classes: int) -> TaskFns:
@@ -82,9 +97,59 @@ def classification_fns(model: Model, num_classes: int) -> TaskFns:
     return TaskFns(loss_fn, evaluate)
 
 
+def regression_fns(model: Model) -> TaskFns:
+    """Mean-squared-error training and MSE/RMSE/MAE/R² evaluation for a ``model`` with one output.
+
+    The prediction is ``model.apply(params, x)[:, 0]``, in the unit of ``Examples.y`` (float32).
+
+    Example:
+      >>> fns = regression_fns(logistic_regression(5, 1))  # one dense layer: linear regression
+      >>> fns.evaluate(params, Examples(x, y), mask).rmse
+    """
+
+    def predict(params, x):
+        return model.apply(params, x)[:, 0]
+
+    def loss_fn(params, batch: Examples, mask):
+        return M.mean_squared_error(predict(params, batch.x), batch.y, mask)
+
+    def evaluate(params, examples: Examples, mask) -> RegressionMetrics:
+        predictions = predict(params, examples.x)
+        mse = M.mean_squared_error(predictions, examples.y, mask)
+        return RegressionMetrics(mse, jnp.sqrt(mse), M.mean_absolute_error(predictions, examples.y, mask),
+                                 M.r_squared(predictions, examples.y, mask))
+
+    return TaskFns(loss_fn, evaluate)
+
+
+def task_fns(model: Model, kind: str, num_outputs: int) -> TaskFns:
+    """The loss and evaluation of a task of ``kind`` (``task_kind``) for ``model`` with ``num_outputs`` outputs:
+    ``classification_fns`` (one output per class) or ``regression_fns`` (one output)."""
+    if kind == "classification":
+        return classification_fns(model, num_outputs)
+    if kind == "regression":
+        if num_outputs != 1:
+            raise ValueError(f"task kind regression: the model needs 1 output (the prediction), got num_outputs={num_outputs}")
+        return regression_fns(model)
+    raise ValueError(f"task kind: expected one of {', '.join(TASK_KINDS)}, got {kind!r}")
+
+
 def classification_task(name: str, data: FederatedDataset, model: Model) -> Task:
     """Cross-entropy training and loss/accuracy/AUC evaluation for ``model`` on ``data``."""
     fns = classification_fns(model, data.num_classes)
+    return Task(name, data, model, fns.loss_fn, fns.evaluate)
+
+
+def metrics_type(task: Task) -> type:
+    """The NamedTuple ``task.evaluate`` returns (``EvalMetrics``, ``RegressionMetrics``, a plugin's own),
+    found by tracing it on the pooled test rows' shapes, without running it."""
+    test = task.data.pooled_test()
+    return type(jax.eval_shape(task.evaluate, task.model.init_params, test, np.ones(len(test.y), bool)))
+
+
+def regression_task(name: str, data: FederatedDataset, model: Model) -> Task:
+    """Mean-squared-error training and MSE/RMSE/MAE/R² evaluation for ``model`` (one output) on ``data`` (float32 ``y``)."""
+    fns = task_fns(model, "regression", data.num_classes)
     return Task(name, data, model, fns.loss_fn, fns.evaluate)
 
 
@@ -98,6 +163,21 @@ def task_shape(name: str, options=None) -> tuple[tuple[int, ...], int]:
         shape, num_classes = properties["shape"](**(options or {}))
         return tuple(shape), int(num_classes)
     return tuple(properties["feature_shape"]), int(properties["num_classes"])
+
+
+def task_kind(name: str, options=None) -> str:
+    """A registered task's kind, ``"classification"`` or ``"regression"``, known without loading its data.
+
+    A task declares ``kind="regression"`` when it registers (none: classification), or
+    ``kind=callable(**options) -> str`` when its options decide (a study: its file's ``task``).
+    A regression task's ``num_classes`` is its model's number of outputs, 1."""
+    properties = registry.lookup("task", name, field="task").properties
+    kind = properties.get("kind", "classification")
+    if callable(kind):
+        kind = kind(**(options or {}))
+    if kind not in TASK_KINDS:
+        raise ValueError(f"task {name}: kind must be one of {', '.join(TASK_KINDS)}, got {kind!r}")
+    return kind
 
 
 def make_model(task_name: str, model: str = "logistic_regression", *, seed: int = 0, model_kwargs=None, task_options=None) -> Model:
@@ -123,6 +203,8 @@ def make_task(name: str, *, model: str = "logistic_regression", model_seed: int 
     """
     builder = registry.lookup("task", name, field="task.name").builder
     registry.check_keywords(f"task ({name})", builder, data_kwargs)
-    built = make_model(name, model, seed=model_seed, model_kwargs=model_kwargs,
-                       task_options={k: v for k, v in data_kwargs.items() if k != "seed"})
-    return classification_task(name, builder(**data_kwargs), built)
+    options = {k: v for k, v in data_kwargs.items() if k != "seed"}
+    built = make_model(name, model, seed=model_seed, model_kwargs=model_kwargs, task_options=options)
+    data = builder(**data_kwargs)
+    fns = task_fns(built, task_kind(name, options), data.num_classes)
+    return Task(name, data, built, fns.loss_fn, fns.evaluate)

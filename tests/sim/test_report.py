@@ -281,3 +281,22 @@ def test_labels_show_what_differs_and_ignore_resume_and_hydra_keys(tmp_path):
     write_run(tmp_path / "b0", make_rows(2), seed=0, algorithm="scaffold", overrides=["algorithm=scaffold", "seed=0", *common])
     labels = {s.label: s.seeds for s in report.summarise([tmp_path])}
     assert labels == {"algorithm=fedavg": (0, 1), "algorithm=scaffold": (0,)}
+
+
+def test_a_regression_run_reports_rmse_mae_r2_and_its_worst_site_by_highest_rmse(tmp_path):
+    for seed, rmse in ((0, {"Cleveland": 1.0, "Hungary": 2.5, "Switzerland": 2.0}), (1, {"Cleveland": 1.2, "Hungary": 1.5, "Switzerland": 2.2})):
+        row = {"round": 2, "client_loss": 3.0, "num_clients": 3, "train_loss": 3.1, "test_loss": 3.3, "test_rmse": 1.8 + seed,
+               "test_mae": 1.5, "test_r2": 0.3,
+               "sites": {name: {"loss": r * r, "rmse": r, "mae": 0.8 * r, "r2": 0.3} for name, r in rmse.items()}}
+        write_run(tmp_path / f"run{seed}", [row], seed=seed, algorithm="fedavg")
+    (summary,) = report.summarise([tmp_path])
+    assert report.table_metrics([summary]) == ["train_loss", "test_loss", "test_rmse", "test_mae", "test_r2"]
+    assert tuple(summary.final["test_rmse"]) == pytest.approx((2.3, np.std([1.8, 2.8], ddof=1)))
+    assert summary.worst_metric == "rmse" and summary.worst_site == ("Switzerland", pytest.approx(2.1))
+    report.write_report([summary], tmp_path / "out")
+    assert "| test rmse | test mae | test r2 | worst site |" in (tmp_path / "out" / "report.md").read_text()
+    assert "Switzerland (rmse 2.1000)" in (tmp_path / "out" / "report.md").read_text()
+    with open(tmp_path / "out" / "report.csv") as f:
+        (line,) = list(csv.DictReader(f))
+    assert line["worst_site"] == "Switzerland" and float(line["worst_site_rmse"]) == pytest.approx(2.1)
+    assert (tmp_path / "out" / "test_rmse.png").read_bytes()[:8] == PNG_SIGNATURE

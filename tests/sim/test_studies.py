@@ -42,7 +42,7 @@ def test_study_becomes_the_study_task_overrides_in_its_place(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["study=unknown"], "study: 'unknown' is neither a shipped study (heart, nordic5) nor a study file"),
+    (["study=unknown"], "study: 'unknown' is neither a shipped study (heart, nordic5, nordic5_los) nor a study file"),
     (["study_sites=x"], "study_sites: 'x' needs study=FILE"),
     (["study=heart", "task=heart"], "study: 'heart' sets task=study with its files; drop 'task=heart'"),
     (["study=heart", "study_sites=/no/such/folder"], "study_sites: '/no/such/folder' is not a folder"),
@@ -109,7 +109,7 @@ def test_nordfl_sim_runs_nordic5_from_the_cache_and_study_unknown_lists_the_ship
     assert set(summary["final"]["sites"]) == set(NORDIC5_SITES)
     unknown = _sim("study=unknown", cwd=tmp_path, timeout=120)
     assert unknown.returncode == 2
-    assert ("nordfl-sim: config error: study: 'unknown' is neither a shipped study (heart, nordic5) nor a study file"
+    assert ("nordfl-sim: config error: study: 'unknown' is neither a shipped study (heart, nordic5, nordic5_los) nor a study file"
             in " ".join(unknown.stderr.split()))
 
 

@@ -1,13 +1,12 @@
 """A study's mapped records as model inputs: every site preprocesses with the federated statistics."""
 
 import numpy as np
-import pytest
 
 from nordfl.tasks import classification_task
 from nordfl.tasks.data import stratified_split
 from nordfl.tasks.models import logistic_regression
 from nordfl.tasks.study import parse_study
-from nordfl.tasks.study_data import encode, feature_names, study_dataset
+from nordfl.tasks.study_data import Scaling, encode, feature_names, study_dataset
 
 RAW = {
     "name": "s", "task": "binary", "outcome": "event", "missing": "impute",
@@ -64,5 +63,7 @@ def test_per_site_standardisation_uses_each_sites_own_statistics():
     values["sex"] = np.abs(values["sex"])
     data = study_dataset(study, {"Oslo": values}, seed=0)
     assert abs(float(data.clients[0].train.x[:, 0].mean())) < 1e-5  # standardised on its own training rows
-    with pytest.raises(NotImplementedError, match="regression outcomes are not trainable yet"):
-        encode(parse_study({**RAW, "task": "regression", "outcome": "age"}), values, {})
+    # A regression outcome is the number itself, in its unit: float32, neither clipped nor standardised.
+    encoded = encode(parse_study({**RAW, "task": "regression", "outcome": "age"}), values, Scaling({}, {}, {"sex": 0, "event": 0}))
+    assert encoded.y.dtype == np.float32
+    np.testing.assert_array_equal(encoded.y, values["age"].astype(np.float32))
