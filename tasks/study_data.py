@@ -31,9 +31,8 @@ import yaml
 from nordfl import registry
 from nordfl.tasks.data import ClientSplit, Examples, FederatedDataset, stratified_split
 from nordfl.tasks.describe import NumericSummary, summarise
-from nordfl.tasks.mapping import MappingError, apply_mapping, parse_mapping
+from nordfl.tasks.mapping import MappingError, data_paths, map_site_files, parse_mapping
 from nordfl.tasks.study import Study, load_study
-from nordfl.tasks.tables import read_table
 from nordfl.tasks.task import TaskConfig
 
 
@@ -177,7 +176,9 @@ class StudyConfig(TaskConfig):
     test_fraction: float = 0.25
 
 
-def _study_file(study: str) -> Study:
+def _study_file(study) -> Study:
+    if isinstance(study, Study):  # the runtime passes the study the job carries, not a path
+        return study
     if study in ("???", "", None):
         raise ValueError("task.study: the study file is needed, e.g. task.study=study.yaml task.sites=FOLDER")
     return load_study(study)
@@ -197,25 +198,30 @@ def _study_kind(*, study: str, **_) -> str:
     return "regression" if _study_file(study).task == "regression" else "classification"
 
 
-def load_sites(study: Study, folder) -> dict:
-    """Every site in ``folder``: each mapping file (``*.yaml`` naming this study) applied to its data files, by site name."""
+def mapping_files(study: Study, folder) -> dict:
+    """The site mapping files in ``folder`` (``*.yaml`` naming this study), checked, by site name."""
     folder = Path(folder)
-    sites = {}
+    found = {}
     for path in sorted(folder.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict) or raw.get("study") != study.name or "columns" not in raw:
             continue  # the study file itself, or another study's mapping
         mapping = parse_mapping(raw, study, str(path))
-        if not mapping.data:
-            raise MappingError(f"mapping {path}: data: the simulator needs the site's files, e.g. data: [{mapping.site}.csv]")
-        parts = [apply_mapping(*read_table(path.parent / name), mapping, study, str(path.parent / name), check_min_rows=False)
-                 for name in mapping.data]
-        kept = sum(p.report.rows_kept for p in parts)
-        if kept < study.min_rows:
-            raise MappingError(f"site {mapping.site}: {kept} usable rows; study {study.name} needs at least min_rows={study.min_rows}")
-        sites[mapping.site] = {k: np.concatenate([p.values[k] for p in parts]) for k in parts[0].values}
-    if not sites:
+        if mapping.site in found:
+            raise MappingError(f"mapping {path}: site: {mapping.site!r} is mapped twice in {folder} (also in {found[mapping.site].source})")
+        found[mapping.site] = mapping
+    if not found:
         raise MappingError(f"task.sites: {folder} holds no mapping file for study {study.name} (YAML with study: {study.name})")
+    return found
+
+
+def load_sites(study: Study, folder) -> dict:
+    """Every site in ``folder``: each mapping file (``*.yaml`` naming this study) applied to its data files, by site name."""
+    sites = {}
+    for site, mapping in mapping_files(study, folder).items():
+        if not mapping.data:
+            raise MappingError(f"mapping {mapping.source}: data: the simulator needs the site's files, e.g. data: [{site}.csv]")
+        sites[site] = map_site_files(study, mapping, data_paths(mapping))[0]
     return sites
 
 
