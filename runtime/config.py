@@ -21,12 +21,12 @@ from omegaconf.errors import OmegaConfBaseException
 from nordfl.algorithms import Algorithm
 from nordfl.algorithms.aggregators import Aggregator, linear_aggregators
 from nordfl.conf.schema import AlgorithmConfig, ConfigError, TaskConfig, build_algorithm, fail, model_kwargs, typed
-from nordfl.tasks import Model, TaskFns, classification_fns, make_model
+from nordfl.tasks import Model, TaskFns, make_model, task_fns
 from nordfl import registry
 from nordfl.runtime import plugins as job_plugins
 from nordfl.tasks.study import Study, StudyError, load_study, parse_study
 from nordfl.tasks.study_data import Scaling
-from nordfl.tasks.task import task_shape
+from nordfl.tasks.task import task_kind, task_shape
 
 
 @dataclass
@@ -300,8 +300,9 @@ def build_job(job: Job) -> Built:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     shape, outputs = task_shape(task["name"], options)
-    fns = classification_fns(model, outputs)
+    kind = task_kind(task["name"], options)
+    fns = task_fns(model, kind, outputs)
     cfg = OmegaConf.create({"algorithm": job.algorithm_config})
     algorithm, aggregate = build_algorithm(cfg, fns.loss_fn, num_clients=len(job.sites),
                                            expected_clients=job.cohort_size or len(job.sites))
-    return Built(model, fns, algorithm, aggregate, shape, np.int32)
+    return Built(model, fns, algorithm, aggregate, shape, np.float32 if kind == "regression" else np.int32)

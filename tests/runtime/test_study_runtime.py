@@ -18,7 +18,7 @@ from nordfl.runtime.site import SiteAgent, SiteRefused
 from nordfl.runtime.site_data import load_study_records
 from nordfl.sim.config import build, register
 from nordfl.sim.engine import Simulator
-from nordfl.tasks.describe import summarise
+from nordfl.tasks.describe import summarise, table_one
 from nordfl.tasks.mapping import MappingError
 from nordfl.tasks.nordic5 import SITES, write_nordic5
 from nordfl.tasks.study import load_study
@@ -79,9 +79,12 @@ def test_a_study_from_outside_the_package_runs_its_table_one_and_training_jobs_a
     assert int(table["sex", "male"]["pooled"]) == np.sum(sexes == 1)
     assert float(table["age", "min"]["Oslo"]) == np.min(pooled_rows["Oslo"]["age"])
     # A small count is withheld, at its site and by complementary suppression: no released margin has one hidden cell.
-    hidden = {(key, site) for key, row in table.items() for site in SITES if row[site] == f"<{study.min_cell}"}
+    hidden = {(key, site) for key, row in table.items() for site in SITES if row[site] in (f"<{study.min_cell}", "withheld")}
     assert hidden and all(len([k for k in hidden if k[0][0] == v and k[1] == s]) != 1 for v, _ in table for s in SITES)
     assert f"{np.nanmean(chol):.4g}" in (released / "table1.md").read_text()
+    # The same table, to the last digit, as the simulator writes from the same files.
+    simulated = table_one(study, {site: summarise(study, rows) for site, rows in sorted(pooled_rows.items())})
+    assert (released / "table1.csv").read_text() == simulated.csv()
     # A site's audit log holds exactly what it sent, and the coordinator's log the study hash.
     site_log = [json.loads(line) for line in (tmp_path / "describe" / "Oslo" / "audit.jsonl").read_text().splitlines()]
     sent = [e for e in site_log if e["event"] == "summary_sent"]
@@ -179,3 +182,41 @@ def test_a_mapping_error_names_file_row_column_and_value(study_folder, tmp_path)
     (folder / "Oslo.csv").write_text(_replace_cell((folder / "Oslo.csv").read_text(), 3, 3, "high"))
     with pytest.raises(MappingError, match=r"Oslo.csv, row 3, column kolesterol: 'high' is not a number \(chol\)"):
         load_study_records(folder / "study.yaml", folder / "Oslo.yaml")
+
+
+@pytest.mark.slow
+def test_a_regression_study_trains_across_sites_as_in_the_simulator(tmp_path, study_folder):
+    """nordic5_los (length of stay, MSE): the sites' final RMSE, MAE and R² equal the simulator's."""
+    from nordfl.tasks.study_data import pooled_summary, scaling, split_site
+
+    mappings = study_folder / "los"  # the regression study's file and mappings, reading the same exports
+    study_file = mappings / "study.yaml"
+    study = load_study(study_file)
+    assert study.task == "regression"
+    # The scaling a Table 1 job would release: the pooled training rows' means, SDs and modes.
+    sites = load_sites(study, mappings)
+    trains = [split_site(study, rows, seed=0, test_fraction=0.25)[0] for rows in sites.values()]
+    shared = scaling(study, pooled_summary(study, [summarise(study, t) for t in trains]))
+    (tmp_path / "statistics.json").write_text(json.dumps({"study_sha256": study.sha256, "data_seed": 0, "test_fraction": 0.25,
+                                                          "scaling": shared.as_json()}))
+    federation = tls.provision(tmp_path / "federation", SITES)
+    overrides = ["task=study", f"task.study={study_file}", f"task.sites={mappings}", f"runtime.rounds={ROUNDS}",
+                 f"runtime.statistics={tmp_path / 'statistics.json'}"]
+    coordinator, port, driver = start_federation(tmp_path, federation, overrides)
+    agents = [SiteAgent(site, f"localhost:{port}", load_study_records(study_file, mappings / f"{site}.yaml"),
+                        tmp_path / "sites" / site, tls.channel_credentials(federation / "sites" / site), log=lambda m: None)
+              for site in SITES]
+    results, errors = run_sites(agents)
+    driver.join(timeout=120)
+    assert not errors and set(results) == set(SITES)
+
+    sim, experiment = _simulator(mappings, ["task=study", f"task.study={study_file}", f"sim.rounds={ROUNDS}"])
+    state = sim.init(experiment.task.model.init_params)
+    for _ in range(ROUNDS):
+        state, _ = sim.run_round(state)
+    evaluation = sim.evaluate(state.server.params)
+    for i, site in enumerate(c.name for c in experiment.task.data.clients):
+        final = coordinator.final_metrics[site]
+        assert set(final) == {"loss", "rmse", "mae", "r2"}
+        for key in final:
+            np.testing.assert_allclose(final[key], getattr(evaluation.sites, key)[i], rtol=1e-4, atol=1e-6)
