@@ -4,11 +4,12 @@ Each site computes its own summary from its mapped records: per numeric variable
 sum, sum of squares, minimum and maximum, and per categorical or binary variable the count of
 each code, with missing counted apart. ``table_one`` combines the sites and releases:
 - a count below the study's ``min_cell`` is suppressed (shown as "<k");
-- a site's mean, SD, minimum and maximum are suppressed when its count is;
+- a site's mean, SD, minimum and maximum are suppressed (shown as "withheld") when its count is;
 - the suppression is made safe against subtraction. No released margin (a site's total over a
   variable's codes, or a code's pooled count over the sites) may have exactly one suppressed
   cell, or that cell would be the margin minus the others. The smallest other cell is
-  suppressed too, until none has.
+  suppressed too ("withheld": it need not be small, it is hidden so that the small one cannot
+  be recovered), until none has.
 
 The minimum and maximum are exact patient values: only a site with at least ``min_cell``
 rows releases them, and the pooled ones are over those sites. The pooled counts, means and SDs
@@ -90,7 +91,7 @@ def _suppressed_cells(counts: np.ndarray, min_cell: int) -> np.ndarray:
 
 
 class TableOne(NamedTuple):
-    """Released figures: ``sites`` and ``pooled`` map variable -> {statistic or code: value or "<k"}."""
+    """Released figures: ``sites`` and ``pooled`` map variable -> {statistic or code: value, "<k" or "withheld"}."""
 
     sites: dict  # site -> variable -> {...}
     pooled: dict  # variable -> {...}
@@ -108,7 +109,7 @@ class TableOne(NamedTuple):
 
     def csv(self) -> str:
         """The same table as CSV, one row per variable and statistic (or code), numbers at full precision:
-        ``variable,statistic,<site>...,pooled``; a withheld cell is ``<k``, a figure that does not exist ``n/a``."""
+        ``variable,statistic,<site>...,pooled``; a small count is ``<k``, another hidden cell ``withheld``, a figure that does not exist ``n/a``."""
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         names = list(self.sites)
@@ -134,11 +135,18 @@ def _shown(value) -> str:
     return str(value)
 
 
+def _cell(count, hidden: bool, k: int):
+    """A released count: the number, "<k" for a small one, "withheld" for a complement hidden to protect one."""
+    if not hidden:
+        return int(count)
+    return f"<{k}" if 0 < count < k else "withheld"
+
+
 def table_one(study: Study, summaries: Mapping[str, dict]) -> TableOne:
     """The releasable Table 1 from the sites' summaries (``summarise``), suppressed as the module says."""
     names: Sequence[str] = list(summaries)
     k = study.min_cell
-    hidden_text = f"<{k}"
+    small_text, withheld_text = f"<{k}", "withheld"
     sites = {s: {} for s in names}
     pooled = {}
     for variable in study.variables:
@@ -147,9 +155,9 @@ def table_one(study: Study, summaries: Mapping[str, dict]) -> TableOne:
             counts = np.array([[summaries[s][variable.name][c] for c in keys] for s in names], np.int64)
             hidden = _suppressed_cells(counts, k)
             for i, s in enumerate(names):
-                sites[s][variable.name] = {c: hidden_text if hidden[i, j] else int(counts[i, j]) for j, c in enumerate(keys)}
+                sites[s][variable.name] = {c: _cell(counts[i, j], hidden[i, j], k) for j, c in enumerate(keys)}
             totals = counts.sum(axis=0)
-            pooled[variable.name] = {c: hidden_text if 0 < totals[j] < k else int(totals[j]) for j, c in enumerate(keys)}
+            pooled[variable.name] = {c: small_text if 0 < totals[j] < k else int(totals[j]) for j, c in enumerate(keys)}
         else:
             parts = [summaries[s][variable.name] for s in names]
             # n and missing sum to the site's rows and, over the sites, to the pooled figures: suppress as a table.
@@ -157,20 +165,21 @@ def table_one(study: Study, summaries: Mapping[str, dict]) -> TableOne:
             for i, (s, part) in enumerate(zip(names, parts)):
                 withheld = hidden[i, 0] or part.count < k
                 sites[s][variable.name] = {
-                    "n": hidden_text if hidden[i, 0] else part.count,
-                    **{key: hidden_text if withheld else value for key, value in
+                    "n": _cell(part.count, hidden[i, 0], k),
+                    **{key: withheld_text if withheld else value for key, value in
                        (("mean", part.mean), ("sd", part.sd), ("min", part.minimum), ("max", part.maximum))},
-                    "missing": hidden_text if hidden[i, 1] else part.missing,
+                    "missing": _cell(part.missing, hidden[i, 1], k),
                 }
             released = [p for i, p in enumerate(parts) if not hidden[i, 0] and p.count >= k]
             total = NumericSummary(sum(p.count for p in parts), sum(p.total for p in parts), sum(p.squares for p in parts),
                                    min((p.minimum for p in released), default=math.nan),
                                    max((p.maximum for p in released), default=math.nan), sum(p.missing for p in parts))
             small = total.count < k
-            pooled[variable.name] = {"n": hidden_text if 0 < total.count < k else total.count,
-                                     "mean": hidden_text if small else total.mean, "sd": hidden_text if small else total.sd,
-                                     "min": hidden_text if small else total.minimum, "max": hidden_text if small else total.maximum,
-                                     "missing": hidden_text if 0 < total.missing < k else total.missing}
+            pooled[variable.name] = {"n": small_text if 0 < total.count < k else total.count,
+                                     "mean": withheld_text if small else total.mean, "sd": withheld_text if small else total.sd,
+                                     "min": withheld_text if small else total.minimum,
+                                     "max": withheld_text if small else total.maximum,
+                                     "missing": small_text if 0 < total.missing < k else total.missing}
     return TableOne(sites, pooled, k)
 
 
