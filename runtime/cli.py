@@ -239,10 +239,14 @@ def cmd_demo_study(args, root: Path) -> int:
     from nordfl.tasks.study import load_study
     from nordfl.tasks.study_data import mapping_files
 
-    files = locate(args.study)
-    study = load_study(files.study)
-    mappings = mapping_files(study, files.sites)
-    tls.provision(root / "federation", sorted(mappings))
+    try:
+        files = locate(args.study)
+        study = load_study(files.study)
+        # A certificate identity has no spaces: "VA Long Beach" joins as VA_Long_Beach.
+        mappings = {name.replace(" ", "_"): m for name, m in mapping_files(study, files.sites).items()}
+        tls.provision(root / "federation", sorted(mappings))
+    except (ValueError, OSError) as e:
+        return _err(f"demo --study: {e}")
     print(f"demo: study {study.name} (sha256 {study.sha256[:16]}...) at {', '.join(sorted(mappings))}, each site reading its "
           f"own export through its mapping file in {files.sites}; federation in {root}", flush=True)
     sites = {name: ["--study", str(files.study), "--mapping", m.source] for name, m in mappings.items()}
