@@ -137,6 +137,15 @@ class JobServer:
         """Whether sites may still send their scores of the final model (``run_until_done`` waits for them)."""
         return False
 
+    def _upload_header(self, identity: Optional[str], first: Optional[pb.UpdateChunk]) -> tuple[str, pb.UpdateHeader]:
+        """An upload's first chunk: its header, from an admitted site, for this run (else ``Rejected``)."""
+        if first is None or not first.HasField("header"):
+            raise Rejected("malformed stream: the first chunk must be the header")
+        site = self._identify(identity, first.header.site)
+        if first.header.run_id != self.run_id:
+            raise Rejected(f"update for run {first.header.run_id!r}; this run is {self.run_id!r}")
+        return site, first.header
+
 
 class Coordinator(JobServer):
     """The round state machine of a training job, independent of gRPC (the servicer below only translates).
@@ -409,16 +418,11 @@ class Coordinator(JobServer):
 
     def submit(self, identity: Optional[str], chunks: Iterator[pb.UpdateChunk]) -> pb.SubmitReply:
         """Checks and stores one update; the reply says why a rejected one was refused."""
-        header = None
+        first = next(chunks, None)
+        header = first.header if first is not None and first.HasField("header") else None
         try:
-            first = next(chunks, None)
-            if first is None or not first.HasField("header"):
-                raise Rejected("malformed stream: the first chunk must be the header")
-            header = first.header
-            site = self._identify(identity, header.site)
+            site, _ = self._upload_header(identity, first)
             identity = site
-            if header.run_id != self.run_id:
-                raise Rejected(f"update for run {header.run_id!r}; this run is {self.run_id!r}")
             specs, total, sha = wire.manifest_from_proto(header.manifest)
             if header.round == self.job.rounds and self.finished and not specs:
                 self.final_metrics[site] = dict(header.metrics)

@@ -103,13 +103,7 @@ class TableOneJob(JobServer):
         """Checks one site's summary against the study's template and keeps it; releases when all have answered."""
         site = identity
         try:
-            first = next(chunks, None)
-            if first is None or not first.HasField("header"):
-                raise Rejected("malformed stream: the first chunk must be the header")
-            header = first.header
-            site = self._identify(identity, header.site)
-            if header.run_id != self.run_id:
-                raise Rejected(f"summary for run {header.run_id!r}; this run is {self.run_id!r}")
+            site, header = self._upload_header(identity, next(chunks, None))
             specs, total, sha = wire.manifest_from_proto(header.manifest)
             wire.check_specs(specs, wire.template_of(self.template))
             payload = wire.join_chunks((c.data for c in chunks), expected_total=total, max_total=self.limits.max_message_bytes)

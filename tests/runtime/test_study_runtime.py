@@ -220,3 +220,43 @@ def test_a_regression_study_trains_across_sites_as_in_the_simulator(tmp_path, st
         assert set(final) == {"loss", "rmse", "mae", "r2"}
         for key in final:
             np.testing.assert_allclose(final[key], getattr(evaluation.sites, key)[i], rtol=1e-4, atol=1e-6)
+
+
+def test_the_table_one_job_rejects_a_summary_that_is_not_a_summary(tmp_path, study_folder):
+    """Wrong tensors, negative or fractional counts and a second summary are refused, and the job goes on."""
+    from nordfl.runtime import wire
+    from nordfl.runtime.config import Job
+    from nordfl.runtime.coordinator import Limits
+    from nordfl.runtime.proto import federation_pb2 as pb
+    from nordfl.runtime.table_one import TableOneJob
+
+    records = {site: load_study_records(study_folder / "study.yaml", study_folder / f"{site}.yaml") for site in SITES}
+    study = records["Oslo"].study
+    job = Job(0, tuple(sorted(SITES)), 1, {"name": "fedavg"}, {"name": "study", "data_seed": 0, "test_fraction": 0.25},
+              kind="describe", study=study.canonical())
+    limits = Limits(2, 3, 60.0, 1, None, 1e6, 1e7, 1 << 20, 1 << 24, 1)
+    server = TableOneJob(job, limits, tmp_path, admitted=lambda identity: (True, ""), log=lambda m: None, insecure=True)
+
+    def upload(site, arrays):
+        specs, payload = wire.encode(arrays)
+        head = pb.UpdateHeader(run_id=server.run_id, round=0, site=site, manifest=wire.manifest_to_proto(specs, payload))
+        return server.submit(None, iter([pb.UpdateChunk(header=head), pb.UpdateChunk(data=payload)]))
+
+    good = records["Oslo"].describe(job)
+    negative = {part: dict(tree) for part, tree in good.items()}
+    negative["all"]["sex"] = negative["all"]["sex"] * -1
+    fractional = {part: dict(tree) for part, tree in good.items()}
+    fractional["train"]["age"] = fractional["train"]["age"] + np.array([0.5, 0, 0, 0, 0, 0])
+    missing_variable = {part: {k: v for k, v in tree.items() if k != "sbp"} for part, tree in good.items()}
+    for bad, reason in ((negative, "counts must be whole numbers >= 0"), (fractional, "counts must be whole numbers >= 0"),
+                        (missing_variable, "")):
+        reply = upload("Oslo", bad)
+        assert not reply.accepted and reason in reply.reason
+    assert upload("Oslo", good).accepted
+    reply = upload("Oslo", good)
+    assert not reply.accepted and "duplicate summary from Oslo" in reply.reason
+    assert not server.finished  # four sites still to answer
+    for site in SITES:
+        if site != "Oslo":
+            assert upload(site, records[site].describe(job)).accepted
+    assert server.finished and (tmp_path / "statistics.json").is_file()
