@@ -159,7 +159,7 @@ def _dry_run(args) -> int:
     from nordfl.runtime.config import Job, check_runtime, compose_config, job_from_config
     from nordfl.runtime.plugins import PluginRefused, check_and_load, parse
     from nordfl.runtime.policy import PolicyError, PolicyViolation, load_policy
-    from nordfl.runtime.site import dry_run
+    from nordfl.runtime.site import dry_run, summary_preview
     from nordfl.runtime.site_data import SiteDataError, load_study_records
     from nordfl.tasks.mapping import MappingError
     from nordfl.tasks.study import StudyError
@@ -183,6 +183,9 @@ def _dry_run(args) -> int:
         task = args.task if isinstance(data, list) else data.task
         if job.task_config["name"] != task:
             return _err(f"site --dry-run: the job is task {job.task_config['name']!r}; this site serves {task!r}")
+        if job.kind == "describe":  # a study's Table 1 job: the numbers themselves are what would leave
+            print(summary_preview(args.name, data, job), flush=True)
+            return 0
         audit = AuditLog(Path(args.state) / "audit.jsonl", actor=f"site:{args.name}") if args.state else None
         if audit is not None and policy is not None:
             audit.record("policy_loaded", path=policy.path, sha256=policy.sha256, rules=policy.rules())

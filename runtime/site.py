@@ -573,3 +573,18 @@ def dry_run(name: str, data: Union[Sequence[Path], StudyRecords], job: Job, *, p
                      bytes=preview.bytes, sha256=preview.sha256, epsilon=_json_number(spent.epsilon), delta=spent.delta,
                      mechanism=spent.mechanism, policy_sha256=preview.policy_sha256)
     return preview
+
+
+def summary_preview(name: str, records: StudyRecords, job: Job) -> str:
+    """What this site would send in a study's Table 1 job, every number of it, for a DPO; nothing is sent."""
+    from nordfl.tasks.describe import NUMERIC_FIELDS
+
+    lines = [f"{name}: dry run of the Table 1 job of study {records.study.name}: NOTHING was sent. The summary would carry:"]
+    for part, tree in summary_egress(records.describe(job)).items():
+        lines.append(f"  {'all rows' if part == 'all' else 'training rows'}:")
+        for variable, values in tree.items():
+            v = records.study.variable(variable)
+            labels = [*v.codes, "missing"] if v.kind in ("categorical", "binary") else NUMERIC_FIELDS
+            shown = ", ".join(f"{label} {'withheld' if x is None else f'{x:.12g}'}" for label, x in zip(labels, values))
+            lines.append(f"    {variable}: {shown}")
+    return "\n".join(lines)

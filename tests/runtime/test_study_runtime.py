@@ -260,3 +260,14 @@ def test_the_table_one_job_rejects_a_summary_that_is_not_a_summary(tmp_path, stu
         if site != "Oslo":
             assert upload(site, records[site].describe(job)).accepted
     assert server.finished and (tmp_path / "statistics.json").is_file()
+
+
+def test_a_dry_run_of_the_table_one_job_shows_every_number_that_would_leave(study_folder, capsys):
+    folder = study_folder
+    code = main(["site", "--dry-run", "--name", "Tartu", "--study", str(folder / "study.yaml"), "--mapping",
+                 str(folder / "Tartu.yaml"), f"study={folder / 'study.yaml'}", "runtime.job=describe"])
+    out = capsys.readouterr().out
+    assert code == 0 and "NOTHING was sent" in out
+    rows = load_study_records(folder / "study.yaml", folder / "Tartu.yaml").values
+    assert f"age: count 200, total {np.sum(rows['age']):.12g}" in out
+    assert f"smoker: no {np.sum(rows['smoker'] == 0)}, yes {np.sum(rows['smoker'] == 1)}, missing {np.sum(rows['smoker'] < 0)}" in out
