@@ -144,7 +144,10 @@ def metrics_type(task: Task) -> type:
     """The NamedTuple ``task.evaluate`` returns (``EvalMetrics``, ``RegressionMetrics``, a plugin's own),
     found by tracing it on the pooled test rows' shapes, without running it."""
     test = task.data.pooled_test()
-    return type(jax.eval_shape(task.evaluate, task.model.init_params, test, np.ones(len(test.y), bool)))
+    # One row of the right shapes and dtypes: a task may have no test rows (e.g. a benchmark's), and a
+    # reshape of zero rows to (0, -1) cannot be traced.
+    row = Examples(np.zeros((1, *test.x.shape[1:]), test.x.dtype), np.zeros(1, test.y.dtype))
+    return type(jax.eval_shape(task.evaluate, task.model.init_params, row, np.ones(1, bool)))
 
 
 def regression_task(name: str, data: FederatedDataset, model: Model) -> Task:
