@@ -42,7 +42,6 @@ from nordfl.runtime.policy import (PolicyViolation, PrivacyCost, SitePolicy, che
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
 from nordfl.runtime.site_data import StudyRecords, TaskFiles, load_site_table
-from nordfl.runtime.table_one import summary_egress
 from nordfl.runtime.store import atomic_write_text, load_tree, save_tree
 from nordfl.tasks import Examples
 
@@ -118,6 +117,12 @@ def site_records(data, task: str):
     if isinstance(data, StudyRecords):
         return data
     return TaskFiles(task, load_site_table(data, task))
+
+
+def summary_egress(arrays: dict) -> dict:
+    """A site's summary as plain lists, for its own audit log: exactly the numbers that left."""
+    return {part: {name: [None if np.isnan(v) else float(v) for v in values] for name, values in tree.items()}
+            for part, tree in arrays.items()}
 
 
 class SiteAgent:

@@ -29,8 +29,6 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
-import numpy as np
-
 from nordfl.runtime import wire
 from nordfl.runtime.config import STATISTICS_FILE
 from nordfl.runtime.coordinator import JobServer, Rejected, Stopped
@@ -157,9 +155,3 @@ class TableOneJob(JobServer):
 
     def table_markdown(self) -> str:
         return self.released["table1.md"].read_text() if "table1.md" in self.released else ""
-
-
-def summary_egress(arrays: dict) -> dict:
-    """A site's summary as plain lists, for its own audit log: exactly the numbers that left."""
-    return {part: {name: [None if np.isnan(v) else float(v) for v in values] for name, values in tree.items()}
-            for part, tree in arrays.items()}
