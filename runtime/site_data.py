@@ -25,11 +25,11 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from nordfl import registry
-from nordfl.tasks.data import ClientSplit, Column, Examples, SiteData
+from nordfl.tasks.data import ClientSplit, Column, Examples, SiteData, min_split_rows
 from nordfl.tasks.describe import summarise, summary_arrays
-from nordfl.tasks.mapping import SiteMapping, SiteReport, data_paths, load_mapping, map_site_files
+from nordfl.tasks.mapping import MappingError, SiteMapping, SiteReport, data_paths, load_mapping, map_site_files
 from nordfl.tasks.study import Study, load_study
-from nordfl.tasks.study_data import Scaling, site_client, split_site
+from nordfl.tasks.study_data import Scaling, StudyConfig, site_client, split_site
 from nordfl.tasks.tables import SUFFIXES, TableError, csv_text, pyarrow_modules, read_table  # noqa: F401  (read_table: the site check reads it here)
 from nordfl.tasks.heart import read_site_rows
 
@@ -59,14 +59,23 @@ def load_site_table(paths: Union[PathLike, Sequence[PathLike]], task: str = "hea
     task's features and label (not standardised; heart: 13 features).
 
     Raises:
-      SiteDataError: for the first file that is missing, unreadable or empty, lacks a column,
-        holds a value of the wrong type or an unknown category, or has no complete row.
+      SiteDataError: for the first file that is missing, unreadable or empty, lacks a column or
+        names one twice, holds a value of the wrong type, an unknown category, a number beyond
+        float32 or outside its column's plausible range, or has no complete row; or when all
+        files together have fewer complete rows than the task's split needs (``min_rows``).
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise SiteDataError(f"site data: no files given; expected one or more {' or '.join(SUFFIXES)} files")
     spec = site_data_of(task)
     parts = [_load_file(Path(p), spec) for p in paths]
+    complete = sum(len(p.y) for p in parts)
+    if complete < spec.min_rows:
+        files = ", ".join(str(p) for p in paths)
+        raise SiteDataError(
+            f"site data: {files} {'has' if len(paths) == 1 else 'have'} {complete} complete row(s); task {task} needs at "
+            f"least {spec.min_rows}, so that both its training and its test split get a row"
+        )
     return Examples(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
 
 
@@ -94,6 +103,9 @@ def _load_file(path: Path, spec: SiteData) -> Examples:
 
 
 def _check_header(path: Path, header: Sequence[str], spec: SiteData) -> None:
+    twice = sorted({c for c in header if list(header).count(c) > 1})
+    if twice:
+        raise SiteDataError(f"site data: {path}: column {twice[0]!r} appears more than once in the header; expected each once")
     missing = [c for c in spec.columns if c.name not in header]
     if missing:
         wanted = "; ".join(f"{c.name!r} ({c.description}): expected {c.expected}" for c in missing)
@@ -185,13 +197,21 @@ class StudyRecords(NamedTuple):
                 "train": summary_arrays(self.study, summarise(self.study, train), min_cell=k)}
 
 
-def load_study_records(study_path: PathLike, mapping_path: PathLike, paths: Optional[Sequence[PathLike]] = None) -> StudyRecords:
+def load_study_records(study_path: PathLike, mapping_path: PathLike, paths: Optional[Sequence[PathLike]] = None,
+                       test_fraction: float = StudyConfig.test_fraction) -> StudyRecords:
     """Reads the study file, the site's mapping and its files (``paths``, or the mapping's ``data:``), and checks
-    every row: errors name file, row, column and value (``StudyError``, ``MappingError``, ``SiteDataError``)."""
+    every row: errors name file, row, column and value (``StudyError``, ``MappingError``, ``SiteDataError``).
+    Beyond the study's ``min_rows``, the kept rows must be enough for a split with ``test_fraction`` (the study
+    task's default) to give both the training and the test set a row."""
     study = load_study(study_path)
     mapping = load_mapping(mapping_path, study)
     files = tuple(Path(p) for p in (paths or data_paths(mapping)))
     values, reports = map_site_files(study, mapping, files)
+    kept, need = len(values[study.outcome]), min_split_rows(test_fraction)
+    if kept < need:
+        raise MappingError(f"site data: {', '.join(map(str, files))}: {kept} usable row(s) of site {mapping.site}; a train/test "
+                           f"split with test_fraction={test_fraction:g} needs at least {need}, so that both get a row "
+                           f"(study {study.name} has min_rows={study.min_rows})")
     return StudyRecords(study, mapping, values, tuple(reports), files)
 
 

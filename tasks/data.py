@@ -16,12 +16,13 @@ class Column(NamedTuple):
     kind: str  # "number" (any finite number), "integer", or "category" (text, one of ``levels``)
     levels: tuple[str, ...] = ()  # a category's levels (the first is one-hot's reference); an integer's range
     description: str = ""
+    bounds: Optional[tuple[float, float]] = None  # a number's plausible [low, high], both included
 
     @property
     def expected(self) -> str:
-        """What a value must be, for error messages: "a number", "an integer 0-4", "one of ..."."""
+        """What a value must be, for error messages: "a number", "a number from 0 to 120", "an integer 0-4", "one of ..."."""
         if self.kind == "number":
-            return "a number"
+            return f"a number from {self.bounds[0]:g} to {self.bounds[1]:g}" if self.bounds else "a number"
         if self.kind == "integer":
             return f"an integer {self.levels[0]}-{self.levels[-1]}" if self.levels else "an integer"
         return f"one of {', '.join(self.levels)}"
@@ -103,6 +104,17 @@ def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Ge
     return train, test
 
 
+def min_split_rows(test_fraction: float) -> int:
+    """The fewest rows that ``stratified_split`` with ``test_fraction`` gives at least one training and
+    one test row: the smallest n with ``1 <= ceil(test_fraction * n) <= n - 1``."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"min_split_rows: test_fraction must be in (0, 1), got {test_fraction!r}")
+    n = 2
+    while n - math.ceil(test_fraction * n) < 1:
+        n += 1
+    return n
+
+
 def build_federated(
     name: str,
     x: np.ndarray,
@@ -178,8 +190,11 @@ class SiteData(NamedTuple):
 
     ``encode(rows, where=...) -> Examples`` raises ValueError naming ``where(i, row)``, the
     column, the value and what was expected; ``prepare(site, examples, seed=...) -> ClientSplit``.
+    ``min_rows``: the fewest complete rows ``prepare`` can split into a training and a test set
+    (checked when the files are read, before any connection).
     """
 
     columns: tuple[Column, ...]
     encode: Callable[..., Any]
     prepare: Callable[..., Any]
+    min_rows: int = 1

@@ -27,28 +27,33 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 import numpy as np
 
 from nordfl import registry
-from nordfl.tasks.data import ClientSplit, Column, Examples, FederatedDataset, SiteData, stratified_split
+from nordfl.tasks.data import ClientSplit, Column, Examples, FederatedDataset, SiteData, min_split_rows, stratified_split
 from nordfl.tasks.task import TaskConfig
 
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 VENDORED_CSV = "heart_disease_uci.csv"
 VENDORED_SHA256 = "574f2fa2b43012fa25fca4fcdb36bd7c6bccdd0af4242f6c0e4c8633c5a072ae"
 MISLABELLED_ROW_ID = "304"
+TEST_FRACTION = 0.34  # each site's test share (the site's split in the runtime uses this default)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # What preprocessing needs from every row, in the UCI file's column order. An empty value
 # makes the row incomplete (dropped); anything else that is not as declared is an error.
+# The numbers' plausible ranges are generous (the UCI data spans age 28-77, trestbps 0-200,
+# chol 0-603, thalch 60-202, oldpeak -2.6-6.2; 0 is the UCI files' own code for an unmeasured
+# trestbps or chol) and refuse what cannot be a measurement, such as age -400.
 SCHEMA: tuple[Column, ...] = (
     Column("id", "integer", (), "patient number, for error messages"),
-    Column("age", "number", (), "age in years"),
+    Column("age", "number", (), "age in years", (0, 120)),
     Column("sex", "category", ("Female", "Male"), "sex"),
     Column("cp", "category", ("asymptomatic", "atypical angina", "non-anginal", "typical angina"), "chest pain type"),
-    Column("trestbps", "number", (), "resting blood pressure in mm Hg"),
-    Column("chol", "number", (), "serum cholesterol in mg/dl"),
+    Column("trestbps", "number", (), "resting blood pressure in mm Hg", (0, 300)),
+    Column("chol", "number", (), "serum cholesterol in mg/dl", (0, 2000)),
     Column("fbs", "category", ("FALSE", "TRUE"), "fasting blood sugar above 120 mg/dl"),
     Column("restecg", "category", ("lv hypertrophy", "normal", "st-t abnormality"), "resting ECG result"),
-    Column("thalch", "number", (), "maximum heart rate achieved, beats per minute"),
+    Column("thalch", "number", (), "maximum heart rate achieved, beats per minute", (0, 300)),
     Column("exang", "category", ("FALSE", "TRUE"), "exercise-induced angina"),
-    Column("oldpeak", "number", (), "ST depression induced by exercise relative to rest"),
+    Column("oldpeak", "number", (), "ST depression induced by exercise relative to rest", (-10, 10)),
     Column("num", "integer", ("0", "1", "2", "3", "4"), "diagnosis: 0 = no heart disease, 1-4 = disease (label num > 0)"),
 )
 NUMERIC = tuple(c.name for c in SCHEMA if c.kind == "number")
@@ -83,18 +88,24 @@ def is_complete(row: Mapping[str, str]) -> bool:
     return all(row[c.name].strip() != "" for c in SCHEMA)
 
 
-def _checked(column: Column, value: str) -> Union[float, int, str, None]:
-    """The value as its column's kind (float, int or the level), or None if it is not one."""
+def _checked(column: Column, value: str) -> tuple[Union[float, int, str, None], str]:
+    """The value as its column's kind (float, int or the level), or None and what was expected."""
     try:
         if column.kind == "number":
             number = float(value)
-            return number if math.isfinite(number) else None
+            if not math.isfinite(number):
+                return None, column.expected
+            if abs(number) > FLOAT32_MAX:  # finite as float64, inf as the float32 features
+                return None, f"a number within float32 range, |x| <= {FLOAT32_MAX:.2g}".replace("e+", "e")
+            if column.bounds is not None and not column.bounds[0] <= number <= column.bounds[1]:
+                return None, f"{column.expected} (the plausible range of {column.description})"
+            return number, ""
         if column.kind == "integer":
             integer = int(value)
-            return integer if not column.levels or str(integer) in column.levels else None
+            return (integer, "") if not column.levels or str(integer) in column.levels else (None, column.expected)
     except ValueError:
-        return None
-    return value if value in column.levels else None
+        return None, column.expected
+    return (value, "") if value in column.levels else (None, column.expected)
 
 
 def encode_rows(rows: Iterable[Mapping[str, str]], *, where: Callable[[int, Mapping[str, str]], str]) -> Examples:
@@ -115,11 +126,9 @@ def encode_rows(rows: Iterable[Mapping[str, str]], *, where: Callable[[int, Mapp
             continue
         values = {}
         for column in SCHEMA:
-            values[column.name] = _checked(column, row[column.name])
+            values[column.name], expected = _checked(column, row[column.name])
             if values[column.name] is None:
-                raise ValueError(
-                    f"{where(index, row)}: column {column.name} has {row[column.name]!r}; expected {column.expected}"
-                )
+                raise ValueError(f"{where(index, row)}: column {column.name} has {row[column.name]!r}; expected {expected}")
         features = {col: values[col] for col in NUMERIC}
         for col, (_, one) in BINARY.items():
             features[col] = float(values[col] == one)
@@ -190,7 +199,7 @@ def standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
     return ((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
 
 
-def prepare_site(site: str, examples: Examples, *, seed: int = 0, test_fraction: float = 0.34) -> ClientSplit:
+def prepare_site(site: str, examples: Examples, *, seed: int = 0, test_fraction: float = TEST_FRACTION) -> ClientSplit:
     """One site's split and standardisation, from its own rows and a seed: what a hospital
     computes locally in the runtime, and exactly what the simulator uses for that site."""
     if len(examples.y) < 2:
@@ -203,11 +212,11 @@ def prepare_site(site: str, examples: Examples, *, seed: int = 0, test_fraction:
 
 
 @registry.register("task", "heart", config=TaskConfig, feature_shape=(len(FEATURES),), num_classes=2,
-                   site_data=SiteData(SCHEMA, encode_rows, prepare_site))
+                   site_data=SiteData(SCHEMA, encode_rows, prepare_site, min_split_rows(TEST_FRACTION)))
 def heart(
     *,
     seed: int = 0,
-    test_fraction: float = 0.34,
+    test_fraction: float = TEST_FRACTION,
     path: Optional[Union[str, Path]] = None,
     sha256: Optional[str] = VENDORED_SHA256,
 ) -> FederatedDataset:

@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from nordfl import registry
-from nordfl.tasks.data import ClientSplit, Examples, FederatedDataset, stratified_split
+from nordfl.tasks.data import ClientSplit, Examples, FederatedDataset, min_split_rows, stratified_split
 from nordfl.tasks.describe import NumericSummary, summarise
 from nordfl.tasks.mapping import MappingError, data_paths, map_site_files, parse_mapping
 from nordfl.tasks.study import Study, load_study
@@ -138,6 +138,9 @@ def split_site(study: Study, values: Mapping[str, np.ndarray], *, seed: int, tes
     """A site's mapped rows split into (train, test), stratified on a classification outcome and
     seeded by the seed alone: a hospital needs only its own rows and the job's seed to reproduce it."""
     y = np.asarray(values[study.outcome])
+    if len(y) < min_split_rows(test_fraction):
+        raise ValueError(f"study {study.name}: {len(y)} row(s) cannot be split with test_fraction={test_fraction:g} into "
+                         f"a training and a test set of at least one row each; at least {min_split_rows(test_fraction)} are needed")
     train, test = stratified_split(y, test_fraction, np.random.default_rng(seed))
     return {k: np.asarray(v)[train] for k, v in values.items()}, {k: np.asarray(v)[test] for k, v in values.items()}
 

@@ -51,3 +51,30 @@ def test_a_mapping_for_another_study_is_refused(site, capsys):
     (site / "oslo.yaml").write_text(yaml.safe_dump({**OSLO, "study": "heart"}))
     assert _check(site, "oslo.csv") == 2
     assert "study: expected 'nordic5', the study this mapping is for, got 'heart'" in capsys.readouterr().err
+
+
+def test_too_few_rows_for_a_train_test_split_are_refused_at_load(site):
+    from nordfl.runtime.site_data import load_study_records
+    from nordfl.tasks.mapping import MappingError
+
+    (site / "study.yaml").write_text(yaml.safe_dump({**STUDY, "min_rows": 1}))
+    (site / "oslo.csv").write_text(CSV.replace(",150,", ",NA,"))  # one usable row left (row 1)
+    with pytest.raises(MappingError, match=r"oslo.csv: 1 usable row\(s\) of site Oslo; a train/test split with "
+                                           r"test_fraction=0.25 needs at least 2"):
+        load_study_records(site / "study.yaml", site / "oslo.yaml", [site / "oslo.csv"])
+    (site / "oslo.csv").write_text(CSV)
+    assert load_study_records(site / "study.yaml", site / "oslo.yaml", [site / "oslo.csv"]).reports[0].rows_kept == 2
+
+
+def test_a_study_split_with_an_empty_side_is_refused():
+    import numpy as np
+
+    from nordfl.tasks.study import parse_study
+    from nordfl.tasks.study_data import split_site
+
+    study = parse_study({**STUDY, "min_rows": 1})
+    values = {"age": np.array([50.0, 60.0]), "sex": np.array([0, 1]), "chol": np.array([5.0, 6.0]), "event": np.array([0, 1])}
+    train, test = split_site(study, values, seed=0, test_fraction=0.25)
+    assert len(train["event"]) == len(test["event"]) == 1
+    with pytest.raises(ValueError, match=r"2 row\(s\) cannot be split with test_fraction=0.75.*at least 4"):
+        split_site(study, values, seed=0, test_fraction=0.75)

@@ -193,3 +193,65 @@ def test_a_task_not_registered_at_the_site_is_named(tmp_path):
     path.write_text("id\n1\n")
     with pytest.raises(SiteDataError, match=r"task: unknown name 'blobs'; expected one of digits, heart.*must be installed at the site"):
         load_site_table([path], "blobs")
+
+
+# Issue 15: bad data that used to pass the checks, and was caught only after connecting (or never).
+
+
+def test_a_number_beyond_float32_is_refused(cleveland_rows, tmp_path):
+    cleveland_rows[0]["chol"] = "1e300"  # finite as float64, inf as the float32 features
+    path = write_csv(tmp_path / "huge_chol.csv", cleveland_rows)
+    refused(path, "huge_chol.csv, row 1 (id=1): column chol has '1e300'; expected a number within float32 range, |x| <= 3.4e38")
+
+
+def test_too_few_complete_rows_to_split_are_refused(cleveland_rows, tmp_path):
+    for row in cleveland_rows[1:4]:
+        row["age"] = ""
+    path = write_csv(tmp_path / "one_row.csv", cleveland_rows[:4])
+    refused(path, "one_row.csv has 1 complete row(s); task heart needs at least 2", "training and its test split")
+    other = write_csv(tmp_path / "other_row.csv", cleveland_rows[4:5])
+    assert len(load_site_table([path, other]).y) == 2  # the minimum is on the site's files together
+    assert len(prepare_site("Cleveland", load_site_table([path, other])).test.y) == 1
+
+
+def test_a_column_named_twice_in_the_header_is_refused(cleveland_rows, tmp_path):
+    fields = list(cleveland_rows[0])
+    path = tmp_path / "twice.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields + ["chol"])
+        writer.writerows([list(row.values()) + ["9999"] for row in cleveland_rows])
+    refused(path, "twice.csv: column 'chol' appears more than once in the header")
+
+
+@pytest.mark.parametrize("column, value, expected", [
+    ("age", "-400", "a number from 0 to 120"),
+    ("chol", "5000", "a number from 0 to 2000"),
+    ("oldpeak", "-55", "a number from -10 to 10"),
+])
+def test_an_implausible_number_is_refused_with_its_range(cleveland_rows, tmp_path, column, value, expected):
+    cleveland_rows[6][column] = value
+    path = write_csv(tmp_path / "implausible.csv", cleveland_rows)
+    refused(path, f"implausible.csv, row 7 (id=7): column {column} has {value!r}; expected {expected}")
+
+
+def test_every_shipped_row_is_within_the_schema_ranges(site_files):
+    for site in SITES:
+        assert len(load_site_table(site_files[site]).y) > 0
+
+
+def test_the_site_command_exits_2_without_a_traceback_before_connecting(cleveland_rows, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    cleveland_rows[0]["chol"] = "1e300"
+    path = write_csv(tmp_path / "huge_chol.csv", cleveland_rows)
+    command = [str(Path(sys.executable).parent / "nordfl"), "site", "--name", "Cleveland", "--coordinator", "localhost:9",
+               "--insecure", "--state", str(tmp_path / "state"), "--data", str(path)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the site went on to connect instead of refusing its data")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "huge_chol.csv, row 1 (id=1): column chol has '1e300'" in done.stderr
