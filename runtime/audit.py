@@ -4,8 +4,14 @@ Data-protection officers need to know exactly what left each site: connections, 
 the SHA-256 of every update sent or received, and each accept/reject with its reason.
 Every line is one JSON object that carries the hash of the line before it, so editing,
 removing or reordering an entry breaks the chain at that point and `verify` names the
-first broken line. The chain shows tampering; it cannot stop someone who rewrites the
-whole file from the edited line on (ship or countersign the last hash for that).
+first broken line. The chain alone cannot stop someone who rewrites the whole file from
+the edited line on, so two more things pin it: each entry may be signed with the writer's own
+key (``signing_key``: its TLS key, ECDSA P-256 over the entry's hash, in ``sig``), and the
+parties exchange heads (a site's update header carries the hash of its ``update_sent`` entry,
+which the coordinator records in ``update_accepted``; the reply carries that entry's hash,
+which the site records in ``update_result``). ``cross_check`` then finds a log cut short or
+rewritten after an exchange, and ``verify`` with the writer's certificate finds an appended or
+re-hashed entry, which no one without the key can sign. An empty log is an error, not "OK".
 
 Line format, keys in this order: seq (1-based), time (UTC, ms, 'Z'), actor, event, the
 caller's fields, prev (previous hash, 64 zeros for the first), hash = SHA-256 hex of
@@ -30,7 +36,8 @@ except ImportError:  # Windows: no advisory lock, so one writer per file is up t
 __all__ = ["GENESIS", "RESERVED", "AuditError", "AuditLog", "VerifyReport", "sha256_hex", "verify", "verify_main"]
 
 GENESIS = "0" * 64
-RESERVED = ("seq", "time", "actor", "event", "prev", "hash")
+RESERVED = ("seq", "time", "actor", "event", "prev", "hash", "sig")
+_CHAIN = RESERVED[:-1]  # every entry has these; "sig" only in a signed log
 
 
 class AuditError(ValueError):
@@ -87,7 +94,7 @@ def _parse_line(raw: bytes) -> tuple[Optional[dict], str]:
         return None, "not valid JSON"
     if not isinstance(entry, dict):
         return None, "not a JSON object"
-    missing = [key for key in RESERVED if key not in entry]
+    missing = [key for key in _CHAIN if key not in entry]
     if missing:
         return None, f"missing key(s): {', '.join(missing)}"
     if type(entry["seq"]) is not int:
@@ -95,11 +102,50 @@ def _parse_line(raw: bytes) -> tuple[Optional[dict], str]:
     for key in ("time", "actor", "event", "prev", "hash"):
         if not isinstance(entry[key], str):
             return None, f"{key} must be a string, got {entry[key]!r}"
-    stored = entry.pop("hash")
+    stored, sig = entry.pop("hash"), entry.pop("sig", None)
     if _entry_hash(entry) != stored:
         return None, "hash mismatch (entry edited)"
     entry["hash"] = stored
+    if sig is not None:
+        entry["sig"] = sig
     return entry, ""
+
+
+def _load_key(signing_key):
+    """A private key object from itself or a PEM file's path."""
+    if signing_key is None or hasattr(signing_key, "sign"):
+        return signing_key
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    return load_pem_private_key(Path(signing_key).read_bytes(), password=None)
+
+
+def _sign(key, entry_hash: str) -> str:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return key.sign(bytes.fromhex(entry_hash), ec.ECDSA(hashes.SHA256())).hex()
+
+
+def _public_key(certificate):
+    """The public key of a PEM certificate (a path) or of a key object."""
+    if hasattr(certificate, "verify"):
+        return certificate
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(Path(certificate).read_bytes()).public_key()
+
+
+def _signed_by(public_key, entry: dict) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        public_key.verify(bytes.fromhex(entry.get("sig") or ""), bytes.fromhex(entry["hash"]), ec.ECDSA(hashes.SHA256()))
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
 
 
 def _last_line(path: Path) -> tuple[int, bytes]:
@@ -128,7 +174,8 @@ class AuditLog:
     AuditLog) off the same file.
     """
 
-    def __init__(self, path, actor: str):
+    def __init__(self, path, actor: str, signing_key=None):
+        self._key = _load_key(signing_key)
         if not isinstance(actor, str) or not actor:
             raise ValueError(f"actor must be a non-empty string, got {actor!r}")
         self.path = Path(path)
@@ -187,6 +234,8 @@ class AuditLog:
                 raise AuditError(f"{self.path}: audit log is closed")
             entry = {"seq": self._seq + 1, "time": _now(), "actor": self.actor, "event": event, **fields, "prev": self._prev}
             entry["hash"] = _entry_hash(entry)
+            if self._key is not None:
+                entry["sig"] = _sign(self._key, entry["hash"])
             line = (json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
             try:
                 written = os.write(self._fd, line)
@@ -216,9 +265,10 @@ class AuditLog:
         self.close()
 
 
-def _verify(path) -> tuple[VerifyReport, str]:
+def _verify(path, certificate=None) -> tuple[VerifyReport, str]:
     """`verify` plus the last hash, which `verify_main` prints."""
     path = Path(path)
+    public_key = None if certificate is None else _public_key(certificate)
     prev, entries = GENESIS, 0
     try:
         with open(path, "rb") as f:
@@ -234,22 +284,69 @@ def _verify(path) -> tuple[VerifyReport, str]:
                     return VerifyReport(False, entries, line_no, why), prev
                 if entry["seq"] != line_no:
                     return VerifyReport(False, entries, line_no, f"seq {entry['seq']}, expected {line_no}"), prev
+                if public_key is not None and not _signed_by(public_key, entry):
+                    why = "unsigned" if "sig" not in entry else "signature does not verify with the writer's certificate"
+                    return VerifyReport(False, entries, line_no, f"{why} (entry forged or re-hashed)"), prev
                 prev, entries = entry["hash"], line_no
     except OSError as e:
         return VerifyReport(False, 0, None, f"cannot read {path}: {e.strerror or e}"), prev
-    return VerifyReport(True, entries, None, "chain intact" if entries else "empty log"), prev
+    if not entries:
+        return VerifyReport(False, 0, None, f"{path} is empty: no entries (emptied or truncated?)"), prev
+    return VerifyReport(True, entries, None, "chain intact" + (", every entry signed" if public_key else "")), prev
 
 
-def verify(path) -> VerifyReport:
-    """Check every hash, prev link and seq from line 1; report the first broken line and why."""
-    return _verify(path)[0]
+def verify(path, certificate=None) -> VerifyReport:
+    """Check every hash, prev link and seq from line 1 (and, given the writer's ``certificate``, every
+    signature); report the first broken line and why. An empty file is not intact."""
+    return _verify(path, certificate)[0]
 
 
-def verify_main(path) -> int:
-    """One-line result for `nordfl audit verify LOG`; exit code 0 if the chain is intact, else 1."""
-    report, last_hash = _verify(path)
+def _entries(path) -> list[dict]:
+    with open(path, "rb") as f:
+        return [json.loads(raw) for raw in f if raw.strip()]
+
+
+def cross_check(site_log, coordinator_log) -> list[str]:
+    """What the two logs say of each other that does not hold (empty: they agree).
+
+    Every site head the coordinator recorded (``update_accepted.site_audit_head``) must be an entry
+    in the site's log, and every coordinator head the site recorded (``update_result.coordinator_audit_head``)
+    one in the coordinator's: a log cut after an exchange, or rewritten before it, loses that entry."""
+    site, coordinator = _entries(site_log), _entries(coordinator_log)
+    name = site[0]["actor"].removeprefix("site:") if site else None
+    site_hashes = {e["hash"] for e in site}
+    coordinator_hashes = {e["hash"] for e in coordinator}
+    problems = []
+    for e in coordinator:
+        if e.get("event") == "update_accepted" and e.get("site") == name and e.get("site_audit_head") \
+                and e["site_audit_head"] not in site_hashes:
+            problems.append(f"coordinator entry {e['seq']} (round {e.get('round')}) holds site head {e['site_audit_head'][:16]}..., "
+                            f"which is not in {site_log}: the site log was cut or rewritten")
+    for e in site:
+        head = e.get("coordinator_audit_head")
+        if e.get("event") == "update_result" and head and head not in coordinator_hashes:
+            problems.append(f"site entry {e['seq']} (round {e.get('round')}) holds coordinator head {head[:16]}..., "
+                            f"which is not in {coordinator_log}: the coordinator log was cut or rewritten")
+    return problems
+
+
+def verify_main(path, certificate=None, peer=None) -> int:
+    """One-line result for `nordfl audit verify LOG [--cert PEM] [--peer LOG]`; exit code 0 if intact, else 1.
+
+    ``peer``: the other party's log (the coordinator's for a site's, or a site's for the coordinator's),
+    cross-checked with ``cross_check``."""
+    report, last_hash = _verify(path, certificate)
+    if report.ok and peer is not None:
+        first = _entries(path)[0]
+        pair = (path, peer) if first["actor"].startswith("site:") else (peer, path)
+        problems = cross_check(*pair)
+        if problems:
+            for problem in problems:
+                print(f"MISMATCH: {problem}")
+            return 1
     if report.ok:
-        print(f"OK: {report.entries} entries, chain intact, last hash {last_hash}")
+        crossed = f"; agrees with {peer}" if peer is not None else ""
+        print(f"OK: {report.entries} entries, {report.reason}{crossed}, last hash {last_hash}")
         return 0
     if report.first_bad_line is None:
         print(f"ERROR: {report.reason}")

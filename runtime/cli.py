@@ -10,7 +10,7 @@
                                              train one round locally, show what would leave; send nothing
     nordfl site check --study FILE --mapping FILE --data FILE [--data FILE]
                                              a site's own records under its mapping, checked against a study
-    nordfl audit verify LOG                  check an audit log's hash chain
+    nordfl audit verify LOG [--cert PEM] [--peer LOG]   check an audit log's chain, signatures and the other party's log
     nordfl demo [--rounds N] [--algorithm NAME] [--private] [--study NAME_OR_FILE]
                                              a whole federation of the 4 heart-disease hospitals on localhost
                                              (--private: secure aggregation and DP on, each site under a policy;
@@ -66,7 +66,7 @@ def cmd_revoke(args) -> int:
 def cmd_audit(args) -> int:
     from nordfl.runtime.audit import verify_main
 
-    return verify_main(Path(args.log))
+    return verify_main(Path(args.log), getattr(args, "cert", None), getattr(args, "peer", None))
 
 
 def cmd_coordinator(args) -> int:
@@ -130,7 +130,8 @@ def cmd_site(args) -> int:
         policy = load_policy(args.policy) if args.policy else None
         credentials = None if args.insecure else tls.channel_credentials(Path(args.certs))
         agent = SiteAgent(args.name, args.coordinator, data, Path(args.state), credentials, task=args.task,
-                          log=lambda m: print(m, flush=True), policy=policy, stay_after_describe=not isinstance(data, list))
+                          log=lambda m: print(m, flush=True), policy=policy, stay_after_describe=not isinstance(data, list),
+                          signing_key=None if args.insecure else Path(args.certs) / "key.pem")
         metrics = agent.run()
     except (SiteDataError, SiteRefused, AuditError, FileNotFoundError, PolicyError, StudyError, MappingError) as e:
         return _err(str(e))
@@ -376,6 +377,9 @@ def _parser() -> argparse.ArgumentParser:
     audit = p.add_subparsers(dest="audit_command", required=True)
     v = audit.add_parser("verify", help="check a log's hash chain; reports the first broken entry")
     v.add_argument("log")
+    v.add_argument("--cert", help="the writer's certificate (cert.pem): every entry must carry its signature")
+    v.add_argument("--peer", help="the other party's log (the coordinator's for a site's, or a site's): cross-checks the "
+                                  "heads each recorded of the other, so a log cut or rewritten after an exchange is found")
     v.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("demo", help="a federation of the 4 heart-disease hospitals on localhost, over mTLS")

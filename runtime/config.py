@@ -39,6 +39,9 @@ class RuntimeConfig:
     cohort_size: Optional[int] = None
     max_update_norm: float = 1e6
     max_weight: float = 1e7
+    norm_clip_multiple: Optional[float] = 10.0  # an update's norm is clipped to this multiple of the round's median norm
+    upload_timeout: float = 300.0  # seconds an upload may take from its opening to its last byte (server-side deadline)
+    max_uploads_per_site: int = 2  # uploads one site may have open at once
     chunk_size: int = 1 << 20
     max_message_bytes: int = 1 << 31
     wait_seconds: int = 5
@@ -89,10 +92,12 @@ def check_runtime(cfg: DictConfig, num_sites: int) -> None:
     if r.cohort_size is not None and not max(r.min_sites, r.min_cohort) <= r.cohort_size <= num_sites:
         fail("runtime.cohort_size", r.cohort_size,
              f"must be in [max(runtime.min_sites, runtime.min_cohort) = {max(r.min_sites, r.min_cohort)}, {num_sites}] or null for all")
-    for key in ("round_timeout", "max_update_norm", "max_weight"):
+    if r.norm_clip_multiple is not None and not r.norm_clip_multiple >= 1:
+        fail("runtime.norm_clip_multiple", r.norm_clip_multiple, "must be >= 1 (a multiple of the round's median update norm) or null for none")
+    for key in ("round_timeout", "max_update_norm", "max_weight", "upload_timeout"):
         if not r[key] > 0:
             fail(f"runtime.{key}", r[key], "must be > 0")
-    for key in ("max_round_attempts", "chunk_size", "max_message_bytes", "wait_seconds"):
+    for key in ("max_round_attempts", "chunk_size", "max_message_bytes", "wait_seconds", "max_uploads_per_site"):
         if r[key] < 1:
             fail(f"runtime.{key}", r[key], "must be >= 1")
     if r.job not in JOB_KINDS:

@@ -33,17 +33,20 @@ import numpy as np
 
 from nordfl.algorithms import ClientData
 from nordfl.runtime import tls, wire
-from nordfl.runtime.audit import AuditLog
+from nordfl.runtime.audit import AuditError, AuditLog
+from nordfl.runtime.bounds import RejectionLimiter, StreamGate, bounded_text
 from nordfl.runtime.policy import uses_dp
 from nordfl.runtime.config import Job, build_job, check_runtime, compose_config, job_from_config
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
 from nordfl.runtime.secagg import SecAggAborted, SecAggError
 from nordfl.runtime.secure_round import STEP_NAMES, CoordinatorRound, aggregate_of
-from nordfl.runtime.store import load_tree, save_tree
+from nordfl.runtime.store import atomic_write_text, load_tree, save_tree
 from nordfl.tasks import Examples
 
 STATE_FILE = "coordinator_state.npz"
+MAX_METRICS = 32
+ROWS_FILE = "declared_rows.json"
 
 
 class Limits(NamedTuple):
@@ -56,6 +59,9 @@ class Limits(NamedTuple):
     cohort_size: Optional[int]
     max_update_norm: float
     max_weight: float
+    norm_clip_multiple: Optional[float]
+    upload_timeout: float
+    max_uploads_per_site: int
     chunk_size: int
     max_message_bytes: int
     wait_seconds: int
@@ -89,17 +95,41 @@ class JobServer:
     ``runtime.table_one.TableOneJob`` for a study's Table 1) give ``poll``, ``submit``, ``tick`` and ``finished``."""
 
     def __init__(self, job: Job, limits: Limits, state_dir: Path, admitted: Callable[[Optional[str]], tuple[bool, str]],
-                 log: Callable[[str], None] = print, insecure: bool = False):
+                 log: Callable[[str], None] = print, insecure: bool = False, signing_key=None):
         self.job, self.limits, self.admitted, self.log, self.insecure = job, limits, admitted, log, insecure
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.audit = AuditLog(self.state_dir / "audit.jsonl", actor="coordinator")
+        self.audit = AuditLog(self.state_dir / "audit.jsonl", actor="coordinator", signing_key=signing_key)
         self.site_index = {site: i for i, site in enumerate(job.sites)}
         self.final_metrics: dict[str, dict] = {}
         self.lock = threading.Condition()
         self.stopped: Optional[str] = None
         self.run_id = ""
         self.last_contribution: dict[str, int] = {}  # site -> last round whose aggregate used its update
+        rows_file = self.state_dir / ROWS_FILE  # kept across restarts: a site does not join again to resume
+        self.declared_rows: dict[str, int] = json.loads(rows_file.read_text()) if rows_file.exists() else {}
+        self.rejections = RejectionLimiter(self._summarise_rejections)
+        self.uploads = StreamGate(limits.max_uploads_per_site, limits.max_uploads_per_site * len(job.sites) + 4)
+
+    def _summarise_rejections(self, kind: str, caller: str, count: int) -> None:
+        self.audit.record("rejections_suppressed", durable=False, kind=kind, site=caller, count=count)
+        self.log(f"coordinator: {count} more {kind} from {caller} not logged one by one")
+
+    def refuse(self, kind: str, caller: Optional[str], reason: str, **fields) -> None:
+        """Logs one refusal (audit ``kind`` and console), peer-supplied text capped, repeats rate-limited."""
+        if not self.rejections.allow(kind, caller):
+            return
+        fields = {k: bounded_text(v) if isinstance(v, str) else v for k, v in fields.items()}
+        self.audit.record(kind, durable=False, site=bounded_text(caller), reason=bounded_text(reason, 1024), **fields)
+        self.log(f"coordinator: {kind} ({bounded_text(caller)}): {bounded_text(reason, 1024)}")
+
+    def admit_stream(self, identity: Optional[str]) -> None:
+        """Admission before anything is read: a stream from a certificate outside the membership (or revoked)
+        is refused when it opens (``Rejected``). Without mTLS (``insecure``) the name comes with the first message."""
+        if not self.insecure:
+            ok, reason = self.admitted(identity)
+            if not ok:
+                raise Rejected(reason)
 
     def _identify(self, identity: Optional[str], claimed: str) -> str:
         if self.insecure:
@@ -108,18 +138,25 @@ class JobServer:
         if not ok:
             raise Rejected(reason)
         if claimed and claimed != identity:
-            raise Rejected(f"request names site {claimed!r} but the certificate is {identity!r}")
+            raise Rejected(f"request names site {bounded_text(claimed)!r} but the certificate is {identity!r}")
         return identity
 
     def join(self, identity: Optional[str], request: pb.JoinRequest) -> pb.JoinReply:
         try:
             site = self._identify(identity, request.site)
             if request.protocol_version != wire.PROTOCOL_VERSION:
-                raise Rejected(f"protocol {request.protocol_version!r}; this coordinator speaks {wire.PROTOCOL_VERSION!r}")
+                raise Rejected(f"protocol {bounded_text(request.protocol_version)!r}; this coordinator speaks "
+                               f"{wire.PROTOCOL_VERSION!r}")
         except Rejected as e:
-            self.audit.record("join_refused", durable=False, site=identity, reason=str(e))
+            self.refuse("join_refused", identity or request.site, str(e))
             return pb.JoinReply(accepted=False, reason=str(e))
-        self.audit.record("join", durable=False, site=site)
+        rows = int(request.rows)
+        if self.declared_rows.get(site) != rows:  # a new declaration is always on file; a repeated one is rate-limited
+            self.audit.record("join", site=site, rows=rows)
+            self.declared_rows[site] = rows
+            atomic_write_text(self.state_dir / ROWS_FILE, json.dumps(self.declared_rows, sort_keys=True))
+        elif self.rejections.allow("join", site):
+            self.audit.record("join", durable=False, site=site, rows=rows)
         job = json.loads(self.job.to_json()) | {"site_index": self.site_index[site], "chunk_size": self.limits.chunk_size}
         return pb.JoinReply(accepted=True, run_id=self.run_id, job_json=json.dumps(job))
 
@@ -143,7 +180,7 @@ class JobServer:
             raise Rejected("malformed stream: the first chunk must be the header")
         site = self._identify(identity, first.header.site)
         if first.header.run_id != self.run_id:
-            raise Rejected(f"update for run {first.header.run_id!r}; this run is {self.run_id!r}")
+            raise Rejected(f"update for run {bounded_text(first.header.run_id)!r}; this run is {self.run_id!r}")
         return site, first.header
 
 
@@ -157,11 +194,12 @@ class Coordinator(JobServer):
       admitted: ``identity -> (ok, reason)``; reread on every call so revocations apply at once.
       log: progress lines for the operator.
       insecure: trust the site name a request claims (local development only: no mTLS identity).
+      signing_key: the coordinator's private key (PEM path): every audit entry is signed with it.
     """
 
     def __init__(self, job: Job, limits: Limits, state_dir: Path, admitted: Callable[[Optional[str]], tuple[bool, str]],
-                 log: Callable[[str], None] = print, insecure: bool = False):
-        super().__init__(job, limits, state_dir, admitted, log, insecure)
+                 log: Callable[[str], None] = print, insecure: bool = False, signing_key=None):
+        super().__init__(job, limits, state_dir, admitted, log, insecure, signing_key)
         built = build_job(job)
         self.algorithm, self.aggregate = built.algorithm, built.aggregate
         params = built.model.init_params
@@ -260,12 +298,32 @@ class Coordinator(JobServer):
         sites = sorted(self.updates, key=self.site_index.__getitem__)
         if self._cohort_too_small(sites):
             return
+        updates = self._clipped(sites)
         # Stacked on the host (the updates are NumPy arrays): one transfer, not one per site and leaf.
-        stacked = jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *[self.updates[s][0] for s in sites])
+        stacked = jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *[updates[s] for s in sites])
         weights = jnp.asarray([self.updates[s][1] for s in sites], jnp.float32)
         self.server, metrics = self._server_update(self.server, stacked, weights)
         losses = [self.updates[s][2]["train_loss"] for s in sites if "train_loss" in self.updates[s][2]]
         self._finish_round(sites, float(np.mean(losses)) if losses else float("nan"), float(metrics.update_norm), reason)
+
+    def _clipped(self, sites: list[str]) -> dict:
+        """Each update scaled down to at most ``norm_clip_multiple`` times the round's median norm (logged), so one
+        member cannot drag the model within the absolute limit; the others pass unchanged."""
+        multiple = self.limits.norm_clip_multiple
+        updates = {s: self.updates[s][0] for s in sites}
+        if multiple is None or len(sites) < 2:
+            return updates
+        norms = {s: self.updates[s][3] for s in sites}
+        limit = multiple * float(np.median(list(norms.values())))
+        for site, norm in norms.items():
+            if norm > limit:
+                scale = limit / norm
+                updates[site] = jax.tree_util.tree_map(lambda leaf: (leaf * scale).astype(leaf.dtype), updates[site])
+                self.audit.record("update_clipped", durable=False, site=site, round=self.round, norm=norm, clipped_to=limit,
+                                  median_norm=limit / multiple)
+                self.log(f"coordinator: round {self.round}: {site}'s update norm {norm:.4g} clipped to {limit:.4g} "
+                         f"({multiple:g} x the median)")
+        return updates
 
     def _finish_round(self, sites: list[str], mean_loss: float, update_norm: float, reason: str, **audit_fields) -> None:
         """Bookkeeping once the aggregate of ``sites`` has been applied: save, log, open the next round."""
@@ -371,7 +429,7 @@ class Coordinator(JobServer):
     def poll(self, identity: Optional[str], request: pb.PollRequest) -> Iterator[pb.TaskChunk]:
         site = self._identify(identity, request.site)
         if request.run_id != self.run_id:
-            raise Rejected(f"run {request.run_id!r} is not this coordinator's run {self.run_id!r}; join again")
+            raise Rejected(f"run {bounded_text(request.run_id)!r} is not this coordinator's run {self.run_id!r}; join again")
         wait = min(request.wait_seconds or self.limits.wait_seconds, self.limits.wait_seconds)
         end = time.monotonic() + wait
         with self.lock:
@@ -418,15 +476,18 @@ class Coordinator(JobServer):
 
     def submit(self, identity: Optional[str], chunks: Iterator[pb.UpdateChunk]) -> pb.SubmitReply:
         """Checks and stores one update; the reply says why a rejected one was refused."""
-        first = next(chunks, None)
-        header = first.header if first is not None and first.HasField("header") else None
+        header = None
         try:
+            first = next(chunks, None)  # inside: a stream cut at upload_timeout is a refusal like any other
+            header = first.header if first is not None and first.HasField("header") else None
             site, _ = self._upload_header(identity, first)
             identity = site
             specs, total, sha = wire.manifest_from_proto(header.manifest)
             if header.round == self.job.rounds and self.finished and not specs:
-                self.final_metrics[site] = dict(header.metrics)
-                self.audit.record("final_metrics", durable=False, site=site, metrics=dict(header.metrics))
+                if total:
+                    raise Rejected(f"final metrics carry no tensors, but announce {total} bytes")
+                self.final_metrics[site] = check_metrics(header.metrics)
+                self.audit.record("final_metrics", durable=False, site=site, metrics=self.final_metrics[site])
                 with self.lock:
                     self.lock.notify_all()
                 return pb.SubmitReply(accepted=True)
@@ -439,10 +500,14 @@ class Coordinator(JobServer):
                                "see masked inputs)")
             with self.lock:
                 self._check_open(site, header)
-            if total > self.limits.max_message_bytes:
-                raise Rejected(f"update of {total} bytes exceeds max_message_bytes={self.limits.max_message_bytes}")
-            wire.check_specs(specs, wire.template_of(self.update_template))
-            payload = wire.join_chunks((c.data for c in chunks), expected_total=total, max_total=self.limits.max_message_bytes)
+            # The size comes from the job's tensor specs, never from the sender's announcement.
+            expected = wire.check_specs(specs, wire.template_of(self.update_template))
+            if total != expected or expected > self.limits.max_message_bytes:
+                raise Rejected(f"update announces {total} bytes; the job's tensors are {expected} bytes"
+                               + (f" (above max_message_bytes={self.limits.max_message_bytes})"
+                                  if expected > self.limits.max_message_bytes else ""))
+            metrics = check_metrics(header.metrics)
+            payload = wire.join_chunks((c.data for c in chunks), expected_total=expected, max_total=expected)
             wire.check_payload(payload, total, sha)
             update = wire.decode(specs, payload, self.update_template, copy=True)
             wire.check_finite(update)
@@ -450,27 +515,33 @@ class Coordinator(JobServer):
             if not norm <= self.limits.max_update_norm:
                 raise Rejected(f"update norm {norm:.4g} exceeds max_update_norm={self.limits.max_update_norm}")
             weight = float(header.weight)
-            if not 0 <= weight <= self.limits.max_weight:
-                raise Rejected(f"weight {weight!r} outside [0, max_weight={self.limits.max_weight}]")
+            bound = min(self.limits.max_weight, max(self.declared_rows.get(site, 0), 1))
+            if not 0 <= weight <= bound:
+                raise Rejected(f"weight {weight!r} outside [0, {bound:g}] (the {self.declared_rows.get(site, 0)} rows "
+                               f"{site} declared at Join, capped by max_weight={self.limits.max_weight:g})")
             with self.lock:
                 self._check_open(site, header)  # the round may have closed while the bytes arrived
-                self.updates[site] = (update, weight, dict(header.metrics))
+                # Audit first: an update counts only once its entry is on disk.
+                try:
+                    entry = self.audit.record("update_accepted", site=site, round=int(header.round), sha256=sha,
+                                              weight=weight, norm=norm, metrics=metrics,
+                                              site_audit_head=bounded_text(header.audit_head, 64))
+                except (AuditError, TypeError, ValueError) as e:
+                    raise Rejected(f"the coordinator could not write this update's audit entry ({e}); not accepted") from None
+                self.updates[site] = (update, weight, metrics, norm)
                 if self.deadline is None:  # an update computed in an earlier attempt of this round starts the clock too
                     self.deadline = time.monotonic() + self.limits.round_timeout
-                self.audit.record("update_accepted", durable=False, site=site, round=int(header.round), sha256=sha, weight=weight,
-                                  norm=norm, metrics=dict(header.metrics))
                 if set(self.updates) >= set(self.open.cohort):
                     self._close_round(reason="all answered")
-            return pb.SubmitReply(accepted=True)
+            return pb.SubmitReply(accepted=True, audit_head=entry["hash"])
         except (Rejected, wire.WireError) as e:
             with self.lock:  # a deterministic site would send the same bad update again: not this attempt
                 if header is not None and self.open is not None and header.round == self.open.index and identity \
                         and not isinstance(e, Stale):
                     self.refused.add(identity)
-            self.audit.record("update_rejected", durable=False, site=identity, round=int(header.round) if header else None,
-                              sha256=header.manifest.sha256 if header else None, reason=str(e))
-            self.log(f"coordinator: rejected an update from {identity}: {e}")
-            return pb.SubmitReply(accepted=False, reason=str(e))
+            self.refuse("update_rejected", identity, str(e), round=int(header.round) if header else None,
+                        sha256=header.manifest.sha256 if header else None)
+            return pb.SubmitReply(accepted=False, reason=bounded_text(str(e), 1024))
 
     def _check_open(self, site: str, header: pb.UpdateHeader) -> None:
         if self.open is None or header.round != self.open.index:
@@ -500,6 +571,8 @@ def coordinator_for(overrides: Sequence[str], federation_dir: Path, state_dir: P
         from nordfl.runtime.table_one import TableOneJob
 
         factory = TableOneJob if job.kind == "describe" else Coordinator
+    key = Path(federation_dir) / "coordinator" / "key.pem"  # the audit log is signed with the coordinator's own key
+    kwargs.setdefault("signing_key", key if key.exists() else None)
     return factory(job, limits, Path(state_dir), admitted=lambda identity: tls.admit(watcher.current(), identity), **kwargs)
 
 
@@ -516,13 +589,57 @@ class Servicer(pb_grpc.FederationServicer):
         try:
             yield from self.coordinator.poll(self.identity(context), request)
         except Rejected as e:
-            self.coordinator.audit.record("poll_refused", durable=False, site=request.site, reason=str(e))
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+            self.coordinator.refuse("poll_refused", self.identity(context) or request.site, str(e))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, bounded_text(str(e), 1024))
         except Stopped as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
     def SubmitUpdate(self, request_iterator, context):
-        return self.coordinator.submit(self.identity(context), request_iterator)
+        """Admission when the stream opens, before a byte is read; a cap on open uploads; a server-side deadline."""
+        coordinator, identity = self.coordinator, self.identity(context)
+        try:
+            coordinator.admit_stream(identity)
+        except Rejected as e:
+            coordinator.refuse("upload_refused", identity, str(e))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, bounded_text(str(e), 1024))
+        caller = identity or context.peer()
+        busy = coordinator.uploads.enter(caller)
+        if busy is not None:
+            coordinator.refuse("upload_refused", caller, busy)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
+        deadline = threading.Timer(coordinator.limits.upload_timeout, context.cancel)  # a stalled stream is cut
+        deadline.daemon = True
+        deadline.start()
+        try:
+            return coordinator.submit(identity, _cancellable(request_iterator, coordinator.limits.upload_timeout))
+        finally:
+            deadline.cancel()
+            coordinator.uploads.leave(caller)
+
+
+def _cancellable(chunks, timeout: float):
+    """The request stream; when the server cancels it (the deadline) reading stops with ``Rejected``."""
+    try:
+        yield from chunks
+    except grpc.RpcError:
+        raise Rejected(f"upload not complete within runtime.upload_timeout={timeout:g}s; cancelled") from None
+
+
+def check_metrics(metrics) -> dict:
+    """A header's metrics as a dict, if few, short-named and finite (else ``Rejected``): they go to the audit log."""
+    if len(metrics) > MAX_METRICS:
+        raise Rejected(f"{len(metrics)} metrics; at most {MAX_METRICS} are accepted")
+    for name, value in metrics.items():
+        if len(name) > 64:
+            raise Rejected(f"metric name {bounded_text(name, 64)!r} is longer than 64 characters")
+        if not np.isfinite(value):
+            raise Rejected(f"metric {bounded_text(name, 64)!r} is {value!r}: metrics must be finite numbers")
+    return dict(metrics)
+
+
+KEEPALIVE = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+             ("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.keepalive_permit_without_calls", 1)]
+"""gRPC keepalive on both ends: a dead peer or a cut link is noticed within about 30 s, not at the TCP timeout."""
 
 
 def serve(coordinator: JobServer, address: str, credentials: Optional[grpc.ServerCredentials]) -> tuple[grpc.Server, int]:
@@ -530,7 +647,8 @@ def serve(coordinator: JobServer, address: str, credentials: Optional[grpc.Serve
     from concurrent.futures import ThreadPoolExecutor
 
     workers = 4 * len(coordinator.job.sites) + 8  # long polls hold a worker each
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers))
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers), options=KEEPALIVE,
+                         maximum_concurrent_rpcs=workers - 2)  # beyond it: RESOURCE_EXHAUSTED, not a queue
     identity = (lambda context: None) if credentials is None else tls.peer_identity
     pb_grpc.add_FederationServicer_to_server(Servicer(coordinator, identity), server)
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)

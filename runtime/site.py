@@ -46,6 +46,8 @@ from nordfl.runtime.store import atomic_write_text, load_tree, save_tree
 from nordfl.tasks import Examples
 
 LEDGER_FILE = "privacy_ledger.json"
+RPC_TIMEOUT = 60.0  # seconds for a Join, and beyond the long-poll's wait for a PollTask: a frozen coordinator is noticed
+UPLOAD_TIMEOUT = 600.0  # seconds for one upload
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
@@ -138,12 +140,13 @@ class SiteAgent:
       task: the task the files serve (not used with ``StudyRecords``); a job for another task is refused.
       policy: this site's privacy policy (``policy.load_policy``); a job breaking it is refused before training.
       stay_after_describe: after a study's Table 1 job, wait for its training job instead of returning.
+      signing_key: the site's private key (PEM path, its TLS key): every audit entry is signed with it.
     """
 
     def __init__(self, name: str, address: str, data: Union[Sequence[Path], StudyRecords], state_dir: Path,
                  credentials: Optional[grpc.ChannelCredentials], *, task: str = "heart",
                  log: Callable[[str], None] = print, max_backoff: float = 30.0, wait_seconds: int = 5,
-                 policy: Optional[SitePolicy] = None, stay_after_describe: bool = False):
+                 policy: Optional[SitePolicy] = None, stay_after_describe: bool = False, signing_key=None):
         self.name, self.address, self.credentials, self.task, self.log = name, address, credentials, task, log
         self.stay_after_describe = stay_after_describe
         self.max_backoff, self.wait_seconds = max_backoff, wait_seconds
@@ -151,7 +154,7 @@ class SiteAgent:
         self.task = self.data.task
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.audit = AuditLog(self.state_dir / "audit.jsonl", actor=f"site:{name}")
+        self.audit = AuditLog(self.state_dir / "audit.jsonl", actor=f"site:{name}", signing_key=signing_key)
         self.policy = policy
         self.secure: Optional[_HeldRound] = None  # this site's part of a securely aggregated round, in memory only
         if policy is not None:
@@ -164,9 +167,18 @@ class SiteAgent:
 
     # ------------------------------------------------------------------ connection
     def _channel(self) -> grpc.Channel:
+        from nordfl.runtime.coordinator import KEEPALIVE
+
         if self.credentials is None:
-            return grpc.insecure_channel(self.address)
-        return grpc.secure_channel(self.address, self.credentials)
+            return grpc.insecure_channel(self.address, options=KEEPALIVE)
+        return grpc.secure_channel(self.address, self.credentials, options=KEEPALIVE)
+
+    @property
+    def rows(self) -> int:
+        """The complete rows this site holds, declared at Join: no update's weight may exceed it."""
+        if isinstance(self.data, StudyRecords):
+            return len(next(iter(self.data.values.values()), ()))
+        return len(self.data.examples.y)
 
     def run(self) -> dict:
         """Works until the run finishes; returns this site's metrics of the final model.
@@ -199,7 +211,8 @@ class SiteAgent:
 
     # ------------------------------------------------------------------ one connected session
     def _session(self, stub: pb_grpc.FederationStub, done_run: Optional[str] = None) -> dict:
-        reply = stub.Join(pb.JoinRequest(site=self.name, protocol_version=wire.PROTOCOL_VERSION))
+        reply = stub.Join(pb.JoinRequest(site=self.name, protocol_version=wire.PROTOCOL_VERSION, rows=self.rows),
+                          timeout=RPC_TIMEOUT)
         if reply.accepted and reply.run_id == done_run:  # the finished Table 1 job's coordinator is still closing
             raise _NotYet()
         if not reply.accepted:
@@ -211,7 +224,7 @@ class SiteAgent:
         if job.task_config["name"] != self.task:
             raise SiteRefused(f"the coordinator's job is task {job.task_config['name']!r}; this site serves {self.task!r}")
         self._check_study(reply.run_id, job)
-        self.audit.record("joined", durable=False, run_id=reply.run_id, job=raw)
+        self.audit.record("joined", run_id=reply.run_id, job=raw, rows=self.rows)
         self.failures = 0
         self.run_id = reply.run_id
         self.site_index, self.chunk_size = int(raw["site_index"]), int(raw["chunk_size"])
@@ -220,7 +233,8 @@ class SiteAgent:
             return self._describe(stub, job)
         self._prepare(job, raw)
         while True:
-            stream = stub.PollTask(pb.PollRequest(run_id=reply.run_id, site=self.name, wait_seconds=self.wait_seconds))
+            stream = stub.PollTask(pb.PollRequest(run_id=reply.run_id, site=self.name, wait_seconds=self.wait_seconds),
+                                   timeout=self.wait_seconds + RPC_TIMEOUT)
             header, payload = self._receive(stream)
             if header.round > self.pending_round >= 0:  # the coordinator moved past our pending round
                 self._commit() if header.last_contribution == self.pending_round else self._discard()
@@ -276,7 +290,8 @@ class SiteAgent:
     def _describe(self, stub, job: Job) -> dict:
         """A study's Table 1 job: sends this site's summaries once (their numbers in the audit log first); waits for the end."""
         while True:
-            stream = stub.PollTask(pb.PollRequest(run_id=self.run_id, site=self.name, wait_seconds=self.wait_seconds))
+            stream = stub.PollTask(pb.PollRequest(run_id=self.run_id, site=self.name, wait_seconds=self.wait_seconds),
+                                   timeout=self.wait_seconds + RPC_TIMEOUT)
             header, _ = self._receive(stream)
             if header.kind == pb.TaskHeader.FINISHED:
                 self.audit.record("finished", round=int(header.round), job="describe")
@@ -291,7 +306,7 @@ class SiteAgent:
                               summary=summary_egress(arrays))
             head = pb.UpdateHeader(run_id=self.run_id, round=header.round, site=self.name, weight=0.0, manifest=manifest)
             chunks = [pb.UpdateChunk(header=head)] + [pb.UpdateChunk(data=bytes(c)) for c in wire.chunks(payload, self.chunk_size)]
-            result = stub.SubmitUpdate(iter(chunks))
+            result = stub.SubmitUpdate(iter(chunks), timeout=UPLOAD_TIMEOUT)
             self.audit.record("update_result", durable=False, round=int(header.round), accepted=result.accepted, reason=result.reason)
             if not result.accepted:
                 raise SiteRefused(f"{self.name}: the coordinator rejected this site's summary: {result.reason}")
@@ -400,14 +415,15 @@ class SiteAgent:
         metrics |= {f"test_{k}": v for k, v in _metrics_row(test_metrics).items()}
         if uses_dp(self.job):  # losses and scores are not noised: outside the DP guarantee, so they stay here
             metrics = {"num_steps": metrics["num_steps"]}
+        # Durable before the bytes leave: what left the site is on its disk first; its hash travels in the header.
+        sent = self.audit.record("update_sent", round=r, sha256=manifest.sha256, weight=float(out.weight),
+                                 tensors=[[s.name, s.dtype, list(s.shape)] for s in specs], bytes=len(payload), metrics=metrics)
         head = pb.UpdateHeader(run_id=run_id, round=r, site=self.name, weight=float(out.weight),
-                               manifest=manifest, metrics=metrics)
+                               manifest=manifest, metrics=metrics, audit_head=sent["hash"])
         chunks = [pb.UpdateChunk(header=head)] + [pb.UpdateChunk(data=bytes(c)) for c in wire.chunks(payload, self.chunk_size)]
-        # Durable before the bytes leave: what left the site is on its disk first.
-        self.audit.record("update_sent", round=r, sha256=manifest.sha256, weight=float(out.weight),
-                          tensors=[[s.name, s.dtype, list(s.shape)] for s in specs], bytes=len(payload), metrics=metrics)
-        result = stub.SubmitUpdate(iter(chunks))
-        self.audit.record("update_result", durable=False, round=r, accepted=result.accepted, reason=result.reason)
+        result = stub.SubmitUpdate(iter(chunks), timeout=UPLOAD_TIMEOUT)
+        self.audit.record("update_result", durable=False, round=r, accepted=result.accepted, reason=result.reason,
+                          coordinator_audit_head=result.audit_head or None)
         # An accepted update's state stays pending: it is committed once a task header's
         # last_contribution says round r's aggregate used it (the reply alone can be lost).
         if not result.accepted:
@@ -470,7 +486,7 @@ class SiteAgent:
         head = pb.UpdateHeader(run_id=run_id, round=header.round, site=self.name, attempt=header.attempt, secagg_step=step,
                                manifest=wire.manifest_to_proto([], data), refusal=refusal)
         chunks = [pb.UpdateChunk(header=head)] + [pb.UpdateChunk(data=bytes(c)) for c in wire.chunks(data, self.chunk_size)]
-        result = stub.SubmitUpdate(iter(chunks))
+        result = stub.SubmitUpdate(iter(chunks), timeout=UPLOAD_TIMEOUT)
         self.audit.record("update_result", durable=False, round=int(header.round), attempt=int(header.attempt),
                           step=pb.SecAggStep.Name(step), accepted=result.accepted, reason=result.reason)
         if not result.accepted:
@@ -482,7 +498,7 @@ class SiteAgent:
         head = pb.UpdateHeader(run_id=run_id, round=header.round, site=self.name, weight=0.0,
                                manifest=wire.manifest_to_proto([], b""), metrics={} if uses_dp(self.job) else metrics)
         try:
-            stub.SubmitUpdate(iter([pb.UpdateChunk(header=head)]))
+            stub.SubmitUpdate(iter([pb.UpdateChunk(header=head)]), timeout=RPC_TIMEOUT)
         except grpc.RpcError as e:  # the run is over either way; the coordinator may already have left
             self.audit.record("final_metrics_not_delivered", code=e.code().name)
         self.audit.record("finished", round=int(header.round), metrics=metrics)

@@ -31,6 +31,7 @@ from typing import Iterator, Optional
 
 from nordfl.runtime import wire
 from nordfl.runtime.config import STATISTICS_FILE
+from nordfl.runtime.bounds import bounded_text
 from nordfl.runtime.coordinator import JobServer, Rejected, Stopped
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.store import atomic_write_text
@@ -41,8 +42,8 @@ from nordfl.tasks.study_data import pooled_summary, scaling
 class TableOneJob(JobServer):
     """Collects every site's summary once and releases the suppressed Table 1 and the pooled scaling."""
 
-    def __init__(self, job, limits, state_dir, admitted, log=print, insecure: bool = False):
-        super().__init__(job, limits, state_dir, admitted, log, insecure)
+    def __init__(self, job, limits, state_dir, admitted, log=print, insecure: bool = False, signing_key=None):
+        super().__init__(job, limits, state_dir, admitted, log, insecure, signing_key)
         self.study = job.study_spec
         self.template = {"all": summary_template(self.study), "train": summary_template(self.study)}
         self.summaries: dict[str, dict] = {}  # site -> {"all": summary, "train": summary}
@@ -78,7 +79,7 @@ class TableOneJob(JobServer):
     def poll(self, identity: Optional[str], request: pb.PollRequest) -> Iterator[pb.TaskChunk]:
         site = self._identify(identity, request.site)
         if request.run_id != self.run_id:
-            raise Rejected(f"run {request.run_id!r} is not this coordinator's run {self.run_id!r}; join again")
+            raise Rejected(f"run {bounded_text(request.run_id)!r} is not this coordinator's run {self.run_id!r}; join again")
         end = time.monotonic() + min(request.wait_seconds or self.limits.wait_seconds, self.limits.wait_seconds)
         with self.lock:
             while True:
@@ -103,8 +104,10 @@ class TableOneJob(JobServer):
         try:
             site, header = self._upload_header(identity, next(chunks, None))
             specs, total, sha = wire.manifest_from_proto(header.manifest)
-            wire.check_specs(specs, wire.template_of(self.template))
-            payload = wire.join_chunks((c.data for c in chunks), expected_total=total, max_total=self.limits.max_message_bytes)
+            expected = wire.check_specs(specs, wire.template_of(self.template))  # the size is the study's, not the sender's
+            if total != expected:
+                raise Rejected(f"summary announces {total} bytes; the study's tensors are {expected} bytes")
+            payload = wire.join_chunks((c.data for c in chunks), expected_total=expected, max_total=expected)
             wire.check_payload(payload, total, sha)
             arrays = wire.decode(specs, payload, self.template, copy=True)
             try:
@@ -124,9 +127,8 @@ class TableOneJob(JobServer):
                     self._release(reason="all answered")
             return pb.SubmitReply(accepted=True)
         except (Rejected, wire.WireError) as e:
-            self.audit.record("update_rejected", durable=False, site=site, reason=str(e))
-            self.log(f"coordinator: rejected a summary from {site}: {e}")
-            return pb.SubmitReply(accepted=False, reason=str(e))
+            self.refuse("update_rejected", site, str(e))
+            return pb.SubmitReply(accepted=False, reason=bounded_text(str(e), 1024))
 
     def _rows(self, summary: dict) -> int:
         outcome = summary[self.study.outcome]

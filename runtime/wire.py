@@ -55,11 +55,12 @@ __all__ = [
     "template_of",
 ]
 
-PROTOCOL_VERSION = "nordfl.runtime.v1.3"
+PROTOCOL_VERSION = "nordfl.runtime.v1.4"
 """Sent in ``JoinRequest.protocol_version``: the proto package and a revision of its meaning (v1.1: sites
 keep client state by ``TaskHeader.last_contribution``; v1.2: secure-aggregation steps, the round's
 attempt in the headers, privacy settings in the job; v1.3: a study's Table 1 job, DESCRIBE tasks, the study
-and its scaling in the job); coordinator and sites must agree exactly."""
+and its scaling in the job; v1.4: a site declares its rows at Join, which bound its weight, and the two
+audit logs' heads travel with each upload and its reply); coordinator and sites must agree exactly."""
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 """Bytes per streamed data chunk (1 MiB): well under gRPC's default 4 MB message limit."""

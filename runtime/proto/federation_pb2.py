@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"nordfl/runtime/v1/federation.proto\x12\x11nordfl.runtime.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"_\n\x08Manifest\x12.\n\x07tensors\x18\x01 \x03(\x0b\x32\x1d.nordfl.runtime.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"5\n\x0bJoinRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\"O\n\tJoinReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x10\n\x08job_json\x18\x04 \x01(\t\"A\n\x0bPollRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\r\"\xe4\x02\n\nTaskHeader\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".nordfl.runtime.v1.TaskHeader.Kind\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x12\n\nnum_epochs\x18\x04 \x01(\x05\x12-\n\x08manifest\x18\x05 \x01(\x0b\x32\x1b.nordfl.runtime.v1.Manifest\x12\x19\n\x11last_contribution\x18\x06 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x1a\n\x12secure_aggregation\x18\x08 \x01(\x08\"z\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x46INISHED\x10\x02\x12\x15\n\x11SECAGG_SHARE_KEYS\x10\x03\x12\x17\n\x13SECAGG_MASKED_INPUT\x10\x04\x12\x11\n\rSECAGG_UNMASK\x10\x05\x12\x0c\n\x08\x44\x45SCRIBE\x10\x06\"T\n\tTaskChunk\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.nordfl.runtime.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xbf\x02\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12-\n\x08manifest\x18\x05 \x01(\x0b\x32\x1b.nordfl.runtime.v1.Manifest\x12=\n\x07metrics\x18\x06 \x03(\x0b\x32,.nordfl.runtime.v1.UpdateHeader.MetricsEntry\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x32\n\x0bsecagg_step\x18\x08 \x01(\x0e\x32\x1d.nordfl.runtime.v1.SecAggStep\x12\x0f\n\x07refusal\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"X\n\x0bUpdateChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.nordfl.runtime.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"/\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*[\n\nSecAggStep\x12\t\n\x05PLAIN\x10\x00\x12\r\n\tADVERTISE\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\x10\n\x0cMASKED_INPUT\x10\x03\x12\x11\n\rUNMASK_SHARES\x10\x04\x32\xf0\x01\n\nFederation\x12\x44\n\x04Join\x12\x1e.nordfl.runtime.v1.JoinRequest\x1a\x1c.nordfl.runtime.v1.JoinReply\x12J\n\x08PollTask\x12\x1e.nordfl.runtime.v1.PollRequest\x1a\x1c.nordfl.runtime.v1.TaskChunk0\x01\x12P\n\x0cSubmitUpdate\x12\x1e.nordfl.runtime.v1.UpdateChunk\x1a\x1e.nordfl.runtime.v1.SubmitReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"nordfl/runtime/v1/federation.proto\x12\x11nordfl.runtime.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"_\n\x08Manifest\x12.\n\x07tensors\x18\x01 \x03(\x0b\x32\x1d.nordfl.runtime.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"C\n\x0bJoinRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x04\"O\n\tJoinReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x10\n\x08job_json\x18\x04 \x01(\t\"A\n\x0bPollRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\r\"\xe4\x02\n\nTaskHeader\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".nordfl.runtime.v1.TaskHeader.Kind\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x12\n\nnum_epochs\x18\x04 \x01(\x05\x12-\n\x08manifest\x18\x05 \x01(\x0b\x32\x1b.nordfl.runtime.v1.Manifest\x12\x19\n\x11last_contribution\x18\x06 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x1a\n\x12secure_aggregation\x18\x08 \x01(\x08\"z\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x46INISHED\x10\x02\x12\x15\n\x11SECAGG_SHARE_KEYS\x10\x03\x12\x17\n\x13SECAGG_MASKED_INPUT\x10\x04\x12\x11\n\rSECAGG_UNMASK\x10\x05\x12\x0c\n\x08\x44\x45SCRIBE\x10\x06\"T\n\tTaskChunk\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.nordfl.runtime.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xd3\x02\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12-\n\x08manifest\x18\x05 \x01(\x0b\x32\x1b.nordfl.runtime.v1.Manifest\x12=\n\x07metrics\x18\x06 \x03(\x0b\x32,.nordfl.runtime.v1.UpdateHeader.MetricsEntry\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x32\n\x0bsecagg_step\x18\x08 \x01(\x0e\x32\x1d.nordfl.runtime.v1.SecAggStep\x12\x0f\n\x07refusal\x18\t \x01(\t\x12\x12\n\naudit_head\x18\n \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"X\n\x0bUpdateChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.nordfl.runtime.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"C\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\naudit_head\x18\x03 \x01(\t*[\n\nSecAggStep\x12\t\n\x05PLAIN\x10\x00\x12\r\n\tADVERTISE\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\x10\n\x0cMASKED_INPUT\x10\x03\x12\x11\n\rUNMASK_SHARES\x10\x04\x32\xf0\x01\n\nFederation\x12\x44\n\x04Join\x12\x1e.nordfl.runtime.v1.JoinRequest\x1a\x1c.nordfl.runtime.v1.JoinReply\x12J\n\x08PollTask\x12\x1e.nordfl.runtime.v1.PollRequest\x1a\x1c.nordfl.runtime.v1.TaskChunk0\x01\x12P\n\x0cSubmitUpdate\x12\x1e.nordfl.runtime.v1.UpdateChunk\x1a\x1e.nordfl.runtime.v1.SubmitReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_SECAGGSTEP']._serialized_start=1321
-  _globals['_SECAGGSTEP']._serialized_end=1412
+  _globals['_SECAGGSTEP']._serialized_start=1375
+  _globals['_SECAGGSTEP']._serialized_end=1466
   _globals['_TENSORSPEC']._serialized_start=57
   _globals['_TENSORSPEC']._serialized_end=113
   _globals['_MANIFEST']._serialized_start=115
   _globals['_MANIFEST']._serialized_end=210
   _globals['_JOINREQUEST']._serialized_start=212
-  _globals['_JOINREQUEST']._serialized_end=265
-  _globals['_JOINREPLY']._serialized_start=267
-  _globals['_JOINREPLY']._serialized_end=346
-  _globals['_POLLREQUEST']._serialized_start=348
-  _globals['_POLLREQUEST']._serialized_end=413
-  _globals['_TASKHEADER']._serialized_start=416
-  _globals['_TASKHEADER']._serialized_end=772
-  _globals['_TASKHEADER_KIND']._serialized_start=650
-  _globals['_TASKHEADER_KIND']._serialized_end=772
-  _globals['_TASKCHUNK']._serialized_start=774
-  _globals['_TASKCHUNK']._serialized_end=858
-  _globals['_UPDATEHEADER']._serialized_start=861
-  _globals['_UPDATEHEADER']._serialized_end=1180
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1134
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1180
-  _globals['_UPDATECHUNK']._serialized_start=1182
-  _globals['_UPDATECHUNK']._serialized_end=1270
-  _globals['_SUBMITREPLY']._serialized_start=1272
-  _globals['_SUBMITREPLY']._serialized_end=1319
-  _globals['_FEDERATION']._serialized_start=1415
-  _globals['_FEDERATION']._serialized_end=1655
+  _globals['_JOINREQUEST']._serialized_end=279
+  _globals['_JOINREPLY']._serialized_start=281
+  _globals['_JOINREPLY']._serialized_end=360
+  _globals['_POLLREQUEST']._serialized_start=362
+  _globals['_POLLREQUEST']._serialized_end=427
+  _globals['_TASKHEADER']._serialized_start=430
+  _globals['_TASKHEADER']._serialized_end=786
+  _globals['_TASKHEADER_KIND']._serialized_start=664
+  _globals['_TASKHEADER_KIND']._serialized_end=786
+  _globals['_TASKCHUNK']._serialized_start=788
+  _globals['_TASKCHUNK']._serialized_end=872
+  _globals['_UPDATEHEADER']._serialized_start=875
+  _globals['_UPDATEHEADER']._serialized_end=1214
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1168
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1214
+  _globals['_UPDATECHUNK']._serialized_start=1216
+  _globals['_UPDATECHUNK']._serialized_end=1304
+  _globals['_SUBMITREPLY']._serialized_start=1306
+  _globals['_SUBMITREPLY']._serialized_end=1373
+  _globals['_FEDERATION']._serialized_start=1469
+  _globals['_FEDERATION']._serialized_end=1709
 # @@protoc_insertion_point(module_scope)

@@ -41,12 +41,14 @@ class Manifest(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("site", "protocol_version")
+    __slots__ = ("site", "protocol_version", "rows")
     SITE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     site: str
     protocol_version: str
-    def __init__(self, site: _Optional[str] = ..., protocol_version: _Optional[str] = ...) -> None: ...
+    rows: int
+    def __init__(self, site: _Optional[str] = ..., protocol_version: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("accepted", "reason", "run_id", "job_json")
@@ -115,7 +117,7 @@ class TaskChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "site", "weight", "manifest", "metrics", "attempt", "secagg_step", "refusal")
+    __slots__ = ("run_id", "round", "site", "weight", "manifest", "metrics", "attempt", "secagg_step", "refusal", "audit_head")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,7 @@ class UpdateHeader(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SECAGG_STEP_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEAD_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     site: str
@@ -141,7 +144,8 @@ class UpdateHeader(_message.Message):
     attempt: int
     secagg_step: SecAggStep
     refusal: str
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., weight: _Optional[float] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., attempt: _Optional[int] = ..., secagg_step: _Optional[_Union[SecAggStep, str]] = ..., refusal: _Optional[str] = ...) -> None: ...
+    audit_head: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., weight: _Optional[float] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., attempt: _Optional[int] = ..., secagg_step: _Optional[_Union[SecAggStep, str]] = ..., refusal: _Optional[str] = ..., audit_head: _Optional[str] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -152,9 +156,11 @@ class UpdateChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
-    __slots__ = ("accepted", "reason")
+    __slots__ = ("accepted", "reason", "audit_head")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEAD_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    audit_head: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., audit_head: _Optional[str] = ...) -> None: ...

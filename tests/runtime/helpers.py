@@ -27,6 +27,7 @@ def start_coordinator(tmp: Path, federation: Path, overrides=(), *, state="coord
 
 
 def site_agent(tmp: Path, federation: Path, files: dict, name: str, port: int, **kw) -> SiteAgent:
+    kw.setdefault("signing_key", federation / "sites" / name / "key.pem")  # signed audit logs, as `nordfl site` writes them
     return SiteAgent(name, f"localhost:{port}", [files[name]], tmp / "sites" / name,
                      tls.channel_credentials(federation / "sites" / name), log=lambda m: None, **kw)
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from nordfl.runtime.audit import GENESIS, AuditError, AuditLog, sha256_hex, verify, verify_main
+from nordfl.runtime.audit import GENESIS, AuditError, AuditLog, cross_check, sha256_hex, verify, verify_main
 
 
 def _spec_hash(entry):
@@ -76,7 +76,8 @@ def test_reopening_continues_the_chain(tmp_path):
 def test_empty_existing_file_starts_a_chain(tmp_path):
     path = tmp_path / "audit.jsonl"
     path.touch()
-    assert verify(path) == (True, 0, None, "empty log")
+    report = verify(path)  # an emptied log is not "OK: 0 entries" (issue 15): it is an error
+    assert not report.ok and report.entries == 0 and "is empty" in report.reason
     with AuditLog(path, "coordinator") as log:
         assert log.record("start")["prev"] == GENESIS
     assert verify(path).entries == 1
@@ -284,3 +285,91 @@ def test_only_durable_entries_fsync_and_the_chain_is_the_same(tmp_path, monkeypa
     log.close()
     report = verify(tmp_path / "a.jsonl")
     assert report.ok and report.entries == 3
+
+
+# ---------------------------------------------------------------------- signed entries and cross-party heads (issue 15)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """Two parties' ECDSA P-256 keys and certificates, as the federation's provisioning makes them."""
+    from nordfl.runtime import tls
+
+    root = tls.provision(tmp_path_factory.mktemp("fed") / "federation", ["Oslo"])
+    return {"site": (root / "sites" / "Oslo" / "key.pem", root / "sites" / "Oslo" / "cert.pem"),
+            "coordinator": (root / "coordinator" / "key.pem", root / "coordinator" / "cert.pem")}
+
+
+def _exchange(tmp_path, keys, rounds=3):
+    """A site and a coordinator log as the runtime writes them: the site's head in each update, the coordinator's in each reply."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    site = AuditLog(tmp_path / "site.jsonl", "site:Oslo", signing_key=keys["site"][0])
+    coordinator = AuditLog(tmp_path / "coordinator.jsonl", "coordinator", signing_key=keys["coordinator"][0])
+    coordinator.record("start")
+    for r in range(rounds):
+        sent = site.record("update_sent", round=r, sha256="ab" * 32)
+        accepted = coordinator.record("update_accepted", site="Oslo", round=r, site_audit_head=sent["hash"])
+        site.record("update_result", round=r, accepted=True, coordinator_audit_head=accepted["hash"])
+        coordinator.record("round_closed", round=r)
+    site.close()
+    coordinator.close()
+    return tmp_path / "site.jsonl", tmp_path / "coordinator.jsonl"
+
+
+def test_signed_logs_verify_and_agree(tmp_path, keys):
+    site, coordinator = _exchange(tmp_path, keys)
+    assert verify(site, keys["site"][1]).ok and verify(coordinator, keys["coordinator"][1]).ok
+    assert cross_check(site, coordinator) == []
+    # Each log verifies only with its own writer's certificate.
+    assert not verify(site, keys["coordinator"][1]).ok
+
+
+def test_cut_tail_of_either_log_is_found_given_both(tmp_path, keys):
+    site, coordinator = _exchange(tmp_path, keys)
+    lines = _lines(site)
+    _set_lines(site, lines[:-3])  # the last round's update_sent, its result and nothing after
+    assert verify(site).ok  # alone, a shorter chain is still a chain
+    problems = cross_check(site, coordinator)
+    assert len(problems) == 1 and "site log was cut or rewritten" in problems[0]
+
+    site, coordinator = _exchange(tmp_path / "b", keys)
+    _set_lines(coordinator, _lines(coordinator)[:-2])
+    assert verify(coordinator).ok
+    assert any("coordinator log was cut or rewritten" in p for p in cross_check(site, coordinator))
+
+
+def test_rehashed_rewrite_and_appended_forgery_fail_signature_checks(tmp_path, keys):
+    site, coordinator = _exchange(tmp_path, keys)
+    # Rewrite an entry and recompute every hash after it: the unkeyed chain is intact again...
+    entries = [json.loads(line) for line in _lines(site)]
+    entries[0]["sha256"] = "cd" * 32
+    prev = GENESIS
+    for e in entries:
+        e["prev"] = prev
+        body = {k: v for k, v in e.items() if k not in ("hash", "sig")}
+        e["hash"] = _spec_hash(body)
+        prev = e["hash"]
+    _set_lines(site, [json.dumps(e) + "\n" for e in entries])
+    assert verify(site).ok
+    # ...but the signatures no longer match, and the coordinator's record of the heads disagrees.
+    report = verify(site, keys["site"][1])
+    assert not report.ok and report.first_bad_line == 1 and "signature" in report.reason
+    assert cross_check(site, coordinator)
+
+    site, coordinator = _exchange(tmp_path / "c", keys)
+    with AuditLog(site, "site:Oslo") as forger:  # without the site's key
+        forger.record("update_sent", round=9, sha256="ef" * 32)
+    report = verify(site, keys["site"][1])
+    assert not report.ok and report.first_bad_line == 7 and "unsigned" in report.reason
+
+
+def test_verify_main_with_certificate_and_peer(tmp_path, keys, capsys):
+    site, coordinator = _exchange(tmp_path, keys)
+    assert verify_main(site, keys["site"][1], peer=coordinator) == 0
+    assert "every entry signed; agrees with" in capsys.readouterr().out
+    _set_lines(site, _lines(site)[:-3])
+    assert verify_main(coordinator, keys["coordinator"][1], peer=site) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+    (tmp_path / "empty.jsonl").touch()
+    assert verify_main(tmp_path / "empty.jsonl") == 1
+    assert "is empty" in capsys.readouterr().out

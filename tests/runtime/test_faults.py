@@ -57,11 +57,11 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     # A malformed frame: data before any header.
     reply = stub.SubmitUpdate(iter([pb.UpdateChunk(data=b"\x00" * 16)]), timeout=30)
     assert not reply.accepted and "first chunk must be the header" in reply.reason
-    # An oversized message, refused from its header before the bytes are read.
+    # An oversized announcement, refused from its header before the bytes are read: the size is the job's.
     header, payload = _update_header(coordinator, "Cleveland", 0, good_shape)
     header.manifest.total_bytes = 10**9
     reply = _submit(stub, header, [payload])
-    assert not reply.accepted and "exceeds max_message_bytes" in reply.reason
+    assert not reply.accepted and "the job's tensors are 112 bytes" in reply.reason
     # A NaN update.
     poisoned = jax.tree_util.tree_map(lambda a: np.full_like(a, np.nan), good_shape)
     header, payload = _update_header(coordinator, "Cleveland", 0, poisoned)
@@ -101,7 +101,7 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     driver.join(timeout=60)
     rejected = [e for e in _audit(tmp_path / "coordinator") if e["event"] == "update_rejected"]
     reasons = " | ".join(e["reason"] for e in rejected)
-    for expected in ("first chunk must be the header", "exceeds max_message_bytes", "NaN", "exceeds max_update_norm",
+    for expected in ("first chunk must be the header", "the job's tensors are", "NaN", "exceeds max_update_norm",
                      "update for run 'another-run'", "certificate is 'Cleveland'", "late or replayed update for round 0"):
         assert expected in reasons  # every refusal is in the audit log, with its reason
 

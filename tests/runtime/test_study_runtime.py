@@ -234,7 +234,7 @@ def test_the_table_one_job_rejects_a_summary_that_is_not_a_summary(tmp_path, stu
     study = records["Oslo"].study
     job = Job(0, tuple(sorted(SITES)), 1, {"name": "fedavg"}, {"name": "study", "data_seed": 0, "test_fraction": 0.25},
               kind="describe", study=study.canonical())
-    limits = Limits(2, 3, 60.0, 1, None, 1e6, 1e7, 1 << 20, 1 << 24, 1)
+    limits = Limits(2, 3, 60.0, 1, None, 1e6, 1e7, 10.0, 300.0, 2, 1 << 20, 1 << 24, 1)
     server = TableOneJob(job, limits, tmp_path, admitted=lambda identity: (True, ""), log=lambda m: None, insecure=True)
 
     def upload(site, arrays):
