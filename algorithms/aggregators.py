@@ -4,7 +4,9 @@
 compatible with secure aggregation. The robust ones (Yin et al., "Byzantine-Robust
 Distributed Learning", ICML 2018) work coordinate-wise over the clients with non-zero
 weight, unweighted: ``coordinate_median`` and ``trimmed_mean(beta)``, which drops the
-``floor(beta * m)`` largest and smallest of the m values of each coordinate.
+``floor(beta * m)`` largest and smallest of the m values of each coordinate. Two more act on
+whole updates: ``krum(byzantine, selected)`` keeps the updates closest to their neighbours,
+and ``centered_clipping(tau, iterations)`` bounds how far any one update moves the result.
 
 An aggregator is *linear* (``is_linear``) when its aggregate is ``mean_of_sum`` of the
 ``weighted_sum`` of the updates: only then can the simulator stream chunk sums, DP-FedAvg
@@ -130,9 +132,79 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
     return aggregate
 
 
+def _flatten(updates: Update) -> jax.Array:
+    """Every client's update as one row: [clients, all coordinates]."""
+    leaves = jax.tree_util.tree_leaves(updates)
+    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1).astype(jnp.float32) for leaf in leaves], axis=1)
+
+
+def _unflatten(vector: jax.Array, updates: Update) -> Update:
+    """One client's row back into the update's structure (the inverse of ``_flatten`` for one client)."""
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    out, start = [], 0
+    for leaf in leaves:
+        size = leaf[0].size
+        out.append(vector[start:start + size].reshape(leaf.shape[1:]).astype(leaf.dtype))
+        start += size
+    return treedef.unflatten(out)
+
+
+def krum(byzantine: int = 1, selected: int = 1) -> Aggregator:
+    """(Multi-)Krum (Blanchard et al., NeurIPS 2017): each client's score is the sum of squared distances
+    to its ``m - byzantine - 2`` nearest others (m: clients of non-zero weight); the mean of the ``selected``
+    lowest-scoring updates is the aggregate (``selected=1``: Krum). Tolerates ``byzantine`` < (m - 2) / 2.
+    """
+    for field, value in (("byzantine", byzantine), ("selected", selected)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if field == "byzantine" else 1):
+            raise ValueError(f"krum: {field} must be an integer >= {0 if field == 'byzantine' else 1}, got {value!r}")
+
+    def aggregate(updates: Update, weights: jax.Array) -> Aggregate:
+        x = _flatten(updates)
+        valid = weights > 0
+        m = jnp.sum(valid).astype(jnp.int32)
+        squared = jnp.sum(x * x, axis=1)
+        distance = jnp.maximum(squared[:, None] + squared[None, :] - 2 * x @ x.T, 0.0)
+        others = valid[:, None] & valid[None, :] & ~jnp.eye(x.shape[0], dtype=bool)
+        ranked = jnp.sort(jnp.where(others, distance, jnp.inf), axis=1)
+        neighbours = jnp.maximum(m - byzantine - 2, 1)
+        near = jnp.arange(x.shape[0])[None, :] < neighbours
+        score = jnp.where(valid, jnp.sum(jnp.where(near & jnp.isfinite(ranked), ranked, 0.0), axis=1), jnp.inf)
+        rank = jnp.argsort(jnp.argsort(score))
+        chosen = valid & (rank < jnp.minimum(selected, m))
+        mean = jnp.sum(jnp.where(chosen[:, None], x, 0.0), axis=0) / jnp.maximum(jnp.sum(chosen), 1).astype(x.dtype)
+        return Aggregate(_unflatten(mean, updates), jnp.sum(weights), _num_clients(weights))
+
+    return aggregate
+
+
+def centered_clipping(tau: float = 1.0, iterations: int = 3) -> Aggregator:
+    """Centred clipping (Karimireddy, He & Jaggi, ICML 2021), started from the coordinate median:
+    ``v <- v + mean_i (x_i - v) * min(1, tau / ||x_i - v||)``, ``iterations`` times, over clients of non-zero weight.
+    No client moves the aggregate by more than ``tau / m`` per iteration."""
+    _checks.check_positive("centered_clipping", "tau", tau)
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"centered_clipping: iterations must be an integer >= 1, got {iterations!r}")
+
+    def aggregate(updates: Update, weights: jax.Array) -> Aggregate:
+        x = _flatten(updates)
+        valid = weights > 0
+        m = jnp.maximum(jnp.sum(valid), 1).astype(x.dtype)
+        v = _flatten(jax.tree_util.tree_map(lambda leaf: leaf[None], coordinate_median(updates, weights).mean))[0]
+        for _ in range(iterations):
+            diff = jnp.where(valid[:, None], x - v[None, :], 0.0)
+            norm = jnp.sqrt(jnp.sum(diff * diff, axis=1))
+            scale = jnp.minimum(1.0, tau / jnp.maximum(norm, 1e-12))
+            v = v + jnp.sum(diff * scale[:, None], axis=0) / m
+        return Aggregate(_unflatten(v, updates), jnp.sum(weights), _num_clients(weights))
+
+    return aggregate
+
+
 registry.register("aggregator", "weighted_mean", is_linear=is_linear(weighted_mean))(lambda: weighted_mean)
 registry.register("aggregator", "median", is_linear=False)(lambda: coordinate_median)
 registry.register("aggregator", "trimmed_mean", is_linear=False)(trimmed_mean)
+registry.register("aggregator", "krum", is_linear=False)(krum)
+registry.register("aggregator", "centered_clipping", is_linear=False)(centered_clipping)
 
 
 def linear_aggregators() -> tuple[str, ...]:

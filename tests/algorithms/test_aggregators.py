@@ -71,7 +71,7 @@ def test_no_participant_gives_zero():
 def test_bad_aggregator_settings():
     with pytest.raises(ValueError, match="trimmed_mean: beta must be < 0.5"):
         trimmed_mean(0.5)
-    with pytest.raises(ValueError, match="aggregator: unknown name 'mean'; expected one of median, trimmed_mean, weighted_mean"):
+    with pytest.raises(ValueError, match="aggregator: unknown name 'mean'; expected one of centered_clipping, krum, median, trimmed_mean, weighted_mean"):
         aggregator("mean")
     with pytest.raises(ValueError, match="aggregator.median: unknown hyperparameter 'beta'; expected one of none"):
         aggregator("median", beta=0.1)
@@ -82,7 +82,63 @@ def test_bad_aggregator_settings():
 
 def test_every_shipped_aggregator_is_registered_and_declares_linearity():
     """Streaming, DP-FedAvg and secure aggregation read is_linear, never the name."""
-    assert registry.names("aggregator") == ("median", "trimmed_mean", "weighted_mean")
+    assert registry.names("aggregator") == ("centered_clipping", "krum", "median", "trimmed_mean", "weighted_mean")
     assert linear_aggregators() == ("weighted_mean",)
     assert is_linear(aggregator("weighted_mean")) and is_linear(weighted_mean)
     assert not is_linear(aggregator("median")) and not is_linear(aggregator("trimmed_mean", beta=0.1))
+
+
+def _rows():
+    """Each valid client's update as one float64 row, in the leaves' flattening order (a, then b)."""
+    return {i: np.concatenate([UPDATES["a"][i].ravel(), UPDATES["b"][i].ravel()]).astype(np.float64)
+            for i in range(len(WEIGHTS)) if VALID[i]}
+
+
+def _split(row):
+    return {"a": row[:6].reshape(3, 2), "b": row[6]}
+
+
+@pytest.mark.parametrize("byzantine,selected", [(1, 1), (2, 1), (1, 3)])
+def test_krum_against_a_plain_loop(byzantine, selected):
+    rows = _rows()
+    m = len(rows)
+    scores = {}
+    for i, x in rows.items():
+        distances = sorted(float(np.sum((x - y) ** 2)) for j, y in rows.items() if j != i)
+        scores[i] = sum(distances[: m - byzantine - 2])
+    best = sorted(scores, key=scores.get)[:selected]
+    want = _split(np.mean([rows[i] for i in best], axis=0))
+    agg = aggregator("krum", byzantine=byzantine, selected=selected)(_jax(UPDATES), jnp.asarray(WEIGHTS))
+    for k in want:
+        np.testing.assert_allclose(agg.mean[k], want[k], rtol=1e-4, atol=1e-5)
+    assert float(agg.num_clients) == 6
+
+
+def test_krum_ignores_one_far_outlier():
+    updates = {"a": np.zeros((5, 2), np.float32), "b": np.zeros((5,), np.float32)}
+    updates["a"][:4] = RNG.normal(0, 0.01, (4, 2))
+    updates["a"][4] = 1e4  # the attacker
+    agg = aggregator("krum", byzantine=1, selected=3)(_jax(updates), jnp.ones(5, jnp.float32))
+    assert np.abs(np.asarray(agg.mean["a"])).max() < 0.1
+
+
+def test_centered_clipping_against_a_plain_loop():
+    rows = _rows()
+    x = np.stack(list(rows.values()))
+    v = np.median(x, axis=0)
+    for _ in range(3):
+        diff = x - v
+        norms = np.linalg.norm(diff, axis=1)
+        v = v + np.mean(diff * np.minimum(1.0, 0.5 / norms)[:, None], axis=0)
+    want = _split(v)
+    agg = aggregator("centered_clipping", tau=0.5, iterations=3)(_jax(UPDATES), jnp.asarray(WEIGHTS))
+    for k in want:
+        np.testing.assert_allclose(agg.mean[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,options,field,value", [
+    ("krum", {"byzantine": -1}, "byzantine", "-1"), ("krum", {"selected": 0}, "selected", "0"),
+    ("centered_clipping", {"tau": 0.0}, "tau", "0.0"), ("centered_clipping", {"iterations": 0}, "iterations", "0")])
+def test_robust_aggregator_options_are_checked(name, options, field, value):
+    with pytest.raises(ValueError, match=f"{field}.*{value}"):
+        aggregator(name, **options)

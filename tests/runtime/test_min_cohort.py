@@ -20,6 +20,7 @@ def federation(tmp_path_factory):
 
 
 def _submit(coordinator, site, round_index=0):
+    coordinator.join(site, pb.JoinRequest(site=site, protocol_version=wire.PROTOCOL_VERSION, rows=100))  # declares its rows
     zeros = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.01, s.dtype), coordinator.update_template)
     specs, payload = wire.encode(zeros)
     header = pb.UpdateHeader(run_id=coordinator.run_id, round=round_index, site=site, weight=10.0,
