@@ -47,6 +47,7 @@ from nordfl.tasks import Examples
 STATE_FILE = "coordinator_state.npz"
 MAX_METRICS = 32
 ROWS_FILE = "declared_rows.json"
+JOINS_PER_MINUTE = 30  # a site rejoins after each lost connection, with backoff: more is a loop or an attack
 
 
 class Limits(NamedTuple):
@@ -109,6 +110,7 @@ class JobServer:
         rows_file = self.state_dir / ROWS_FILE  # kept across restarts: a site does not join again to resume
         self.declared_rows: dict[str, int] = json.loads(rows_file.read_text()) if rows_file.exists() else {}
         self.rejections = RejectionLimiter(self._summarise_rejections)
+        self.join_rate = RejectionLimiter(self._summarise_rejections, burst=JOINS_PER_MINUTE, window=60.0)
         self.uploads = StreamGate(limits.max_uploads_per_site, limits.max_uploads_per_site * len(job.sites) + 4)
 
     def _summarise_rejections(self, kind: str, caller: str, count: int) -> None:
@@ -144,6 +146,8 @@ class JobServer:
     def join(self, identity: Optional[str], request: pb.JoinRequest) -> pb.JoinReply:
         try:
             site = self._identify(identity, request.site)
+            if not self.join_rate.allow("join", site):
+                raise Rejected(f"more than {JOINS_PER_MINUTE} Joins from {site} in a minute; wait and join again")
             if request.protocol_version != wire.PROTOCOL_VERSION:
                 raise Rejected(f"protocol {bounded_text(request.protocol_version)!r}; this coordinator speaks "
                                f"{wire.PROTOCOL_VERSION!r}")
