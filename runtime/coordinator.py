@@ -104,6 +104,7 @@ class JobServer:
         self.site_index = {site: i for i, site in enumerate(job.sites)}
         self.final_metrics: dict[str, dict] = {}
         self.lock = threading.Condition()
+        self.rows_lock = threading.Lock()
         self.stopped: Optional[str] = None
         self.run_id = ""
         self.last_contribution: dict[str, int] = {}  # site -> last round whose aggregate used its update
@@ -155,11 +156,13 @@ class JobServer:
             self.refuse("join_refused", identity or request.site, str(e))
             return pb.JoinReply(accepted=False, reason=str(e))
         rows = int(request.rows)
-        if self.declared_rows.get(site) != rows:  # a new declaration is always on file; a repeated one is rate-limited
-            self.audit.record("join", site=site, rows=rows)
-            self.declared_rows[site] = rows
-            atomic_write_text(self.state_dir / ROWS_FILE, json.dumps(self.declared_rows, sort_keys=True))
-        elif self.rejections.allow("join", site):
+        with self.rows_lock:  # Joins arrive on several server threads at once
+            declared = self.declared_rows.get(site) != rows
+            if declared:  # a new declaration is always on file; a repeated one is rate-limited
+                self.audit.record("join", site=site, rows=rows)
+                self.declared_rows[site] = rows
+                atomic_write_text(self.state_dir / ROWS_FILE, json.dumps(self.declared_rows, sort_keys=True))
+        if not declared and self.rejections.allow("join", site):
             self.audit.record("join", durable=False, site=site, rows=rows)
         job = json.loads(self.job.to_json()) | {"site_index": self.site_index[site], "chunk_size": self.limits.chunk_size}
         return pb.JoinReply(accepted=True, run_id=self.run_id, job_json=json.dumps(job))
@@ -611,22 +614,29 @@ class Servicer(pb_grpc.FederationServicer):
         if busy is not None:
             coordinator.refuse("upload_refused", caller, busy)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
-        deadline = threading.Timer(coordinator.limits.upload_timeout, context.cancel)  # a stalled stream is cut
-        deadline.daemon = True
+        expired = threading.Event()
+        deadline = threading.Timer(coordinator.limits.upload_timeout, lambda: (expired.set(), context.cancel()))
+        deadline.daemon = True  # a stalled stream is cut
         deadline.start()
         try:
-            return coordinator.submit(identity, _cancellable(request_iterator, coordinator.limits.upload_timeout))
+            return coordinator.submit(identity, _cancellable(request_iterator, coordinator.limits.upload_timeout, expired))
         finally:
             deadline.cancel()
             coordinator.uploads.leave(caller)
 
 
-def _cancellable(chunks, timeout: float):
-    """The request stream; when the server cancels it (the deadline) reading stops with ``Rejected``."""
+def _cancellable(chunks, timeout: float, expired: threading.Event):
+    """The request stream; when it breaks (the deadline cancelled it, or the connection was lost) reading stops
+    with ``Rejected`` saying which."""
+    timed_out = Rejected(f"upload not complete within runtime.upload_timeout={timeout:g}s; cancelled")
     try:
         yield from chunks
     except grpc.RpcError:
-        raise Rejected(f"upload not complete within runtime.upload_timeout={timeout:g}s; cancelled") from None
+        if expired.is_set():
+            raise timed_out from None
+        raise Rejected("upload stream broke before its end (connection lost or cancelled by the site)") from None
+    if expired.is_set():  # a cancelled stream may also just end, with no error
+        raise timed_out
 
 
 def check_metrics(metrics) -> dict:

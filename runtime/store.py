@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +18,32 @@ import numpy as np
 from nordfl.runtime import wire
 
 
+def _replace_atomically(path: Path, write) -> None:
+    """Calls ``write(file)`` on a temporary file of its own, fsyncs it and renames it over ``path``: a reader sees
+    the old file or the new one, and concurrent writers never share a temporary file."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def save_tree(path: Path, tree: Any, **meta) -> None:
-    """Writes ``tree`` and ``meta`` (JSON-serialisable) to ``path`` via a temporary file and a rename."""
+    """Writes ``tree`` and ``meta`` (JSON-serialisable) to ``path`` atomically."""
     specs, payload = wire.encode(tree)
     header = json.dumps({"meta": meta, "specs": [[s.name, s.dtype, list(s.shape)] for s in specs]})
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
-        np.savez(f, header=np.asarray(header), payload=np.frombuffer(payload, np.uint8))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    _replace_atomically(path, lambda f: np.savez(f, header=np.asarray(header), payload=np.frombuffer(payload, np.uint8)))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` via a temporary file, fsync and a rename: a reader sees the old file or the new one."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    """Writes ``text`` to ``path`` atomically."""
+    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_tree(path: Path, template: Any) -> tuple[Any, dict]:

@@ -22,7 +22,6 @@ import ipaddress
 import json
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional
@@ -32,6 +31,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from nordfl.runtime.store import atomic_write_text
 
 __all__ = [
     "Federation",
@@ -253,21 +254,8 @@ def _write(path: Path, data: bytes, *, private: bool = False) -> None:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    """Write to a temp file and rename it over ``path``, so a reader sees the old or new list, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """A reader sees the old list or the new one, never half."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
