@@ -1,5 +1,5 @@
 """One registry for every extension point: algorithms, aggregators, server optimisers,
-models, tasks and partitioners.
+models, tasks, partitioners and (simulated) attacks.
 
 Shipped components and a user's plugins register the same way, so nothing built in is a
 special case::
@@ -28,7 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
-KINDS = ("algorithm", "aggregator", "server_optimizer", "model", "task", "partitioner")
+KINDS = ("algorithm", "aggregator", "server_optimizer", "model", "task", "partitioner", "attack")
 ENTRY_POINT_GROUP = "nordfl.plugins"
 
 
@@ -46,7 +46,7 @@ class Entry(NamedTuple):
 _ENTRIES: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
 # Modules whose import registers the shipped components; imported on first lookup so that
 # importing the registry itself stays cheap and free of cycles.
-_BUILTIN_MODULES = ("nordfl.algorithms.aggregators", "nordfl.algorithms.server_optimizers", "nordfl.algorithms.fedavg",
+_BUILTIN_MODULES = ("nordfl.algorithms.aggregators", "nordfl.algorithms.attacks", "nordfl.algorithms.server_optimizers", "nordfl.algorithms.fedavg",
                     "nordfl.algorithms.fedprox", "nordfl.algorithms.scaffold", "nordfl.tasks.models", "nordfl.tasks.heart",
                     "nordfl.tasks.synthetic", "nordfl.tasks.digits", "nordfl.tasks.partition", "nordfl.tasks.study_data")
 _builtins_loaded = False

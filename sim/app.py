@@ -109,7 +109,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
         console.print(f"Table 1 of study {experiment.task.data.name}: {markdown} and {csv}", highlight=False)
     task = experiment.task
     site_names = [c.name for c in task.data.clients]
-    sim = Simulator(experiment.algorithm, task, experiment.options, seed=cfg.seed, aggregate=experiment.aggregate)
+    sim = Simulator(experiment.algorithm, task, experiment.options, seed=cfg.seed, aggregate=experiment.aggregate,
+                    adversary=experiment.adversary)
     state = sim.init(task.model.init_params)
     fingerprint = _fingerprint(cfg)
     checkpoint_dir = run_dir / "checkpoint"

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nordfl.algorithms import Algorithm, LocalSchedule
 from nordfl.algorithms.aggregators import Aggregator
+from nordfl.algorithms.attacks import Adversary, attack, choose_malicious
 from nordfl.conf.schema import (
     AlgorithmConfig,
     ConfigError,
@@ -33,7 +34,7 @@ from nordfl.sim.engine import SimulatorOptions
 from nordfl.sim.privacy import PrivacySpec, SimPrivacy, calibrate_noise
 from nordfl.tasks import Task
 
-__all__ = ["Config", "ConfigError", "Experiment", "build", "build_options", "fingerprint_config", "register"]
+__all__ = ["Config", "ConfigError", "Experiment", "build", "build_adversary", "build_options", "fingerprint_config", "register"]
 
 
 @dataclass
@@ -62,11 +63,32 @@ class LoggerConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Simulated malicious clients (``nordfl.algorithms.attacks``, docs/simulator.md): ``name`` is none or a
+    registered attack; the malicious clients are ``sites`` by name, or else ``fraction`` of all clients drawn
+    with ``seed`` (null: the run's seed). ``None`` hyperparameters take the attack's defaults."""
+
+    name: str = "none"
+    fraction: float = 0.0
+    sites: list[str] = field(default_factory=list)
+    seed: Optional[int] = None
+    scale: Optional[float] = None  # sign_flip: send -scale x the honest update (default 1)
+    factor: Optional[float] = None  # scaled: send factor x the honest update (default 10)
+    sigma: Optional[float] = None  # gaussian: the noise's standard deviation (default 1)
+    z: Optional[float] = None  # little_is_enough: the shift in standard deviations (default: Baruch et al.'s z_max)
+
+
+ATTACK_PLACEMENT = ("name", "fraction", "sites", "seed")
+"""The keys of ``AttackConfig`` that say who attacks; the others are the attack's hyperparameters."""
+
+
+@dataclass
 class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     resume: bool = False
@@ -87,6 +109,26 @@ class Experiment(NamedTuple):
     aggregate: Aggregator
     options: SimulatorOptions
     privacy: Optional[SimPrivacy] = None  # None without differential privacy
+    adversary: Optional[Adversary] = None  # None without simulated malicious clients
+
+
+def build_adversary(cfg: DictConfig, task: Task) -> Optional[Adversary]:
+    """The run's simulated malicious clients (``attack.*``), or None for ``attack.name=none``."""
+    a = cfg.get("attack")
+    if a is None or a.name == "none":
+        return None
+    hyper = {k: v for k, v in a.items() if k not in ATTACK_PLACEMENT and v is not None}
+    names = [c.name for c in task.data.clients]
+    try:
+        built = attack(a.name, **hyper)
+        malicious = choose_malicious(names, fraction=a.fraction, sites=list(a.sites), seed=cfg.seed if a.seed is None else a.seed)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e) if str(e).startswith("attack") else f"attack: {e}") from None
+    if not malicious.any():
+        fail("attack.fraction", a.fraction, f"selects no client of {len(names)}; raise it (or name attack.sites) or use attack=none")
+    if built.data is not None and task.data.num_classes < 2:
+        fail("attack.name", a.name, f"needs a classification task; {task.data.name} has a regression outcome")
+    return Adversary(built, malicious)
 
 
 def build_options(cfg: DictConfig, num_clients: int) -> SimulatorOptions:
@@ -176,7 +218,7 @@ def build(cfg: DictConfig) -> Experiment:
     privacy = build_privacy(cfg, task, options, algorithm.local)
     if calibrate:
         algorithm, aggregate = algorithm_of(cfg)
-    return Experiment(task, algorithm, aggregate, options, privacy)
+    return Experiment(task, algorithm, aggregate, options, privacy, build_adversary(cfg, task))
 
 
 def fingerprint_config(cfg: DictConfig) -> dict:
@@ -184,6 +226,8 @@ def fingerprint_config(cfg: DictConfig) -> dict:
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in ("resume", "logger", "plugins"):
         container.pop(key, None)
+    if container.get("attack", {}).get("name") == "none":  # so runs from before attacks existed keep their fingerprint
+        container.pop("attack")
     for key in ("rounds", "eval_every", "checkpoint_every", "chunk_size", "max_buckets", "data_on_host", "cpu_devices"):
         container["sim"].pop(key, None)
     return container

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nordfl.algorithms import Algorithm, weighted_mean
 from nordfl.algorithms.aggregators import Aggregator, is_linear, mean_of_sum, weighted_sum
+from nordfl.algorithms.attacks import Adversary, poison
 from nordfl.sim.cohort import RoundPlan, plan_round
 from nordfl.sim.packing import BucketSpec, ClientPool, bucket_specs, gather_clients, plan_buckets, pool_clients
 from nordfl.tasks import EvalMetrics, Examples, Task, metrics_type
@@ -125,6 +126,10 @@ def _stack_clients(tree, num_clients: int):
 class Simulator:
     """Runs an ``Algorithm`` over many simulated clients.
 
+    With an ``adversary`` (``nordfl.algorithms.attacks``) its malicious clients train on
+    poisoned data and/or have their updates replaced inside the compiled round, before the
+    aggregator sees them.
+
     Example:
       >>> sim = Simulator(alg, task, SimulatorOptions(), seed=0)
       >>> state = sim.init(task.model.init_params)
@@ -141,9 +146,19 @@ class Simulator:
         seed: int = 0,
         aggregate: Aggregator = weighted_mean,
         devices: Optional[Sequence[jax.Device]] = None,
+        adversary: Optional[Adversary] = None,
     ):
+        if adversary is not None:
+            if np.shape(adversary.malicious) != (len(task.data.clients),):
+                raise ValueError(f"adversary.malicious: expected one flag per client ({len(task.data.clients)}), "
+                                 f"got shape {np.shape(adversary.malicious)}")
+            task = task._replace(data=poison(task.data, adversary))
         self.algorithm, self.task, self.options, self.seed = algorithm, task, options, seed
         self.aggregate = aggregate
+        self.adversary = adversary
+        self._update_attack = adversary.attack.update if adversary is not None else None
+        # The updates are held together (not summed chunk by chunk) when the aggregator or an attack needs them all.
+        self._hold_updates = not is_linear(aggregate) or self._update_attack is not None
         if algorithm.local is None:
             raise ValueError("algorithm.local: the simulator plans buckets and stragglers from the algorithm's local schedule; "
                              "build the Algorithm with local=local_schedule(...)")
@@ -279,7 +294,7 @@ class Simulator:
             return jax.lax.with_sharding_constraint(jnp.swapaxes(a, 0, 1).reshape(num_chunks * chunk, *a.shape[2:]), sharded)
 
         chunks = jax.tree_util.tree_map(to_chunks, (states, data, keys, epochs, counts))
-        if not is_linear(self.aggregate):
+        if self._hold_updates:
             return jax.tree_util.tree_map(from_chunks, jax.lax.map(one_chunk, chunks)), None
 
         def add_chunk(update_sum, inputs):
@@ -295,7 +310,7 @@ class Simulator:
     def _round_program(self, server, clients, source, slots: tuple[Slots, ...], base_key, round_index, *, gather_on_device: bool):
         message = self.algorithm.broadcast(server)
         key = jax.random.fold_in(base_key, round_index)
-        updates, update_sums, weights, losses, sizes = [], [], [], [], []
+        updates, update_sums, weights, losses, sizes, malicious = [], [], [], [], [], []
         for b, (spec, s, (num_chunks, chunk)) in enumerate(zip(self.buckets, slots, self._chunks)):
             data = gather_clients(source, s.client_ids, s.valid, spec.n_max) if gather_on_device else source[b]
             states = jax.tree_util.tree_map(lambda a: a[s.client_ids], clients)
@@ -310,6 +325,8 @@ class Simulator:
             else:
                 update_sums.append(update_sum)
             weights.append(out.weight)
+            if self._update_attack is not None:
+                malicious.append(jnp.asarray(self.adversary.malicious)[s.client_ids] & counts)
             losses.append(out.metrics.train_loss)
             sizes.append(jnp.where(counts & (out.metrics.num_steps > 0), data.num_examples, 0).astype(jnp.float32))
         concat = lambda *parts: jnp.concatenate(parts, axis=0)  # noqa: E731
@@ -317,7 +334,10 @@ class Simulator:
         if update_sums:
             aggregate = mean_of_sum(jax.tree_util.tree_map(lambda *parts: sum(parts), *update_sums), weight)
         else:
-            aggregate = self.aggregate(jax.tree_util.tree_map(concat, *updates), weight)
+            stacked = jax.tree_util.tree_map(concat, *updates)
+            if self._update_attack is not None:  # the key of a client id that does not exist
+                stacked = self._update_attack(stacked, concat(*malicious), weight, jax.random.fold_in(key, self.num_clients))
+            aggregate = self.aggregate(stacked, weight)
         server, server_metrics = self.algorithm.server_update(server, aggregate)
         client_loss = jnp.sum(loss * size) / jnp.maximum(jnp.sum(size), 1.0)
         return server, clients, RoundMetrics(client_loss, server_metrics.num_clients, server_metrics.update_norm)

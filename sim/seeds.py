@@ -18,6 +18,7 @@ import numpy as np
 
 from nordfl.algorithms import Algorithm, weighted_mean
 from nordfl.algorithms.aggregators import Aggregator
+from nordfl.algorithms.attacks import Adversary
 from nordfl.sim.engine import ROUND_COMPILER_OPTIONS, Evaluation, RoundMetrics, Simulator, SimulatorOptions, SimState, Slots
 from nordfl.tasks import Task
 
@@ -35,7 +36,7 @@ class SeedBatch:
     """Runs ``algorithm`` on ``task`` for every seed in ``seeds`` at once.
 
     Args:
-      algorithm, task, options, aggregate: as for ``Simulator``.
+      algorithm, task, options, aggregate, adversary: as for ``Simulator`` (one adversary for every seed).
       seeds: the seeds, one run each.
       evaluator: a simulator to score with, on its task's clients (default: ``task``'s). The pooled
         and local baselines train on other data than they are scored on; cells of a suite share
@@ -57,13 +58,14 @@ class SeedBatch:
         *,
         aggregate: Aggregator = weighted_mean,
         evaluator: Optional[Simulator] = None,
+        adversary: Optional[Adversary] = None,
     ):
         if not seeds:
             raise ValueError("seeds: expected at least one seed, got none")
         if options.data_on_host:
             raise ValueError("sim.data_on_host: must be false when several seeds share one program (the data is shared)")
         self.seeds = tuple(int(s) for s in seeds)
-        self.sim = Simulator(algorithm, task, options, seed=self.seeds[0], aggregate=aggregate)
+        self.sim = Simulator(algorithm, task, options, seed=self.seeds[0], aggregate=aggregate, adversary=adversary)
         self.evaluator = evaluator or self.sim
         program = functools.partial(self.sim._round_program, gather_on_device=True)
         self._round = jax.jit(

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nordfl.conf.schema import ConfigError, build_algorithm, build_task, fail, model_kwargs
 from nordfl.conf.plugins import prepare as load_plugins
-from nordfl.sim.config import Experiment, build_options, fingerprint_config, register
+from nordfl.sim.config import Experiment, build_adversary, build_options, fingerprint_config, register
 from nordfl.sim.engine import Simulator
 from nordfl.sim.metrics_log import MetricsLog, evaluation_row, upload_to_wandb, write_summary
 from nordfl.sim.seeds import SeedBatch
@@ -143,11 +143,12 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
     alone = _every_client_fully(options)
     evaluator = evaluator or evaluator_for(task, experiment)
 
-    def batch(train_task: Task, batch_options) -> SeedBatch:
-        return SeedBatch(experiment.algorithm, train_task, batch_options, seeds, aggregate=experiment.aggregate, evaluator=evaluator)
+    def batch(train_task: Task, batch_options, adversary=None) -> SeedBatch:
+        return SeedBatch(experiment.algorithm, train_task, batch_options, seeds, aggregate=experiment.aggregate, evaluator=evaluator,
+                         adversary=adversary)
 
-    if cell.kind == "federated":
-        batches = [batch(task, options)]
+    if cell.kind == "federated":  # only federated cells are attacked: the baselines are the attack-free references
+        batches = [batch(task, options, experiment.adversary)]
     elif cell.kind == "pooled":
         batches = [batch(classification_task(task.name, pooled_dataset(task.data), task.model), alone)]
     else:  # local: one model per site, each trained on its own rows only
@@ -282,7 +283,8 @@ def build_cell(cell: Cell, run: SuiteRun, tasks: dict[str, Task]):
         tasks[key] = task
     task = tasks[key]
     algorithm, aggregate = build_algorithm(cfg, task.loss_fn, len(task.data.clients))
-    return cfg, task, Experiment(task, algorithm, aggregate, build_options(cfg, len(task.data.clients)))
+    return cfg, task, Experiment(task, algorithm, aggregate, build_options(cfg, len(task.data.clients)),
+                                 adversary=build_adversary(cfg, task))
 
 
 def _command() -> Optional[str]:

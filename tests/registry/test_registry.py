@@ -17,6 +17,7 @@ SHIPPED = {
     "model": ("cnn", "logistic_regression", "mlp"),
     "task": ("digits", "heart", "study", "synthetic", "synthetic_iid"),
     "partitioner": ("dirichlet", "feature_shift", "iid", "k_classes", "natural", "quantity_skew"),
+    "attack": ("gaussian", "label_flip", "little_is_enough", "scaled", "sign_flip"),
 }
 
 

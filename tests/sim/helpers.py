@@ -18,8 +18,9 @@ def uneven_task(sizes=(3, 40, 7, 0, 120, 15, 60), seed=0):
     return classification_task("uneven", data, logistic_regression(5, 3, seed=seed))
 
 
-def per_site_reference(algorithm, task, plans, seed, params):
+def per_site_reference(algorithm, task, plans, seed, params, tamper=None):
     """Each cohort member jitted alone on its unpadded data; updates stacked and averaged as the runtime will.
+    ``tamper(client, update) -> update`` (NumPy leaves), if given, replaces each counted client's update first.
 
     Returns (server_state, list of client states).
     """
@@ -40,7 +41,7 @@ def per_site_reference(algorithm, task, plans, seed, params):
             data = ClientData(type(train)(jnp.asarray(x), jnp.asarray(y)), jnp.int32(n))
             out = update(message, states[client], data, jax.random.fold_in(key, int(client)), jnp.int32(epochs))
             if counts:
-                updates.append(out.update)
+                updates.append(out.update if tamper is None else tamper(int(client), jax.tree_util.tree_map(np.asarray, out.update)))
                 weights.append(out.weight)
                 states[client] = out.client_state
         if updates:
