@@ -4,9 +4,10 @@
 compatible with secure aggregation. The robust ones (Yin et al., "Byzantine-Robust
 Distributed Learning", ICML 2018) work coordinate-wise over the clients with non-zero
 weight, unweighted: ``coordinate_median`` and ``trimmed_mean(beta)``, which drops the
-``floor(beta * m)`` largest and smallest of the m values of each coordinate. Two more act on
+``floor(beta * m)`` largest and smallest of the m values of each coordinate. Three more act on
 whole updates: ``krum(byzantine, selected)`` keeps the updates closest to their neighbours,
-and ``centered_clipping(tau, iterations)`` bounds how far any one update moves the result.
+``bulyan(byzantine)`` trims coordinate-wise among the updates Krum picks one by one, and
+``centered_clipping(tau, iterations)`` bounds how far any one update moves the result.
 
 An aggregator is *linear* (``is_linear``) when its aggregate is ``mean_of_sum`` of the
 ``weighted_sum`` of the updates: only then can the simulator stream chunk sums, DP-FedAvg
@@ -149,29 +150,77 @@ def _unflatten(vector: jax.Array, updates: Update) -> Update:
     return treedef.unflatten(out)
 
 
+def _check_count(owner: str, field: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}: {field} must be an integer >= {minimum}, got {value!r}")
+
+
+def _squared_distances(x: jax.Array) -> jax.Array:
+    squared = jnp.sum(x * x, axis=1)
+    return jnp.maximum(squared[:, None] + squared[None, :] - 2 * x @ x.T, 0.0)
+
+
+def _krum_scores(distance: jax.Array, among: jax.Array, byzantine: int) -> jax.Array:
+    """Each client's Krum score among the clients ``among`` (bool): the sum of its squared distances to its
+    ``count - byzantine - 2`` nearest others there (at least 1); +inf for clients not among them."""
+    others = among[:, None] & among[None, :] & ~jnp.eye(distance.shape[0], dtype=bool)
+    ranked = jnp.sort(jnp.where(others, distance, jnp.inf), axis=1)
+    neighbours = jnp.maximum(jnp.sum(among).astype(jnp.int32) - byzantine - 2, 1)
+    near = jnp.arange(distance.shape[0])[None, :] < neighbours
+    return jnp.where(among, jnp.sum(jnp.where(near & jnp.isfinite(ranked), ranked, 0.0), axis=1), jnp.inf)
+
+
 def krum(byzantine: int = 1, selected: int = 1) -> Aggregator:
     """(Multi-)Krum (Blanchard et al., NeurIPS 2017): each client's score is the sum of squared distances
     to its ``m - byzantine - 2`` nearest others (m: clients of non-zero weight); the mean of the ``selected``
     lowest-scoring updates is the aggregate (``selected=1``: Krum). Tolerates ``byzantine`` < (m - 2) / 2.
     """
-    for field, value in (("byzantine", byzantine), ("selected", selected)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if field == "byzantine" else 1):
-            raise ValueError(f"krum: {field} must be an integer >= {0 if field == 'byzantine' else 1}, got {value!r}")
+    _check_count("krum", "byzantine", byzantine, 0)
+    _check_count("krum", "selected", selected, 1)
 
     def aggregate(updates: Update, weights: jax.Array) -> Aggregate:
         x = _flatten(updates)
         valid = weights > 0
         m = jnp.sum(valid).astype(jnp.int32)
-        squared = jnp.sum(x * x, axis=1)
-        distance = jnp.maximum(squared[:, None] + squared[None, :] - 2 * x @ x.T, 0.0)
-        others = valid[:, None] & valid[None, :] & ~jnp.eye(x.shape[0], dtype=bool)
-        ranked = jnp.sort(jnp.where(others, distance, jnp.inf), axis=1)
-        neighbours = jnp.maximum(m - byzantine - 2, 1)
-        near = jnp.arange(x.shape[0])[None, :] < neighbours
-        score = jnp.where(valid, jnp.sum(jnp.where(near & jnp.isfinite(ranked), ranked, 0.0), axis=1), jnp.inf)
+        score = _krum_scores(_squared_distances(x), valid, byzantine)
         rank = jnp.argsort(jnp.argsort(score))
         chosen = valid & (rank < jnp.minimum(selected, m))
         mean = jnp.sum(jnp.where(chosen[:, None], x, 0.0), axis=0) / jnp.maximum(jnp.sum(chosen), 1).astype(x.dtype)
+        return Aggregate(_unflatten(mean, updates), jnp.sum(weights), _num_clients(weights))
+
+    return aggregate
+
+
+def bulyan(byzantine: int = 1) -> Aggregator:
+    """Bulyan (El Mhamdi, Guerraoui & Rouault, ICML 2018): Krum picks ``theta = m - 2 * byzantine`` updates
+    one at a time (each pick leaves the pool before the next Krum); then each coordinate is the mean of the
+    ``theta - 2 * byzantine`` picked values closest to the picked values' median. Meant for m >= 4f + 3;
+    with fewer clients both counts stay at least 1."""
+    _check_count("bulyan", "byzantine", byzantine, 0)
+
+    def aggregate(updates: Update, weights: jax.Array) -> Aggregate:
+        x = _flatten(updates)
+        n = x.shape[0]
+        valid = weights > 0
+        m = jnp.sum(valid).astype(jnp.int32)
+        theta = jnp.maximum(m - 2 * byzantine, 1)
+        distance = _squared_distances(x)
+
+        def pick(i, chosen):
+            score = _krum_scores(distance, valid & ~chosen, byzantine)
+            tied = score <= jnp.min(score) * (1 + 1e-5)  # mutual nearest neighbours tie: the lower index wins
+            best = jnp.argmax(tied)
+            return jnp.where(i < theta, chosen.at[best].set(True), chosen)
+
+        chosen = jax.lax.fori_loop(0, n, pick, jnp.zeros(n, bool))
+        ordered = jnp.sort(jnp.where(chosen[:, None], x, jnp.inf), axis=0)
+        median = 0.5 * (ordered[(theta - 1) // 2] + ordered[theta // 2])
+        beta = jnp.maximum(theta - 2 * byzantine, 1)
+        closest = jnp.argsort(jnp.where(chosen[:, None], jnp.abs(x - median[None, :]), jnp.inf), axis=0)
+        nearest = jnp.take_along_axis(x, closest, axis=0)
+        keep = (jnp.arange(n) < beta)[:, None]
+        mean = jnp.sum(jnp.where(keep, nearest, 0.0), axis=0) / beta.astype(x.dtype)
+        mean = jnp.where(m > 0, mean, 0.0)
         return Aggregate(_unflatten(mean, updates), jnp.sum(weights), _num_clients(weights))
 
     return aggregate
@@ -204,6 +253,7 @@ registry.register("aggregator", "weighted_mean", is_linear=is_linear(weighted_me
 registry.register("aggregator", "median", is_linear=False)(lambda: coordinate_median)
 registry.register("aggregator", "trimmed_mean", is_linear=False)(trimmed_mean)
 registry.register("aggregator", "krum", is_linear=False)(krum)
+registry.register("aggregator", "bulyan", is_linear=False)(bulyan)
 registry.register("aggregator", "centered_clipping", is_linear=False)(centered_clipping)
 
 

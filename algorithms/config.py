@@ -30,7 +30,7 @@ class ServerConfig:
 class AggregatorConfig:
     name: str = "weighted_mean"
     beta: Optional[float] = None  # trimmed_mean only
-    byzantine: Optional[int] = None  # krum: the hostile clients it must tolerate (default 1)
+    byzantine: Optional[int] = None  # krum, bulyan: the hostile clients it must tolerate (default 1)
     selected: Optional[int] = None  # krum: updates averaged (1: Krum, more: multi-Krum)
     tau: Optional[float] = None  # centered_clipping: the clipping radius (default 1.0)
     iterations: Optional[int] = None  # centered_clipping: clipping iterations (default 3)

@@ -71,7 +71,7 @@ def test_no_participant_gives_zero():
 def test_bad_aggregator_settings():
     with pytest.raises(ValueError, match="trimmed_mean: beta must be < 0.5"):
         trimmed_mean(0.5)
-    with pytest.raises(ValueError, match="aggregator: unknown name 'mean'; expected one of centered_clipping, krum, median, trimmed_mean, weighted_mean"):
+    with pytest.raises(ValueError, match="aggregator: unknown name 'mean'; expected one of bulyan, centered_clipping, krum, median, trimmed_mean, weighted_mean"):
         aggregator("mean")
     with pytest.raises(ValueError, match="aggregator.median: unknown hyperparameter 'beta'; expected one of none"):
         aggregator("median", beta=0.1)
@@ -82,7 +82,7 @@ def test_bad_aggregator_settings():
 
 def test_every_shipped_aggregator_is_registered_and_declares_linearity():
     """Streaming, DP-FedAvg and secure aggregation read is_linear, never the name."""
-    assert registry.names("aggregator") == ("centered_clipping", "krum", "median", "trimmed_mean", "weighted_mean")
+    assert registry.names("aggregator") == ("bulyan", "centered_clipping", "krum", "median", "trimmed_mean", "weighted_mean")
     assert linear_aggregators() == ("weighted_mean",)
     assert is_linear(aggregator("weighted_mean")) and is_linear(weighted_mean)
     assert not is_linear(aggregator("median")) and not is_linear(aggregator("trimmed_mean", beta=0.1))
@@ -114,6 +114,44 @@ def test_krum_against_a_plain_loop(byzantine, selected):
     assert float(agg.num_clients) == 6
 
 
+def _krum_scores_loop(rows: dict, byzantine: int) -> dict:
+    scores = {}
+    for i, x in rows.items():
+        distances = sorted(float(np.sum((x - y) ** 2)) for j, y in rows.items() if j != i)
+        scores[i] = sum(distances[: max(len(rows) - byzantine - 2, 1)])
+    return scores
+
+
+@pytest.mark.parametrize("byzantine", [0, 1, 2])
+def test_bulyan_against_a_plain_loop(byzantine):
+    rows = _rows()
+    pool, picked = dict(rows), []
+    for _ in range(max(len(rows) - 2 * byzantine, 1)):  # Krum, one pick at a time
+        scores = _krum_scores_loop(pool, byzantine)
+        lowest = min(scores.values())
+        best = min(i for i, v in scores.items() if v <= lowest * (1 + 1e-5))  # ties (mutual neighbours): lowest index
+        picked.append(pool.pop(best))
+    picked = np.stack(picked)
+    beta = max(len(picked) - 2 * byzantine, 1)
+    median = np.median(picked, axis=0)
+    want = np.empty(picked.shape[1])
+    for c in range(picked.shape[1]):  # per coordinate: the beta picked values nearest the median
+        nearest = sorted(picked[:, c], key=lambda v: abs(v - median[c]))[:beta]
+        want[c] = np.mean(nearest)
+    want = _split(want)
+    agg = aggregator("bulyan", byzantine=byzantine)(_jax(UPDATES), jnp.asarray(WEIGHTS))
+    for k in want:
+        np.testing.assert_allclose(agg.mean[k], want[k], rtol=1e-4, atol=1e-5)
+    assert float(agg.num_clients) == 6
+
+
+def test_bulyan_ignores_a_hostile_minority():
+    updates = {"a": RNG.normal(0, 0.01, (11, 2)).astype(np.float32), "b": np.zeros((11,), np.float32)}
+    updates["a"][:2] = -1e3  # two colluding attackers (11 >= 4f + 3 for f = 2)
+    agg = aggregator("bulyan", byzantine=2)(_jax(updates), jnp.ones(11, jnp.float32))
+    assert np.abs(np.asarray(agg.mean["a"])).max() < 0.05
+
+
 def test_krum_ignores_one_far_outlier():
     updates = {"a": np.zeros((5, 2), np.float32), "b": np.zeros((5,), np.float32)}
     updates["a"][:4] = RNG.normal(0, 0.01, (4, 2))
@@ -137,7 +175,7 @@ def test_centered_clipping_against_a_plain_loop():
 
 
 @pytest.mark.parametrize("name,options,field,value", [
-    ("krum", {"byzantine": -1}, "byzantine", "-1"), ("krum", {"selected": 0}, "selected", "0"),
+    ("krum", {"byzantine": -1}, "byzantine", "-1"), ("krum", {"selected": 0}, "selected", "0"), ("bulyan", {"byzantine": 1.5}, "byzantine", "1.5"),
     ("centered_clipping", {"tau": 0.0}, "tau", "0.0"), ("centered_clipping", {"iterations": 0}, "iterations", "0")])
 def test_robust_aggregator_options_are_checked(name, options, field, value):
     with pytest.raises(ValueError, match=f"{field}.*{value}"):

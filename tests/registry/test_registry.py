@@ -12,7 +12,7 @@ from nordfl.tasks.task import make_model
 
 SHIPPED = {
     "algorithm": ("fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox", "fedyogi", "scaffold"),
-    "aggregator": ("centered_clipping", "krum", "median", "trimmed_mean", "weighted_mean"),
+    "aggregator": ("bulyan", "centered_clipping", "krum", "median", "trimmed_mean", "weighted_mean"),
     "server_optimizer": ("fedadagrad", "fedadam", "fedavgm", "fedyogi", "sgd"),
     "model": ("cnn", "logistic_regression", "mlp"),
     "task": ("digits", "heart", "study", "synthetic", "synthetic_iid"),
