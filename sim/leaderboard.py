@@ -5,6 +5,9 @@ and ``suite.json`` alone, so ``nordfl-report <suite folder>`` rebuilds it at any
 
 Ranks are competition ranks ("1, 2, 2, 4") by mean test accuracy among the federated
 algorithms of a setting; the baselines (pooled, local) are shown for reference, unranked.
+Each ranked algorithm is compared with the setting's first, paired by seed (``nordfl.sim.paired``):
+the difference's 95 % interval, and a tie mark (≈) where the Holm-corrected paired t-test cannot
+tell it from the first at the 5 % level.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
+from nordfl.sim.paired import Paired, holm, paired_t
 from nordfl.sim.report import ReportError, Stat, read_metrics, stat, stat_text
 
 MANIFEST = "suite.json"
@@ -41,6 +45,13 @@ class Entry(NamedTuple):
     reached: int
     curve: tuple[np.ndarray, np.ndarray, np.ndarray]  # rounds, mean, std of test accuracy
     rank: Optional[int] = None
+    per_seed: tuple[tuple[int, float], ...] = ()  # (seed, final test accuracy)
+    versus_first: Optional[Paired] = None  # the setting's first minus this one, over their common seeds
+    p_holm: float = math.nan
+    tied: bool = False  # not distinguishable from the first (Holm-corrected p >= ALPHA)
+
+
+ALPHA = 0.05
 
 
 def _read_json(path: Path) -> dict:
@@ -53,12 +64,14 @@ def _read_json(path: Path) -> dict:
 def _entry(suite_dir: Path, folder: str, kind: str, seeds: list[int], target: float) -> Optional[Entry]:
     """The entry of one cell, or None when none of its seeds has finished."""
     setting, algorithm = folder.split("/", 1)
-    finals, curves, first_reach, natural = [], [], [], False
+    finals, curves, first_reach, natural, per_seed = [], [], [], False, []
     for seed in seeds:
         run = suite_dir / folder / f"seed_{seed}"
         if not (run / "summary.json").exists():
             continue
         finals.append(_read_json(run / "summary.json")["final"])
+        if finals[-1].get("test_accuracy") is not None:
+            per_seed.append((seed, float(finals[-1]["test_accuracy"])))
         rows = [row for row in read_metrics(run / "metrics.jsonl") if row.get("test_accuracy") is not None]
         curves.append({row["round"]: row["test_accuracy"] for row in rows})
         first_reach.append(next((row["round"] for row in rows if row["test_accuracy"] >= target), None))
@@ -74,7 +87,7 @@ def _entry(suite_dir: Path, folder: str, kind: str, seeds: list[int], target: fl
     curve = (np.array(rounds), np.array([s.mean for s in per_round]), np.array([s.std for s in per_round]))
     reached = [r for r in first_reach if r is not None]
     return Entry(setting, algorithm, kind, len(finals), stat([f["test_accuracy"] for f in finals]),
-                 stat([f["test_loss"] for f in finals]), worst, stat(reached), len(reached), curve)
+                 stat([f["test_loss"] for f in finals]), worst, stat(reached), len(reached), curve, per_seed=tuple(per_seed))
 
 
 def _ranked(entries: list[Entry]) -> list[Entry]:
@@ -89,6 +102,28 @@ def _ranked(entries: list[Entry]) -> list[Entry]:
         if e.kind == "federated" and not math.isnan(e.accuracy.mean):
             rank = 1 + sum(s > score(e) for s in scores)
         out.append(e._replace(rank=rank))
+    return _compared_with_first(out)
+
+
+def _compared_with_first(entries: list[Entry]) -> list[Entry]:
+    """Each ranked entry against the first (rank 1, then by name): paired over their common seeds, Holm-corrected."""
+    ranked = sorted((e for e in entries if e.rank is not None), key=lambda e: (e.rank, e.algorithm))
+    if len(ranked) < 2:
+        return entries
+    first = dict(ranked[0].per_seed)
+    others = ranked[1:]
+    tests = {}
+    for e in others:
+        mine = dict(e.per_seed)
+        common = sorted(set(first) & set(mine))
+        tests[e.algorithm] = paired_t([first[s] for s in common], [mine[s] for s in common])
+    adjusted = dict(zip(tests, holm([t.p for t in tests.values()])))
+    out = []
+    for e in entries:
+        if e.algorithm in tests:
+            p = adjusted[e.algorithm]
+            e = e._replace(versus_first=tests[e.algorithm], p_holm=p, tied=not math.isnan(p) and p >= ALPHA)
+        out.append(e)
     return out
 
 
@@ -120,17 +155,26 @@ def _rounds_text(e: Entry) -> str:
 
 
 def _rank_text(e: Entry) -> str:
-    return str(e.rank) if e.rank is not None else "baseline"
+    return (f"{e.rank}≈" if e.tied else str(e.rank)) if e.rank is not None else "baseline"
+
+
+def _versus_first_text(e: Entry) -> str:
+    v = e.versus_first
+    if v is None:
+        return "first" if e.rank is not None else ""
+    if math.isnan(v.low):
+        return f"{v.mean:+.4f}"
+    return f"{v.mean:+.4f} [{v.low:+.4f}, {v.high:+.4f}], p {e.p_holm:.2g}"
 
 
 def _setting_table(entries: list[Entry], target: float, scored_on: str) -> list[str]:
     natural = any(e.worst_site_accuracy is not None for e in entries)
-    header = ["rank", "algorithm", "seeds", f"{scored_on} accuracy", f"{scored_on} loss", *(["worst-site accuracy"] if natural else []),
-              f"rounds to {target:.0%} accuracy"]
+    header = ["rank", "algorithm", "seeds", f"{scored_on} accuracy", "first minus this (95% CI), Holm p", f"{scored_on} loss",
+              *(["worst-site accuracy"] if natural else []), f"rounds to {target:.0%} accuracy"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h not in ("algorithm",) else "---" for h in header) + "|"]
     order = sorted(entries, key=lambda e: (e.rank is None, e.rank or 0, e.algorithm))
     for e in order:
-        cells = [_rank_text(e), e.algorithm, str(e.seeds), stat_text(e.accuracy), stat_text(e.loss)]
+        cells = [_rank_text(e), e.algorithm, str(e.seeds), stat_text(e.accuracy), _versus_first_text(e), stat_text(e.loss)]
         if natural:
             cells.append(stat_text(e.worst_site_accuracy) if e.worst_site_accuracy is not None else "n/a")
         cells.append(_rounds_text(e))
@@ -193,7 +237,9 @@ def write_leaderboard(suite_dir: Path, out_dir: Optional[Path] = None) -> list[P
         lines += [suite["description"].strip(), ""]
     lines += _provenance(manifest) + [""]
     scored_on = "validation" if manifest["mode"] == "tune" else "test"
-    lines += [f"Final {scored_on} accuracy, mean ± std over seeds (rank in the setting; baselines unranked):", ""]
+    lines += [f"Final {scored_on} accuracy, mean ± std over seeds (rank in the setting; baselines unranked). "
+              f"≈ marks a rank the setting's first cannot be told apart from: the paired t-test over seeds of "
+              f"their difference, Holm-corrected over the setting's comparisons, has p ≥ {ALPHA:g}.", ""]
     lines += _overview(entries) + [""]
     paths = []
     for setting, setting_entries in entries.items():
@@ -217,13 +263,16 @@ def _write_csv(entries: dict[str, list[Entry]], path: Path) -> Path:
         writer = csv.writer(file)
         writer.writerow(["setting", "algorithm", "kind", "rank", "seeds", "test_accuracy_mean", "test_accuracy_std",
                          "test_loss_mean", "test_loss_std", "worst_site_accuracy_mean", "worst_site_accuracy_std",
-                         "rounds_to_target_mean", "rounds_to_target_std", "seeds_reaching_target"])
+                         "rounds_to_target_mean", "rounds_to_target_std", "seeds_reaching_target",
+                         "first_minus_this_mean", "first_minus_this_ci_low", "first_minus_this_ci_high", "p_holm", "tied_with_first"])
         for setting, setting_entries in entries.items():
             for e in setting_entries:
                 worst = e.worst_site_accuracy or Stat(math.nan, math.nan)
                 writer.writerow([setting, e.algorithm, e.kind, "" if e.rank is None else e.rank, e.seeds,
                                  *map(_number, e.accuracy), *map(_number, e.loss), *map(_number, worst),
-                                 *map(_number, e.rounds_to_target), e.reached])
+                                 *map(_number, e.rounds_to_target), e.reached,
+                                 *(map(_number, e.versus_first[1:4]) if e.versus_first else ("", "", "")), _number(e.p_holm),
+                                 "" if e.rank is None else int(e.tied)])
     return path
 
 

@@ -5,9 +5,11 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+from scipy import stats
 
 from nordfl.conf.schema import ConfigError
 from nordfl.sim.leaderboard import LEADERBOARD_CSV, LEADERBOARD_MD, load_leaderboard, write_leaderboard
@@ -156,7 +158,7 @@ def _fake_suite(folder, mode, results, target=0.8, grid_points=None, fix=None):
     settings_ = list(dict.fromkeys(s for s, _ in results))
     manifest = {"suite": {"name": "toy", "target_accuracy": target, "common": [], "description": "", "tuning_fix": fix or {}},
                 "mode": mode,
-                "seeds": [0, 1], "settings": settings_, "cell_order": [f"{s}/{a}" for s, a in results],
+                "seeds": list(range(max(len(seeds) for seeds in results.values()))), "settings": settings_, "cell_order": [f"{s}/{a}" for s, a in results],
                 "kinds": {a: ("pooled" if a == "pooled" else "federated") for _, a in results}, "grid_points": grid_points or {},
                 "versions": {"jax": "x"}, "machine": {"platform": "p", "cpu_count": 2, "jax_backend": "cpu", "jax_devices": ["d"]},
                 "wall_s": 1.0}
@@ -189,6 +191,29 @@ def test_leaderboard_ranks_reports_rounds_to_target_and_worst_site(tmp_path):
     write_leaderboard(tmp_path)
     markdown = (tmp_path / LEADERBOARD_MD).read_text()
     assert "| 1 | fedavg | 2 | 0.8500 ± 0.0707 |" in markdown and "not reached (0/2)" in markdown
+
+
+def test_leaderboard_marks_what_the_first_cannot_be_told_apart_from(tmp_path):
+    first = [0.80, 0.82, 0.84, 0.86]
+    consistent = [0.79, 0.811, 0.829, 0.85]  # 0.01 below the first in every seed: a real difference
+    noisy = [0.83, 0.79, 0.85, 0.84]  # about as good, seed by seed up and down: a tie
+    _fake_suite(tmp_path, "run", {("s=a", name): [(a, 0.5, [a]) for a in accs]
+                                  for name, accs in (("first", first), ("consistent", consistent), ("noisy", noisy))})
+    _, entries = load_leaderboard(tmp_path)
+    by_name = {e.algorithm: e for e in entries["s=a"]}
+    assert [by_name[n].rank for n in ("first", "noisy", "consistent")] == [1, 2, 3]
+    p = {n: stats.ttest_rel(first, accs).pvalue for n, accs in (("consistent", consistent), ("noisy", noisy))}
+    low, high = sorted(p, key=p.get)  # Holm: the smaller p times 2, the larger times 1 (never below the first)
+    assert by_name[low].p_holm == pytest.approx(min(1, 2 * p[low]), rel=1e-8)
+    assert by_name[high].p_holm == pytest.approx(min(1, max(2 * p[low], p[high])), rel=1e-8)
+    assert by_name["noisy"].tied and not by_name["consistent"].tied and not by_name["first"].tied
+    d = np.subtract(first, consistent)
+    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+    v = by_name["consistent"].versus_first
+    assert (v.mean, v.low, v.high) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half), rel=1e-9)
+    write_leaderboard(tmp_path)
+    markdown = (tmp_path / LEADERBOARD_MD).read_text()
+    assert "| 2≈ | noisy | 4 |" in markdown and "| 3 | consistent | 4 |" in markdown and "(2≈)" in markdown
 
 
 def test_tuning_picks_the_best_validation_accuracy_and_breaks_ties_by_loss(tmp_path):
