@@ -69,8 +69,8 @@ def test_without_the_plugin_the_options_are_unknown_names(tmp_path):
 @pytest.mark.slow
 def test_the_plugin_runs_as_a_suite_entry_in_nordfl_bench(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "nordfl.sim.bench", *PLUGIN, "suite=fednova", "seeds=[0]",
-         "logger.progress=false", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "nordfl.sim.bench", *PLUGIN, "suite=fednova", "seeds=[0]", 'settings=["data=shards"]',
+         "only=[fednova,fedavg]", "logger.progress=false", f"hydra.run.dir={tmp_path}"],  # the plugin's partitioner
         capture_output=True, text=True, cwd=tmp_path, env=_env(EXAMPLE), timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]

@@ -5,7 +5,7 @@ or the data chunks (cut, extended, bit-flipped, reordered, a second header). Wha
 answers with a reply (no exception escapes), and an accepted update is exactly a well-formed one: its bytes
 hash to the manifest, its tensors match the job's and are finite, its weight within the declared rows.
 
-10,000 inputs by default (about 20 s here); ``NORDFL_FUZZ_INPUTS=400000 pytest tests/runtime/test_wire_fuzz.py`` for more.
+20,000 inputs by default (about 20 s here); ``NORDFL_FUZZ_INPUTS=400000 pytest tests/runtime/test_wire_fuzz.py`` for more.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from nordfl.runtime.proto import federation_pb2 as pb
 
 from .helpers import SITES, provisioned
 
-INPUTS = int(os.environ.get("NORDFL_FUZZ_INPUTS", "10000"))
+INPUTS = int(os.environ.get("NORDFL_FUZZ_INPUTS", "20000"))
 ROWS = 200
 
 
