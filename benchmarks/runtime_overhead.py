@@ -143,13 +143,13 @@ class _CountingStub:
     def __init__(self, stub, clock: Clock, round_index: int):
         self.stub, self.clock, self.round = stub, clock, round_index
 
-    def SubmitUpdate(self, chunks):
+    def SubmitUpdate(self, chunks, **options):  # options: the site's deadline
         def counted():
             for chunk in chunks:
                 self.clock.add(self.clock.up, self.round, chunk.ByteSize() + GRPC_PREFIX)
                 yield chunk
 
-        return self.stub.SubmitUpdate(counted())
+        return self.stub.SubmitUpdate(counted(), **options)
 
     def __getattr__(self, name):
         return getattr(self.stub, name)
