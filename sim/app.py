@@ -132,6 +132,10 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
         f"cohort {sim.cohort_size}, {rounds} rounds, {len(sim.buckets)} size bucket(s), "
         f"padding {100 * float(np.mean(overheads)):.0f}% of rows, {len(sim.devices)} device(s) -> {run_dir}"
     )
+    if experiment.adversary is not None:
+        bad = [name for name, flag in zip(site_names, experiment.adversary.malicious) if flag]
+        console.print(f"attack: {cfg.attack.name} by {len(bad)} malicious client(s): {', '.join(bad[:10])}"
+                      f"{' ...' if len(bad) > 10 else ''}", highlight=False)
     privacy, stopped = experiment.privacy, False
     if privacy is not None:
         console.print(

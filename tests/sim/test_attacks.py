@@ -1,6 +1,8 @@
 """Attacks inside the compiled round give what a plain per-site loop with the same tampering gives."""
 
 import dataclasses
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -80,3 +82,14 @@ def test_attack_config_builds_the_adversary_and_names_bad_values():
     ):
         with pytest.raises(ConfigError, match=message):
             build(_compose(*overrides))
+
+
+def test_nordfl_sim_says_who_attacks(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "nordfl.sim.app", "attack=label_flip", "attack.sites=[Hungary]", "sim.rounds=1",
+         "logger.progress=false", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "attack: label_flip by 1 malicious client(s): Hungary" in out.stdout
+    assert (tmp_path / "metrics.jsonl").exists()
