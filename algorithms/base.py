@@ -100,6 +100,9 @@ class Algorithm(NamedTuple):
       local: the ``local.LocalSchedule`` its clients train with (epochs, batch size, sampling,
         DP-SGD), which the simulator, the privacy accountant and the runtime read; ``None``
         for an algorithm without local SGD.
+      personalise: ``(message, client_state, data, key) -> params``, the model a site uses
+        itself (Ditto's personal model, FedPer's local head on the shared body, a fine-tuned
+        copy); ``None``: the global model. Read through ``personal.personal_model``.
     """
 
     server_init: Callable[[Params], ServerState]
@@ -110,3 +113,4 @@ class Algorithm(NamedTuple):
     ]
     server_update: Callable[[ServerState, Aggregate], tuple[ServerState, ServerMetrics]]
     local: Any = None
+    personalise: Optional[Callable[..., Params]] = None

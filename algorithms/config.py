@@ -51,9 +51,19 @@ class DPConfig:
     noise: str = "central"  # update mode: central (server adds it) | distributed (each site adds its share)
 
 
+@dataclass
+class FineTuneConfig:
+    """Personalisation after training (FedAvg+FT): each site trains its model ``epochs`` more epochs on its
+    own data before it is scored. 0: off. ``None`` fields take the algorithm's own local schedule."""
+
+    epochs: int = 0
+    client_lr: Optional[float] = None
+    batch_size: Optional[int] = None
+
+
 LOCAL_KEYS = ("client_lr", "num_epochs", "batch_size", "drop_remainder")
 """The keys of ``AlgorithmConfig`` that make the ``LocalSchedule`` (not factory arguments)."""
-SHARED_KEYS = ("name", "server", "aggregator", "dp")
+SHARED_KEYS = ("name", "server", "aggregator", "dp", "fine_tune")
 """The keys every option has that ``make_algorithm`` reads itself."""
 
 
@@ -70,3 +80,4 @@ class AlgorithmConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)

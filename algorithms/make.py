@@ -18,6 +18,7 @@ from nordfl.algorithms import dp as dp_lib
 from nordfl.algorithms.base import Algorithm, LossFn
 from nordfl.algorithms.config import LOCAL_KEYS
 from nordfl.algorithms.local import local_schedule
+from nordfl.algorithms.personal import with_fine_tuning
 from nordfl.algorithms.server_optimizers import server_optimizer
 
 DP_KEYS = {"none": (), "sgd": ("clip", "noise_multiplier"),
@@ -50,6 +51,7 @@ def make_algorithm(
     *,
     server: Optional[Mapping[str, Any]] = None,
     dp: Optional[Mapping[str, Any]] = None,
+    fine_tune: Optional[Mapping[str, Any]] = None,
     **hyperparameters,
 ) -> Algorithm:
     """Builds a registered algorithm by name.
@@ -63,6 +65,9 @@ def make_algorithm(
         ``sgd`` (DP-SGD at the site) takes ``clip`` and ``noise_multiplier``; ``update``
         (DP-FedAvg) also ``noise`` (``central`` | ``distributed``), ``expected_clients`` (the
         planned cohort size m) and ``noise_seed`` (central noise; secret at the coordinator).
+      fine_tune: ``{"epochs": k, "client_lr": ..., "batch_size": ...}``: each site's model is
+        fine-tuned k epochs on its own data before it is scored (``personal.with_fine_tuning``;
+        FedAvg+FT); learning rate and batch size default to the local schedule's.
       **hyperparameters: the local schedule (``client_lr``, ``num_epochs``, ``batch_size``,
         ``drop_remainder``) and the builder's own keyword arguments (``mu``, ``num_clients``, ...).
 
@@ -100,4 +105,20 @@ def make_algorithm(
     if mode == "update":
         options = dp_lib.update_dp(dp["clip"], dp["noise_multiplier"], dp["noise"], dp["expected_clients"], owner=f"{name}.dp")
         algorithm = dp_lib.with_update_dp(algorithm, options, noise_seed=int(dp.get("noise_seed", 0)))
-    return algorithm
+    return _fine_tuned(name, algorithm, loss_fn, dict(fine_tune or {}))
+
+
+def _fine_tuned(name: str, algorithm: Algorithm, loss_fn: LossFn, fine_tune: dict) -> Algorithm:
+    """``algorithm`` with FedAvg+FT's post-training step when ``fine_tune["epochs"]`` > 0."""
+    owner = f"{name}.fine_tune"
+    unknown = set(fine_tune) - {"epochs", "client_lr", "batch_size"}
+    if unknown:
+        raise ValueError(f"{owner}: unknown option(s) {', '.join(sorted(unknown))}; expected epochs, client_lr, batch_size")
+    epochs = fine_tune.get("epochs", 0)
+    if epochs == 0:
+        return algorithm
+    _checks.check_positive_int(owner, "epochs", epochs)
+    local = algorithm.local
+    schedule = local_schedule(client_lr=fine_tune.get("client_lr") or local.learning_rate, num_epochs=epochs,
+                              batch_size=fine_tune.get("batch_size") or local.batch_size, owner=owner)
+    return with_fine_tuning(algorithm, schedule, loss_fn)

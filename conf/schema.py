@@ -159,7 +159,8 @@ def build_algorithm(
             dp |= {"noise": d.noise, "expected_clients": expected_clients or num_clients,
                    "noise_seed": secrets.randbits(64) if noise_seed is None else noise_seed}
     try:
-        algorithm = make_algorithm(a.name, loss_fn, server=present(a.server), dp=dp, **hyper)
+        fine_tune = present(a.fine_tune) if a.get("fine_tune") is not None else {}
+        algorithm = make_algorithm(a.name, loss_fn, server=present(a.server), dp=dp, fine_tune=fine_tune, **hyper)
     except ValueError as e:
         raise ConfigError(f"algorithm: {e}") from None
     agg = present(a.aggregator)

@@ -47,7 +47,7 @@ _ENTRIES: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
 # Modules whose import registers the shipped components; imported on first lookup so that
 # importing the registry itself stays cheap and free of cycles.
 _BUILTIN_MODULES = ("nordfl.algorithms.aggregators", "nordfl.algorithms.attacks", "nordfl.algorithms.server_optimizers", "nordfl.algorithms.fedavg",
-                    "nordfl.algorithms.fedprox", "nordfl.algorithms.scaffold", "nordfl.tasks.models", "nordfl.tasks.heart",
+                    "nordfl.algorithms.fedprox", "nordfl.algorithms.personal", "nordfl.algorithms.scaffold", "nordfl.tasks.models", "nordfl.tasks.heart",
                     "nordfl.tasks.synthetic", "nordfl.tasks.digits", "nordfl.tasks.partition", "nordfl.tasks.study_data")
 _builtins_loaded = False
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nordfl.algorithms import ClientData
+from nordfl.algorithms.personal import personal_key, personal_model
 from nordfl.runtime import plugins as job_plugins
 from nordfl.runtime import secagg, secure_round, wire
 from nordfl.runtime.audit import AuditLog
@@ -493,7 +494,11 @@ class SiteAgent:
             self.log(f"{self.name}: round {header.round} {pb.SecAggStep.Name(step)} rejected: {result.reason}")
 
     def _finish(self, stub, run_id: str, header: pb.TaskHeader, message) -> dict:
-        metrics = _metrics_row(self._evaluate(message.params, self.test, jnp.ones(len(self.test.y), bool)))
+        everything = jnp.ones(len(self.test.y), bool)
+        metrics = _metrics_row(self._evaluate(message.params, self.test, everything))
+        if self.algorithm.personalise is not None:  # the site's own model (Ditto, FedPer, fine-tuned): scored here too
+            own = personal_model(self.algorithm, message, self.state, self.train, personal_key(self.job.seed, self.site_index))
+            metrics |= {f"personal_{k}": v for k, v in _metrics_row(self._evaluate(own, self.test, everything)).items()}
         # Under DP the test scores (of patients too) are not sent: an empty report only says "done".
         head = pb.UpdateHeader(run_id=run_id, round=header.round, site=self.name, weight=0.0,
                                manifest=wire.manifest_to_proto([], b""), metrics={} if uses_dp(self.job) else metrics)

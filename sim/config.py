@@ -228,6 +228,8 @@ def fingerprint_config(cfg: DictConfig) -> dict:
         container.pop(key, None)
     if container.get("attack", {}).get("name") == "none":  # so runs from before attacks existed keep their fingerprint
         container.pop("attack")
+    if container.get("algorithm", {}).get("fine_tune", {}).get("epochs") == 0:  # likewise for runs from before fine-tuning
+        container["algorithm"].pop("fine_tune")
     for key in ("rounds", "eval_every", "checkpoint_every", "chunk_size", "max_buckets", "data_on_host", "cpu_devices"):
         container["sim"].pop(key, None)
     return container

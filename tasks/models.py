@@ -50,17 +50,21 @@ class LogisticRegression(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Fully connected ReLU network."""
+    """Fully connected ReLU network; with ``norm``, a LayerNorm after each hidden layer (before the
+    ReLU). LayerNorm, not BatchNorm: it keeps no running statistics, so the model stays a pure
+    function of its params (FedBN keeps these ``norms`` at each site)."""
 
-    def __init__(self, num_features: int, hidden: Sequence[int], num_classes: int, *, rngs: nnx.Rngs):
+    def __init__(self, num_features: int, hidden: Sequence[int], num_classes: int, *, norm: bool = False, rngs: nnx.Rngs):
         sizes = [num_features, *hidden]
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.norms = nnx.List([nnx.LayerNorm(b, rngs=rngs) for b in hidden]) if norm else None
         self.out = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
 
     def __call__(self, x):
         x = x.reshape(x.shape[0], -1)
-        for layer in self.hidden:
-            x = jax.nn.relu(layer(x))
+        for i, layer in enumerate(self.hidden):
+            x = layer(x)
+            x = jax.nn.relu(x if self.norms is None else self.norms[i](x))
         return self.out(x)
 
 
@@ -89,8 +93,8 @@ def logistic_regression(num_features: int, num_classes: int, seed: int = 0) -> M
 
 
 @registry.register("model", "mlp", input="flat")
-def mlp(num_features: int, num_classes: int, hidden: Sequence[int] = (64, 64), seed: int = 0) -> Model:
-    return split_model(MLP(num_features, tuple(hidden), num_classes, rngs=nnx.Rngs(seed)))
+def mlp(num_features: int, num_classes: int, hidden: Sequence[int] = (64, 64), norm: bool = False, seed: int = 0) -> Model:
+    return split_model(MLP(num_features, tuple(hidden), num_classes, norm=bool(norm), rngs=nnx.Rngs(seed)))
 
 
 @registry.register("model", "cnn", input="image")

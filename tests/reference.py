@@ -32,11 +32,12 @@ def batches(n, batch_size, perm, drop_remainder=False):
     return [perm[s * batch_size : min((s + 1) * batch_size, n)] for s in range(steps)]
 
 
-def local_sgd(w, b, x, y, perms, lr, batch_size, *, mu=0.0, anchor=None, correction=None):
+def local_sgd(w, b, x, y, perms, lr, batch_size, *, mu=0.0, anchor=None, correction=None, freeze=None):
     """Minibatch SGD over the epochs whose row orders are ``perms``.
 
     ``mu``/``anchor`` add FedProx's proximal gradient mu (w - anchor); ``correction``
-    (a (cw, cb) pair) is added to every gradient, as SCAFFOLD does with c - c_i.
+    (a (cw, cb) pair) is added to every gradient, as SCAFFOLD does with c - c_i;
+    ``freeze`` (``"w"`` or ``"b"``) leaves that parameter as it is (FedRep's phases).
     Returns (w, b, number of steps).
     """
     w, b = w.astype(np.float64).copy(), b.astype(np.float64).copy()
@@ -48,7 +49,8 @@ def local_sgd(w, b, x, y, perms, lr, batch_size, *, mu=0.0, anchor=None, correct
                 gw, gb = gw + mu * (w - anchor[0]), gb + mu * (b - anchor[1])
             if correction is not None:
                 gw, gb = gw + correction[0], gb + correction[1]
-            w, b = w - lr * gw, b - lr * gb
+            w = w if freeze == "w" else w - lr * gw
+            b = b if freeze == "b" else b - lr * gb
             steps += 1
     return w, b, steps
 
