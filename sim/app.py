@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import hydra
 import numpy as np
@@ -35,6 +35,7 @@ from nordfl.conf.plugins import cli_main
 from nordfl.sim.devices import use_cpu_cores
 from nordfl.sim.engine import Evaluation, Simulator
 from nordfl.sim.metrics_log import MetricsLog, evaluation_row, write_summary
+from nordfl.sim.personal import PersonalEvaluator
 from nordfl.tasks.describe import summarise, table_one
 from nordfl.tasks.study import load_study
 from nordfl.tasks.study_data import load_sites
@@ -53,6 +54,7 @@ class RunResult(NamedTuple):
     padding_overhead: float
     epsilon: Optional[float] = None  # the run's epsilon (max over sites); None without DP
     stopped_at_budget: bool = False
+    own_site: Optional[Any] = None  # each site's own (personalised) model on its test rows; None: the global model
 
 
 def _privacy_summary(cfg: DictConfig, privacy, rounds_done: int, site_names: list[str], stopped: bool) -> dict:
@@ -184,10 +186,17 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
     train_s = time.perf_counter() - start
     evaluation = evaluation or sim.evaluate(state.server.params)  # a resumed, already finished run
     epsilon = None if privacy is None else privacy.epsilon(state.round)
-    result = RunResult(evaluation, site_names, state.round, first_round_s, train_s, float(np.mean(overheads)), epsilon, stopped)
+    own_site = None
+    if experiment.algorithm.personalise is not None:
+        own_site = PersonalEvaluator(sim, experiment.algorithm).evaluate(state.server, state.clients, cfg.seed)
+    result = RunResult(evaluation, site_names, state.round, first_round_s, train_s, float(np.mean(overheads)), epsilon, stopped,
+                       own_site)
+    final = evaluation_row(evaluation, site_names)
+    if own_site is not None:
+        final["own_site"] = {n: {f: float(getattr(own_site, f)[i]) for f in own_site._fields} for i, n in enumerate(site_names)}
     summary = {
         "algorithm": cfg.algorithm.name, "task": task.data.name, "seed": cfg.seed, "rounds": rounds,
-        "final": evaluation_row(evaluation, site_names), "padding_overhead": result.padding_overhead,
+        "final": final, "padding_overhead": result.padding_overhead,
         "first_round_s": first_round_s, "train_s": train_s, "num_clients": len(site_names), "cohort_size": sim.cohort_size,
     }
     if privacy is not None:
@@ -209,10 +218,12 @@ COLUMN_TITLES = {"auc": "ROC AUC", "rmse": "RMSE", "mae": "MAE", "r2": "R²"}
 def final_table(result: RunResult, max_sites: int = 20) -> Table:
     """Per-site and pooled test metrics of the final global model, one column per metric of the task
     (loss, accuracy, ROC AUC; or loss, RMSE, MAE, R² for regression), the worst sites first when there are many."""
-    e = result.evaluation
+    e, own = result.evaluation, result.own_site
     fields = e.pooled._fields
-    table = Table(title=f"Global model after {result.rounds} rounds (train loss {e.train_loss:.4f})")
-    for column in ("site", *(COLUMN_TITLES.get(f, f) for f in fields)):
+    table = Table(title=f"Global model after {result.rounds} rounds (train loss {e.train_loss:.4f})"
+                  + ("; own model: each site's personalised one" if own is not None else ""))
+    own_columns = [f"own model {COLUMN_TITLES.get(f, f)}" for f in fields] if own is not None else []
+    for column in ("site", *(COLUMN_TITLES.get(f, f) for f in fields), *own_columns):
         table.add_column(column, justify="left" if column == "site" else "right")
     order = list(range(len(result.site_names)))
     if len(order) > max_sites:
@@ -225,8 +236,9 @@ def final_table(result: RunResult, max_sites: int = 20) -> Table:
         else:
             order = order[:max_sites]
     for i in order:
-        table.add_row(result.site_names[i], *(_number(getattr(e.sites, f)[i]) for f in fields))
-    table.add_row("[bold]pooled[/bold]", *(_number(v) for v in e.pooled))
+        mine = [_number(getattr(own, f)[i]) for f in fields] if own is not None else []
+        table.add_row(result.site_names[i], *(_number(getattr(e.sites, f)[i]) for f in fields), *mine)
+    table.add_row("[bold]pooled[/bold]", *(_number(v) for v in e.pooled), *([""] * len(own_columns)))
     return table
 
 

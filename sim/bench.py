@@ -65,8 +65,10 @@ class ProgressReporter:
                 elapsed = time.perf_counter() - self.start
                 left = elapsed / max(self.trained_runs, 1) * (self.total - self.done)
                 accuracy = sum(result.final_accuracy) / len(result.final_accuracy)
+                own = sum(result.own_site_accuracy) / len(result.own_site_accuracy)
+                own_text = f", per-site mean {own:.3f}" if own == own and abs(own - accuracy) > 5e-4 else ""
                 self.console.print(f"[{self.done}/{self.total} runs] {cell.setting} {cell.algorithm}: test accuracy "
-                                   f"{accuracy:.3f} (mean of seeds) in {result.wall_s:.1f}s; about {left / 60:.1f} min left",
+                                   f"{accuracy:.3f}{own_text} (mean of seeds) in {result.wall_s:.1f}s; about {left / 60:.1f} min left",
                                    highlight=False)
 
     def _advance(self, runs: int, trained: bool) -> None:

@@ -8,6 +8,11 @@ algorithms of a setting; the baselines (pooled, local) are shown for reference, 
 Each ranked algorithm is compared with the setting's first, paired by seed (``nordfl.sim.paired``):
 the difference's 95 % interval, and a tie mark (≈) where the Holm-corrected paired t-test cannot
 tell it from the first at the 5 % level.
+
+What each hospital gets is a table of its own: per site, the accuracy of the model that site
+would use (the global model; a personalised algorithm's own model; the local baseline's model
+trained alone) on that site's test rows, with the mean and the worst site, each with its 95 %
+t-interval over seeds (``sites.csv`` holds the same numbers).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from nordfl.sim.report import ReportError, Stat, read_metrics, stat, stat_text
 MANIFEST = "suite.json"
 LEADERBOARD_MD = "leaderboard.md"
 LEADERBOARD_CSV = "leaderboard.csv"
+SITES_CSV = "sites.csv"
+MAX_SITE_COLUMNS = 8
+"""More sites than this (e.g. 100 simulated clients) show only the mean and worst site."""
 
 
 class Entry(NamedTuple):
@@ -49,6 +57,7 @@ class Entry(NamedTuple):
     versus_first: Optional[Paired] = None  # the setting's first minus this one, over their common seeds
     p_holm: float = math.nan
     tied: bool = False  # not distinguishable from the first (Holm-corrected p >= ALPHA)
+    own_site: tuple[dict[str, float], ...] = ()  # per seed: site -> accuracy of the model it would use, on its test rows
 
 
 ALPHA = 0.05
@@ -61,16 +70,23 @@ def _read_json(path: Path) -> dict:
         raise ReportError(f"{path}: cannot be read ({error})") from None
 
 
-def _entry(suite_dir: Path, folder: str, kind: str, seeds: list[int], target: float) -> Optional[Entry]:
-    """The entry of one cell, or None when none of its seeds has finished."""
+def _entry(suite_dir: Path, folder: str, kind: str, seeds: list[int], target: float, score: str = "global") -> Optional[Entry]:
+    """The entry of one cell, or None when none of its seeds has finished. ``score="own_site"`` ranks by the
+    mean over sites of each site's own-model accuracy instead of the global model's pooled accuracy."""
     setting, algorithm = folder.split("/", 1)
-    finals, curves, first_reach, natural, per_seed = [], [], [], False, []
+    finals, curves, first_reach, natural, per_seed, own_site = [], [], [], False, [], []
     for seed in seeds:
         run = suite_dir / folder / f"seed_{seed}"
         if not (run / "summary.json").exists():
             continue
         finals.append(_read_json(run / "summary.json")["final"])
-        if finals[-1].get("test_accuracy") is not None:
+        own = _own_site_accuracy(finals[-1], kind)
+        if own:
+            own_site.append(own)
+        if score == "own_site":
+            if own:
+                per_seed.append((seed, float(np.mean(list(own.values())))))
+        elif finals[-1].get("test_accuracy") is not None:
             per_seed.append((seed, float(finals[-1]["test_accuracy"])))
         rows = [row for row in read_metrics(run / "metrics.jsonl") if row.get("test_accuracy") is not None]
         curves.append({row["round"]: row["test_accuracy"] for row in rows})
@@ -86,8 +102,18 @@ def _entry(suite_dir: Path, folder: str, kind: str, seeds: list[int], target: fl
     per_round = [stat([c.get(r) for c in curves]) for r in rounds]
     curve = (np.array(rounds), np.array([s.mean for s in per_round]), np.array([s.std for s in per_round]))
     reached = [r for r in first_reach if r is not None]
-    return Entry(setting, algorithm, kind, len(finals), stat([f["test_accuracy"] for f in finals]),
-                 stat([f["test_loss"] for f in finals]), worst, stat(reached), len(reached), curve, per_seed=tuple(per_seed))
+    accuracy = stat([a for _, a in per_seed]) if score == "own_site" else stat([f["test_accuracy"] for f in finals])
+    return Entry(setting, algorithm, kind, len(finals), accuracy,
+                 stat([f["test_loss"] for f in finals]), worst, stat(reached), len(reached), curve, per_seed=tuple(per_seed),
+                 own_site=tuple(own_site) if len(own_site) == len(finals) else ())
+
+
+def _own_site_accuracy(final: dict, kind: str) -> dict[str, float]:
+    """Site -> accuracy of the model the site would use, from a run's final row (``own_site``, written since
+    personalisation; before it, a non-local run's per-site scores of its global model are the same thing)."""
+    sites = final.get("own_site") or (final.get("sites") if kind != "local" else None) or {}
+    return {name: float(m["accuracy"]) for name, m in sites.items()
+            if m.get("accuracy") is not None and math.isfinite(float(m["accuracy"]))}
 
 
 def _ranked(entries: list[Entry]) -> list[Entry]:
@@ -137,7 +163,8 @@ def load_leaderboard(suite_dir: Path) -> tuple[dict, dict[str, list[Entry]]]:
     by_setting: dict[str, list[Entry]] = {setting: [] for setting in manifest["settings"]}
     for folder in manifest["cell_order"]:
         algorithm = folder.split("/", 1)[1]
-        entry = _entry(suite_dir, folder, manifest["kinds"].get(algorithm, "federated"), manifest["seeds"], target)
+        entry = _entry(suite_dir, folder, manifest["kinds"].get(algorithm, "federated"), manifest["seeds"], target,
+                       manifest["suite"].get("score", "global"))
         if entry is not None:
             by_setting.setdefault(entry.setting, []).append(entry)
     return manifest, {setting: _ranked(entries) for setting, entries in by_setting.items() if entries}
@@ -180,6 +207,44 @@ def _setting_table(entries: list[Entry], target: float, scored_on: str) -> list[
         cells.append(_rounds_text(e))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _interval(values: list[float]) -> Paired:
+    """The mean of accuracies ``values`` and its 95 % t-interval, clipped to [0, 1] (NaN bounds with fewer than 2)."""
+    v = paired_t(values, [0.0] * len(values))
+    return v._replace(low=max(v.low, 0.0), high=min(v.high, 1.0)) if not math.isnan(v.low) else v
+
+
+def _interval_text(values: list[float]) -> str:
+    v = _interval(values)
+    return f"{v.mean:.3f}" if math.isnan(v.low) else f"{v.mean:.3f} [{v.low:.3f}, {v.high:.3f}]"
+
+
+def _site_rows(e: Entry) -> dict[str, list[float]]:
+    """Column -> per-seed values of one entry: every site, then the mean over sites and the worst site."""
+    sites = list(dict.fromkeys(name for seed in e.own_site for name in seed))
+    columns = {name: [seed[name] for seed in e.own_site if name in seed] for name in sites}
+    columns["mean over sites"] = [float(np.mean(list(seed.values()))) for seed in e.own_site]
+    columns["worst site"] = [min(seed.values()) for seed in e.own_site]
+    return columns
+
+
+def _site_table(entries: list[Entry]) -> list[str]:
+    """What each hospital gets: per site, mean accuracy [95 % CI] over seeds of the model it would use."""
+    rows = [e for e in sorted(entries, key=lambda e: (e.rank is None, e.rank or 0, e.algorithm)) if e.own_site]
+    if not rows:
+        return []
+    columns = list(dict.fromkeys(c for e in rows for c in _site_rows(e)))
+    if len(columns) - 2 > MAX_SITE_COLUMNS:
+        columns = ["mean over sites", "worst site"]
+    lines = ["| algorithm | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for e in rows:
+        values = _site_rows(e)
+        lines.append(f"| {e.algorithm} | {len(e.own_site)} | " + " | ".join(_interval_text(values[c]) if values.get(c) else ""
+                                                                         for c in columns) + " |")
+    return ["Each site's accuracy with the model it would use, on its own test rows: the global model, or the "
+            "algorithm's personal model (Ditto, FedPer, FedRep, FedBN, fine-tuned), or for the local baseline the "
+            "model it trained alone. Mean over seeds [95 % t-interval, clipped to [0, 1]].", "", *lines]
 
 
 def _overview(entries: dict[str, list[Entry]]) -> list[str]:
@@ -237,6 +302,10 @@ def write_leaderboard(suite_dir: Path, out_dir: Optional[Path] = None) -> list[P
         lines += [suite["description"].strip(), ""]
     lines += _provenance(manifest) + [""]
     scored_on = "validation" if manifest["mode"] == "tune" else "test"
+    if suite.get("score") == "own_site":
+        lines += [f"Ranked by each site's {scored_on} accuracy with the model it would use (its personal model, or the global "
+                  f"one), averaged over the sites with equal weight: the \"{scored_on} accuracy\" columns below. The loss, "
+                  f"worst-site and rounds columns and the curves are the global model's.", ""]
     lines += [f"Final {scored_on} accuracy, mean ± std over seeds (rank in the setting; baselines unranked). "
               f"≈ marks a rank the setting's first cannot be told apart from: the paired t-test over seeds of "
               f"their difference, Holm-corrected over the setting's comparisons, has p ≥ {ALPHA:g}.", ""]
@@ -244,6 +313,9 @@ def write_leaderboard(suite_dir: Path, out_dir: Optional[Path] = None) -> list[P
     paths = []
     for setting, setting_entries in entries.items():
         lines += [f"## {setting}", "", *_setting_table(setting_entries, target, scored_on), ""]
+        site_lines = _site_table(setting_entries)
+        if site_lines:
+            lines += [f"### What each site gets ({scored_on} rows)", "", *site_lines, ""]
         if manifest["mode"] == "tune":
             continue  # tuning evaluates once, at the end: there is no curve to draw
         plot = out_dir / "curves" / (re.sub(r"[^A-Za-z0-9._=-]+", "_", setting).strip("_") + ".png")  # a plain link target
@@ -251,7 +323,7 @@ def write_leaderboard(suite_dir: Path, out_dir: Optional[Path] = None) -> list[P
         lines += [f"![accuracy per round, {setting}](curves/{plot.name})", ""]
     md = out_dir / LEADERBOARD_MD
     md.write_text("\n".join(lines))
-    return [md, _write_csv(entries, out_dir / LEADERBOARD_CSV), *paths]
+    return [md, _write_csv(entries, out_dir / LEADERBOARD_CSV), _write_sites_csv(entries, out_dir / SITES_CSV), *paths]
 
 
 def _number(value: float) -> str:
@@ -273,6 +345,19 @@ def _write_csv(entries: dict[str, list[Entry]], path: Path) -> Path:
                                  *map(_number, e.rounds_to_target), e.reached,
                                  *(map(_number, e.versus_first[1:4]) if e.versus_first else ("", "", "")), _number(e.p_holm),
                                  "" if e.rank is None else int(e.tied)])
+    return path
+
+
+def _write_sites_csv(entries: dict[str, list[Entry]], path: Path) -> Path:
+    """One row per (setting, algorithm, site or summary): the model-it-would-use accuracy over seeds."""
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["setting", "algorithm", "kind", "site", "seeds", "accuracy_mean", "accuracy_ci_low", "accuracy_ci_high"])
+        for setting, setting_entries in entries.items():
+            for e in setting_entries:
+                for column, values in (_site_rows(e).items() if e.own_site else ()):
+                    v = _interval(values)
+                    writer.writerow([setting, e.algorithm, e.kind, column, len(values), _number(v.mean), _number(v.low), _number(v.high)])
     return path
 
 

@@ -47,7 +47,8 @@ from nordfl.conf.plugins import prepare as load_plugins
 from nordfl.sim.config import Experiment, build_adversary, build_options, fingerprint_config, register
 from nordfl.sim.engine import Simulator
 from nordfl.sim.metrics_log import MetricsLog, evaluation_row, upload_to_wandb, write_summary
-from nordfl.sim.seeds import SeedBatch
+from nordfl.sim.personal import PersonalEvaluator
+from nordfl.sim.seeds import SeedBatch, seed_slice
 from nordfl.sim.suite_config import MODES, Cell, Suite, setting_pairs, load_suite, plan_cells
 from nordfl.tasks import Task, classification_task, make_model, metrics_type
 from nordfl.tasks.data import pooled_dataset, single_client, validation_split
@@ -89,6 +90,7 @@ class CellResult(NamedTuple):
     wall_s: float
     first_round_s: float
     final_accuracy: list[float]
+    own_site_accuracy: list[float]  # per seed: mean over sites of each site's own-model accuracy
 
 
 def _fingerprint(cell: Cell, cfg: DictConfig, mode: str, fraction: float) -> str:
@@ -131,6 +133,21 @@ def _combine_local(rows: list[dict], site_names) -> dict:
     return {k: mean([r[k] for r in rows]) for k in ("train_loss", "test_loss", "test_accuracy", "test_auc")} | {"sites": sites}
 
 
+def _own_site(cell: Cell, evaluations, states, personal: Optional[PersonalEvaluator], i: int, seed: int, site_names) -> dict:
+    """What each site gets, scored on its own test rows: the model it would use. The global model
+    (pooled, and algorithms without personalisation), its personal model, or, for the local
+    baseline, the model it trained alone."""
+    if cell.kind == "local":
+        per_site = [evaluations[j][i].sites for j in range(len(site_names))]
+        fields = per_site[0]._fields
+        return {n: {f: float(getattr(per_site[j], f)[j]) for f in fields} for j, n in enumerate(site_names)}
+    if personal is None:
+        metrics = evaluations[0][i].sites
+    else:
+        metrics = personal.evaluate(seed_slice(states[0].server, i), seed_slice(states[0].clients, i), seed)
+    return {n: {f: float(getattr(metrics, f)[j]) for f in metrics._fields} for j, n in enumerate(site_names)}
+
+
 def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequence[int], suite_dir: Path, fingerprint: str,
              logger: DictConfig, evaluator: Optional[Simulator] = None,
              on_round: Callable[[int], None] = lambda r: None) -> CellResult:
@@ -165,6 +182,9 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg))
         logs.append(MetricsLog(folder, config={}, use_wandb=False, project=logger.project, mode=None, run_name=folder.name))
+    personal = None
+    if cell.kind == "federated" and experiment.algorithm.personalise is not None:
+        personal = PersonalEvaluator(evaluator, experiment.algorithm)
     rounds, eval_every = cfg.sim.rounds, cfg.sim.eval_every
     train_sizes = np.array(task.data.train_sizes(), np.float64)
     start = time.perf_counter()
@@ -192,6 +212,8 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
                     finals[i] = _combine_local([evaluation_row(e[i], site_names) for e in evaluations], site_names)
                 else:
                     finals[i] = evaluation_row(evaluations[0][i], site_names)
+                if r == rounds:
+                    finals[i]["own_site"] = _own_site(cell, evaluations, states, personal, i, seeds[i], site_names)
                 row |= finals[i]
             row["elapsed_s"] = time.perf_counter() - start
             logs[i].log(row)
@@ -209,7 +231,9 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
                             run_name=f"{cell.setting}/{cell.algorithm}/seed_{seed}", group=f"{cell.setting}/{cell.algorithm}",
                             summary=summary)
         write_summary(folder / "summary.json", summary)
-    return CellResult(wall_s, first_round_s, [f.get("test_accuracy", float("nan")) for f in finals])
+    own = [np.nanmean([site["accuracy"] for site in f["own_site"].values()]) if f.get("own_site") else float("nan")
+           for f in finals]
+    return CellResult(wall_s, first_round_s, [f.get("test_accuracy", float("nan")) for f in finals], [float(a) for a in own])
 
 
 # ---------------------------------------------------------------------------- the whole suite

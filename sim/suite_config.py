@@ -17,6 +17,9 @@ from nordfl.conf.schema import fail
 
 BASELINES = ("pooled", "local")
 MODES = ("run", "tune")
+SCORES = ("global", "own_site")
+"""What a suite ranks by: the global model's pooled test accuracy, or the mean over sites of each
+site's accuracy with the model it would use (personalisation suites)."""
 
 
 class Suite(NamedTuple):
@@ -35,6 +38,7 @@ class Suite(NamedTuple):
     validation_fraction: float
     grid: dict[str, dict[str, tuple]]  # algorithm or "all" -> override key -> values
     tuning_fix: dict[str, str]  # axis -> value: tune only there; the choice holds for every value of that axis
+    score: str = "global"  # one of SCORES
 
 
 class Cell(NamedTuple):
@@ -120,8 +124,11 @@ def load_suite(node: DictConfig) -> Suite:
     for axis, value in fix.items():
         if value not in axes.get(axis, {}):
             fail(f"suite.tuning.fix.{axis}", value, f"must name an axis and one of its values ({', '.join(f'{a}: {list(v)}' for a, v in axes.items())})")
+    score = raw.get("score", "global")
+    if score not in SCORES:
+        fail("suite.score", score, f"must be one of {', '.join(SCORES)}")
     suite = Suite(name, str(raw.get("description", "")), tuple(seeds), float(target), _strings("suite.common", raw.get("common")),
-                  axes, algorithms, baselines, tuned, tuple(tuning_seeds), fraction, grid, fix)
+                  axes, algorithms, baselines, tuned, tuple(tuning_seeds), fraction, grid, fix, score)
     for key, per_algorithm in tuned.items():
         pairs = setting_pairs(key)
         if not pairs or any(value not in axes.get(axis, {}) for axis, value in pairs.items()):

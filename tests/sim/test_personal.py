@@ -21,7 +21,7 @@ def _alone(examples):
 
 
 def test_fine_tuned_ditto_models_scored_per_site_match_a_per_site_loop():
-    task = uneven_task()
+    task = uneven_task(sizes=(3, 40, 0, 15, 7))
     alg = make_algorithm("ditto", task.loss_fn, client_lr=0.1, num_epochs=1, batch_size=8, lam=0.3,
                          fine_tune={"epochs": 2})
     sim = Simulator(alg, task, SimulatorOptions(cohort_size=4, max_buckets=2), seed=5)

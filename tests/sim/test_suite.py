@@ -57,6 +57,12 @@ def test_quick_suite_leaderboard_has_each_algorithm_with_mean_and_std_over_seeds
     for name in (*QUICK, "pooled", "local"):
         assert f"| {name} | 5 |" in markdown
     assert (folder / "curves" / "split=natural.png").stat().st_size > 10_000  # "data=(1,1)" would be data=_1_1
+    # What each site gets: the global model's own per-site scores; for the local baseline, each site's own model only.
+    final = json.loads((folder / "split=natural" / "fedavg" / "seed_0" / "summary.json").read_text())["final"]
+    assert final["own_site"] == final["sites"]
+    local = json.loads((folder / "split=natural" / "local" / "seed_0" / "summary.json").read_text())["final"]
+    assert set(local["own_site"]) == set(local["sites"]) and local["own_site"] != local["sites"]
+    assert "### What each site gets (test rows)" in markdown
     # Traceable: the manifest records versions, the machine and wall times.
     assert manifest["versions"]["jax"] and manifest["machine"]["cpu_count"] >= 1
     assert manifest["wall_s"] > 0 and len(manifest["cells"]) == len(QUICK) + 2
@@ -137,7 +143,7 @@ def test_a_suite_refuses_differential_privacy_it_would_not_account(tmp_path):
     assert not (tmp_path / "suite.json").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("name", ["quick", "heart", "synthetic", "label_skew", "robustness"])
+@pytest.mark.parametrize("name", ["quick", "heart", "synthetic", "label_skew", "robustness", "personalisation"])
 def test_every_shipped_suite_loads_and_plans_in_both_modes(name):
     from nordfl.sim.suite import compose_run, prepare
 
@@ -237,3 +243,42 @@ def test_tuning_picks_the_best_validation_accuracy_and_breaks_ties_by_loss(tmp_p
     assert cells[("data=y,stragglers=0.5", "fedprox")][-1] == "algorithm=fedprox"
     tune = plan_cells(suite, "tune")  # only stragglers=0 is tuned: 2 data values x (fedavg, fedprox, pooled)
     assert len(tune) == 2 * 3 and all(c.setting.endswith("stragglers=0") for c in tune)
+
+
+def test_personalisation_leaderboard_ranks_by_what_each_site_gets_with_intervals(tmp_path):
+    """``score: own_site``: ranked by the mean over sites of each site's own-model accuracy; the per-site
+    table's intervals are the t-intervals over seeds (checked against SciPy); the local baseline counts its
+    own site's model only."""
+    own = {"global": [{"a": 0.6, "b": 0.9}, {"a": 0.5, "b": 0.9}, {"a": 0.7, "b": 0.8}],
+           "ditto": [{"a": 0.8, "b": 0.9}, {"a": 0.85, "b": 0.95}, {"a": 0.75, "b": 0.9}],
+           "local": [{"a": 0.7, "b": 0.7}, {"a": 0.75, "b": 0.7}, {"a": 0.7, "b": 0.75}]}
+    # The global model's pooled accuracy ranks them the other way round: the suite's score must decide.
+    pooled_accuracy = {"global": 0.9, "ditto": 0.7, "local": 0.5}
+    _fake_suite(tmp_path, "run", {("s=a", name): [(pooled_accuracy[name], 0.5, [0.5])] * 3 for name in own})
+    manifest = json.loads((tmp_path / "suite.json").read_text())
+    manifest["suite"]["score"] = "own_site"
+    manifest["kinds"]["local"] = "local"
+    (tmp_path / "suite.json").write_text(json.dumps(manifest))
+    for name, seeds in own.items():
+        for seed, sites in enumerate(seeds):
+            path = tmp_path / "s=a" / name / f"seed_{seed}" / "summary.json"
+            summary = json.loads(path.read_text())
+            summary["final"]["own_site"] = {site: {"accuracy": a} for site, a in sites.items()}
+            path.write_text(json.dumps(summary))
+    _, entries = load_leaderboard(tmp_path)
+    by_name = {e.algorithm: e for e in entries["s=a"]}
+    assert (by_name["ditto"].rank, by_name["global"].rank, by_name["local"].rank) == (1, 2, None)
+    assert by_name["ditto"].accuracy.mean == pytest.approx(np.mean([0.85, 0.9, 0.825]))
+    write_leaderboard(tmp_path)
+    with open(tmp_path / "sites.csv") as f:
+        rows = {(r["algorithm"], r["site"]): r for r in csv.DictReader(f)}
+    a = [s["a"] for s in own["global"]]
+    half = stats.t.ppf(0.975, 2) * np.std(a, ddof=1) / math.sqrt(3)
+    row = rows[("global", "a")]
+    assert (float(row["accuracy_mean"]), float(row["accuracy_ci_low"]), float(row["accuracy_ci_high"])) == pytest.approx(
+        (np.mean(a), np.mean(a) - half, np.mean(a) + half), rel=1e-9)
+    worst = [min(s.values()) for s in own["ditto"]]
+    assert float(rows[("ditto", "worst site")]["accuracy_mean"]) == pytest.approx(np.mean(worst))
+    assert float(rows[("global", "b")]["accuracy_ci_high"]) <= 1.0  # accuracy intervals stay inside [0, 1]
+    markdown = (tmp_path / LEADERBOARD_MD).read_text()
+    assert "### What each site gets (test rows)" in markdown and "| local | 3 |" in markdown
