@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from nordfl.sim.paired import Paired, holm, paired_t
 from nordfl.sim.report import ReportError, Stat, read_metrics, stat, stat_text
+from nordfl.sim.suite_config import grid_edges
 
 MANIFEST = "suite.json"
 LEADERBOARD_MD = "leaderboard.md"
@@ -273,7 +274,9 @@ def _provenance(manifest: dict) -> list[str]:
     command = manifest.get("command") or f"nordfl-bench suite={suite['name']}" + (" mode=tune" if manifest["mode"] == "tune" else "")
     return [
         f"- command: `{command}`",
-        f"- mode: {manifest['mode']}; seeds: {', '.join(map(str, manifest['seeds']))}; target accuracy: {suite['target_accuracy']:.0%}",
+        f"- mode: {manifest['mode']}; seeds: {', '.join(map(str, manifest['seeds']))}"
+        + ("; each seed also draws the data split (task.data_seed = seed)" if suite.get("vary_split") else
+           "; one data split for every seed (task.data_seed)") + f"; target accuracy: {suite['target_accuracy']:.0%}",
         f"- common overrides: `{' '.join(suite['common'])}`",
         f"- training wall time (all cells): {wall:.0f} s ({wall / 60:.1f} min); started {manifest.get('started')}, "
         f"finished {manifest.get('finished', 'not yet')}",
@@ -313,6 +316,11 @@ def write_leaderboard(suite_dir: Path, out_dir: Optional[Path] = None) -> list[P
     paths = []
     for setting, setting_entries in entries.items():
         lines += [f"## {setting}", "", *_setting_table(setting_entries, target, scored_on), ""]
+        edges = {e.algorithm: grid_edges(suite, setting, e.algorithm) for e in setting_entries} if manifest["mode"] == "run" else {}
+        edges = {a: found for a, found in edges.items() if found}
+        if edges:
+            lines += ["At the edge of its tuning grid (the best value may lie beyond it): "
+                      + "; ".join(f"{a} {', '.join(found)}" for a, found in edges.items()) + ".", ""]
         site_lines = _site_table(setting_entries)
         if site_lines:
             lines += [f"### What each site gets ({scored_on} rows)", "", *site_lines, ""]

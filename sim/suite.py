@@ -283,13 +283,24 @@ def _data_key(cfg: DictConfig) -> str:
     return json.dumps([OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "partition")], sort_keys=True)
 
 
-def build_cell(cell: Cell, run: SuiteRun, tasks: dict[str, Task]):
-    """The cell's config, task and experiment (a ConfigError names a bad value before training).
+def seed_groups(run: SuiteRun) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
+    """The seeds that train together, each group with its extra overrides: all seeds in one
+    vmapped program, or, with the suite's ``vary_split``, each seed alone on its own data split
+    (``task.data_seed`` = the seed: the train/test split and the partition follow the seed). Tuning
+    keeps the suite's one split: it chooses on validation rows carved from its training rows."""
+    if run.suite.vary_split and run.mode == "run":
+        return [((seed,), (f"task.data_seed={seed}",)) for seed in run.seeds]
+    return [(run.seeds, ())]
+
+
+def build_cell(cell: Cell, run: SuiteRun, tasks: dict[str, Task], seed: Optional[int] = None, extra: Sequence[str] = ()):
+    """The cell's config, task and experiment (a ConfigError names a bad value before training), for the
+    seed group starting at ``seed`` (default: the first seed) with its ``extra`` overrides.
 
     Cells with the same task and partition share one ``Task`` from ``tasks`` (built once).
     """
     plugins = [f"plugins=[{','.join(run.plugins)}]"] if run.plugins else []
-    cfg = compose_run((*cell.overrides, f"seed={run.seeds[0]}", *plugins))
+    cfg = compose_run((*cell.overrides, *extra, f"seed={run.seeds[0] if seed is None else seed}", *plugins))
     if cfg.algorithm.dp.mode != "none":  # suites neither account nor cap epsilon: a private result needs its ledger
         fail(f"suite {run.suite.name}, {cell.setting}/{cell.algorithm}: algorithm.dp.mode", cfg.algorithm.dp.mode,
              "must be none in a comparison suite (its runs do not account epsilon); compare private runs with nordfl-sim")
@@ -333,7 +344,7 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
     run = prepare(bench)
     suite_dir.mkdir(parents=True, exist_ok=True)
     tasks: dict[str, Task] = {}
-    built = [(cell, *build_cell(cell, run, tasks)) for cell in run.cells]
+    built = [(cell, seeds, *build_cell(cell, run, tasks, seeds[0], extra)) for cell in run.cells for seeds, extra in seed_groups(run)]
     previous = json.loads((suite_dir / MANIFEST).read_text()) if (suite_dir / MANIFEST).exists() else {}
     if previous and previous.get("suite", {}).get("name") != run.suite.name:
         fail("suite", run.suite.name, f"must match the suite already in {suite_dir} ({previous['suite'].get('name')}); use a new folder")
@@ -351,25 +362,29 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
     start = time.perf_counter()
     total_runs = len(run.cells) * len(run.seeds)
     reporter = reporter or (lambda event, **fields: None)
-    fingerprints = [_fingerprint(cell, cfg, run.mode, run.suite.validation_fraction) for cell, cfg, _, _ in built]
-    finished = [cell_done(suite_dir, cell, run.seeds, f) for (cell, *_), f in zip(built, fingerprints)]
-    reporter("start", total=total_runs, cells=len(run.cells), finished=sum(finished) * len(run.seeds))
+    fingerprints = [_fingerprint(cell, cfg, run.mode, run.suite.validation_fraction) for cell, _, cfg, _, _ in built]
+    finished = [cell_done(suite_dir, cell, seeds, f) for (cell, seeds, *_), f in zip(built, fingerprints)]
+    reporter("start", total=total_runs, cells=len(run.cells), finished=sum(len(b[1]) for b, done in zip(built, finished) if done))
     evaluators: dict[str, Simulator] = {}  # one per evaluation data set: its programs compile once
-    for (cell, cfg, task, experiment), fingerprint, done in zip(built, fingerprints, finished):
+    for (cell, seeds, cfg, task, experiment), fingerprint, done in zip(built, fingerprints, finished):
         if done:
-            reporter("skip", cell=cell, runs=len(run.seeds))
+            reporter("skip", cell=cell, runs=len(seeds))
             continue
         reporter("cell", cell=cell, rounds=cfg.sim.rounds)
         data_key = _data_key(cfg)
         if data_key not in evaluators:
             evaluators[data_key] = evaluator_for(task, experiment)
-        result = run_cell(cell, cfg, task, experiment, run.seeds, suite_dir, fingerprint, bench.logger, evaluators[data_key],
+        result = run_cell(cell, cfg, task, experiment, seeds, suite_dir, fingerprint, bench.logger, evaluators[data_key],
                           on_round=lambda r, cell=cell: reporter("round", cell=cell, round=r, rounds=cfg.sim.rounds))
-        manifest["cells"][str(cell.folder)] = {"wall_s": result.wall_s, "first_round_s": result.first_round_s,
-                                               "seeds": list(run.seeds), "fingerprint": fingerprint}
+        record = manifest["cells"].get(str(cell.folder))
+        if record is None or set(seeds) & set(record.get("seeds", [])):  # a new cell, or one being run again
+            record = {"wall_s": 0.0, "first_round_s": result.first_round_s, "seeds": [], "fingerprint": fingerprint}
+        record["wall_s"] += result.wall_s
+        record["seeds"] += list(seeds)
+        manifest["cells"][str(cell.folder)] = record
         manifest["wall_s"] = manifest.get("wall_s", 0.0) + result.wall_s
         _write_manifest(suite_dir, manifest)
-        reporter("done", cell=cell, runs=len(run.seeds), result=result)
+        reporter("done", cell=cell, runs=len(seeds), result=result)
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest["last_invocation_s"] = time.perf_counter() - start
     _write_manifest(suite_dir, manifest)

@@ -39,6 +39,7 @@ class Suite(NamedTuple):
     grid: dict[str, dict[str, tuple]]  # algorithm or "all" -> override key -> values
     tuning_fix: dict[str, str]  # axis -> value: tune only there; the choice holds for every value of that axis
     score: str = "global"  # one of SCORES
+    vary_split: bool = False  # each seed also draws the data split (task.data_seed = seed), trained alone
 
 
 class Cell(NamedTuple):
@@ -127,8 +128,11 @@ def load_suite(node: DictConfig) -> Suite:
     score = raw.get("score", "global")
     if score not in SCORES:
         fail("suite.score", score, f"must be one of {', '.join(SCORES)}")
+    vary_split = raw.get("vary_split", False)
+    if not isinstance(vary_split, bool):
+        fail("suite.vary_split", vary_split, "must be true or false")
     suite = Suite(name, str(raw.get("description", "")), tuple(seeds), float(target), _strings("suite.common", raw.get("common")),
-                  axes, algorithms, baselines, tuned, tuple(tuning_seeds), fraction, grid, fix, score)
+                  axes, algorithms, baselines, tuned, tuple(tuning_seeds), fraction, grid, fix, score, vary_split)
     for key, per_algorithm in tuned.items():
         pairs = setting_pairs(key)
         if not pairs or any(value not in axes.get(axis, {}) for axis, value in pairs.items()):
@@ -154,9 +158,32 @@ def setting_pairs(setting: str) -> dict[str, str]:
 def tuned_overrides(suite: Suite, setting: str, algorithm: str) -> tuple[str, ...]:
     """The tuned overrides that apply to ``setting``: every ``tuned`` key whose axis=value pairs it
     contains (a key naming fewer axes holds for all values of the others), fewer axes first."""
+    return chosen_overrides(suite.tuned, setting, algorithm)
+
+
+def chosen_overrides(tuned: dict, setting: str, algorithm: str) -> tuple[str, ...]:
+    """``tuned_overrides`` from a suite's ``tuned`` mapping alone (as ``suite.json`` records it)."""
     pairs = setting_pairs(setting)
-    keys = [k for k in suite.tuned if setting_pairs(k).items() <= pairs.items()]
-    return tuple(o for k in sorted(keys, key=lambda k: len(setting_pairs(k))) for o in suite.tuned[k].get(algorithm, ()))
+    keys = [k for k in tuned if setting_pairs(k).items() <= pairs.items()]
+    return tuple(o for k in sorted(keys, key=lambda k: len(setting_pairs(k))) for o in tuned[k].get(algorithm, ()))
+
+
+def grid_edges(suite: dict, setting: str, algorithm: str) -> list[str]:
+    """The tuned values of ``algorithm`` in ``setting`` that sit at the smallest or largest value of their
+    tuning grid (numeric grids of 2+ values): the best may lie beyond the grid. ``suite`` is ``Suite._asdict()``."""
+    grid = {**suite.get("grid", {}).get("all", {}), **suite.get("grid", {}).get(algorithm, {})}
+    edges = []
+    for override in chosen_overrides(suite.get("tuned", {}), setting, algorithm):
+        key, value = override.split("=", 1)
+        values = grid.get(key, ())
+        try:
+            numbers, chosen = sorted(float(v) for v in values), float(value)
+        except (TypeError, ValueError):
+            continue
+        if len(numbers) >= 2 and chosen in (numbers[0], numbers[-1]):
+            side = "smallest" if chosen == numbers[0] else "largest"
+            edges.append(f"{key.split('.')[-1]}={value} ({side} of {', '.join(f'{v:g}' for v in numbers)})")
+    return edges
 
 
 def settings(suite: Suite) -> dict[str, tuple[str, ...]]:

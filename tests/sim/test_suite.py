@@ -282,3 +282,24 @@ def test_personalisation_leaderboard_ranks_by_what_each_site_gets_with_intervals
     assert float(rows[("global", "b")]["accuracy_ci_high"]) <= 1.0  # accuracy intervals stay inside [0, 1]
     markdown = (tmp_path / LEADERBOARD_MD).read_text()
     assert "### What each site gets (test rows)" in markdown and "| local | 3 |" in markdown
+
+
+@pytest.mark.slow
+def test_vary_split_gives_each_seed_its_own_data_split(tmp_path):
+    """With ``vary_split`` seed s runs exactly as a run with ``task.data_seed=s`` and seed s, and the split matters."""
+    common = "suite.common=['task=heart','partition=natural','sim.rounds=2','algorithm.batch_size=16'{}]"
+    base = ("suite=quick", "only=[pooled]")
+
+    def final(folder, seed):
+        return json.loads((folder / "split=natural" / "pooled" / f"seed_{seed}" / "summary.json").read_text())["final"]
+
+    run_suite(bench_config(*base, "seeds=[0,1]", common.format(""), "+suite.vary_split=true"), tmp_path / "varied")
+    run_suite(bench_config(*base, "seeds=[1]", common.format(",'task.data_seed=1'")), tmp_path / "split_1")
+    run_suite(bench_config(*base, "seeds=[1]", common.format("")), tmp_path / "split_0")
+    for seed in (0, 1):
+        config = OmegaConf.load(tmp_path / "varied" / "split=natural" / "pooled" / f"seed_{seed}" / "config.yaml")
+        assert config.task.data_seed == seed and config.seed == seed
+    assert final(tmp_path / "varied", 1) == final(tmp_path / "split_1", 1)
+    assert final(tmp_path / "varied", 1)["test_loss"] != final(tmp_path / "split_0", 1)["test_loss"]
+    write_leaderboard(tmp_path / "varied")
+    assert "each seed also draws the data split" in (tmp_path / "varied" / LEADERBOARD_MD).read_text()
