@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from nordfl import registry

@@ -13,6 +13,7 @@ from nordfl.algorithms import dp
 from nordfl.sim.packing import pack_clients
 from nordfl.tasks import Examples
 from tests import reference as ref
+from tests.algorithms.driver import run_rounds
 
 SIZES = [6, 15, 9]
 
@@ -76,15 +77,7 @@ def test_gaussian_noise_has_the_requested_std_on_every_leaf():
 
 
 def _run(alg, params, data, rounds=2, seed=0):
-    num = data.num_examples.shape[0]
-    state = alg.server_init(params)
-    states = jax.vmap(alg.client_init)(jax.tree_util.tree_map(lambda p: jnp.stack([p] * num), params))
-    update = jax.jit(jax.vmap(alg.client_update, in_axes=(None, 0, 0, 0)))
-    for r in range(rounds):
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed + r), i))(jnp.arange(num))
-        out = update(alg.broadcast(state), states, data, keys)
-        states = out.client_state
-        state, _ = alg.server_update(state, weighted_mean(out.update, out.weight))
+    state, _, out = run_rounds(alg, params, data, rounds, seed)
     return state, out
 
 

@@ -1,25 +1,17 @@
 """FedProx: mu = 0 is FedAvg exactly; mu > 0 against a NumPy loop."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nordfl.algorithms import fedavg, fedprox, local_schedule, weighted_mean
+from nordfl.algorithms import fedavg, fedprox, local_schedule
 from nordfl.sim.packing import pack_clients
 from tests import reference as ref
+from tests.algorithms.driver import run_rounds
 
 
-def _run(alg, params, data, rounds, seed=0):
-    state = alg.server_init(params)
-    num = data.num_examples.shape[0]
-    states = jax.vmap(alg.client_init)(jax.tree_util.tree_map(lambda p: jnp.stack([p] * num), params))
-    update = jax.jit(jax.vmap(alg.client_update, in_axes=(None, 0, 0, 0)))
-    for r in range(rounds):
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed + r), i))(jnp.arange(num))
-        out = update(alg.broadcast(state), states, data, keys)
-        state, _ = alg.server_update(state, weighted_mean(out.update, out.weight))
-    return state
+def _run(alg, params, data, rounds):
+    return run_rounds(alg, params, data, rounds)[0]
 
 
 def test_mu_zero_equals_fedavg_exactly(softmax_model):

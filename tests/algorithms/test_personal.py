@@ -5,27 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nordfl.algorithms import local_schedule, make_algorithm, weighted_mean
+from nordfl.algorithms import local_schedule, make_algorithm
 from nordfl.algorithms.personal import ditto, fedrep, local_mask, partial_sharing, personal_key, personal_model
 from nordfl.sim.packing import pack_clients
 from nordfl.tasks import mlp
 from tests import reference as ref
+from tests.algorithms.driver import run_rounds
 
 SIZES = [6, 15, 9]
 LR, EPOCHS, BATCH = 0.2, 2, 4
 
 
-def _run(alg, params, data, rounds, seed=0):
-    """``rounds`` rounds over every client; returns the server state, the stacked client states and the last message."""
-    state = alg.server_init(params)
-    num = data.num_examples.shape[0]
-    states = jax.vmap(alg.client_init)(jax.tree_util.tree_map(lambda p: jnp.stack([p] * num), params))
-    update = jax.jit(jax.vmap(alg.client_update, in_axes=(None, 0, 0, 0)))
-    for r in range(rounds):
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed + r), i))(jnp.arange(num))
-        out = update(alg.broadcast(state), states, data, keys)
-        states = out.client_state
-        state, _ = alg.server_update(state, weighted_mean(out.update, out.weight))
+def _run(alg, params, data, rounds):
+    state, states, _ = run_rounds(alg, params, data, rounds)
     return state, states
 
 
