@@ -9,14 +9,14 @@ LOSS = lambda params, batch, mask: 0.0  # noqa: E731 (never called: construction
 
 @pytest.mark.parametrize("name", algorithm_names())
 def test_every_name_builds(name):
-    extra = {"scaffold": {"num_clients": 4}, "fedprox": {"mu": 0.01}}.get(name, {})
+    extra = {"scaffold": {"num_clients": 4}, "fedprox": {"mu": 0.01}, "ditto": {"lam": 0.1}}.get(name, {})
     assert isinstance(make_algorithm(name, LOSS, client_lr=0.1, **extra), Algorithm)
 
 
 @pytest.mark.parametrize(
     "name, kwargs, message",
     [
-        ("fedsgd", {"client_lr": 0.1}, "algorithm.name: unknown name 'fedsgd'; expected one of fedadagrad, fedadam, fedavg"),
+        ("fedsgd", {"client_lr": 0.1}, "algorithm.name: unknown name 'fedsgd'; expected one of ditto, fedadagrad, fedadam, fedavg"),
         ("fedprox", {"client_lr": 0.1, "mu": -0.5}, "fedprox: mu must be a number >= 0, got -0.5"),
         ("fedavg", {"client_lr": -0.1}, "fedavg: client_lr must be a number > 0, got -0.1"),
         ("fedavg", {"client_lr": 0.1, "num_epochs": 0}, "fedavg: num_epochs must be an integer >= 1, got 0"),

@@ -11,7 +11,7 @@ from nordfl.tasks.task import make_model
 
 
 SHIPPED = {
-    "algorithm": ("fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox", "fedyogi", "scaffold"),
+    "algorithm": ("ditto", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbn", "fedper", "fedprox", "fedrep", "fedyogi", "scaffold"),
     "aggregator": ("bulyan", "centered_clipping", "krum", "median", "trimmed_mean", "weighted_mean"),
     "server_optimizer": ("fedadagrad", "fedadam", "fedavgm", "fedyogi", "sgd"),
     "model": ("cnn", "logistic_regression", "mlp"),
