@@ -40,7 +40,7 @@ from nordfl.runtime.config import Job, build_job, check_runtime, compose_config,
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.proto import federation_pb2_grpc as pb_grpc
 from nordfl.runtime.secagg import SecAggAborted, SecAggError
-from nordfl.runtime.secure_round import STEP_NAMES, CoordinatorRound, aggregate_of
+from nordfl.runtime.secure_round import STEP_NAMES, CoordinatorRound, aggregate_of, message_limit
 from nordfl.runtime.store import atomic_write_text, load_tree, save_tree
 from nordfl.tasks import Examples
 
@@ -398,7 +398,11 @@ class Coordinator(JobServer):
                               attempt=int(header.attempt), step=pb.SecAggStep.Name(step), reason=header.refusal)
             return pb.SubmitReply(accepted=True)
         _, total, sha = wire.manifest_from_proto(header.manifest)
-        payload = wire.join_chunks((c.data for c in chunks), expected_total=total, max_total=self.limits.max_message_bytes)
+        # The size bound comes from the job (its update's size and its sites), never from the sender.
+        limit = min(message_limit(self.update_template, len(self.job.sites)), self.limits.max_message_bytes)
+        if total > limit:
+            raise Rejected(f"secure-aggregation message announces {total} bytes; this job's are at most {limit} bytes")
+        payload = wire.join_chunks((c.data for c in chunks), expected_total=total, max_total=limit)
         wire.check_payload(payload, total, sha)
         with self.lock:
             self._check_secure(site, header)

@@ -28,7 +28,8 @@ from nordfl.runtime.config import Job
 from nordfl.runtime.proto import federation_pb2 as pb
 from nordfl.runtime.secagg import Advertise, MaskedInput, SecAggConfig, SecAggResult, SecAggServer, ShareKeys, UnmaskShares
 
-__all__ = ["EXTRA", "STEP_NAMES", "CoordinatorRound", "aggregate_of", "config_of", "protocol_round", "site_id", "vector_of"]
+__all__ = ["EXTRA", "STEP_NAMES", "CoordinatorRound", "aggregate_of", "config_of", "message_limit", "protocol_round", "site_id",
+           "vector_of"]
 
 EXTRA = 3
 """Values after the update in the vector: weight, contributor count, training loss."""
@@ -41,6 +42,21 @@ STEP_NAMES = ("advertise keys", "share keys", "masked input", "unmask")
 def config_of(job: Job) -> SecAggConfig:
     """The protocol's parameters, from the job every party received."""
     return SecAggConfig(len(job.sites), job.secagg_threshold, job.secagg_clip_range, job.secagg_bits)
+
+
+PER_SITE_BYTES = 4096
+"""Room per federation site in a message (a share ciphertext or two secret shares, JSON-encoded: about
+0.5 KB today), with margin."""
+HEADER_BYTES = 65536
+"""Room for a message's fixed part: magic, header JSON, ids, keys."""
+
+
+def message_limit(template: Any, num_sites: int) -> int:
+    """The largest secure-aggregation message a site of this job can legitimately send, in bytes: the
+    masked vector at 8 bytes a value (the update's values plus ``EXTRA``), or a share per other site,
+    plus the fixed part. The coordinator refuses a larger announcement before reading any data."""
+    values = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(template)) + EXTRA
+    return 8 * values + PER_SITE_BYTES * num_sites + HEADER_BYTES
 
 
 def protocol_round(round_index: int, attempt: int) -> int:

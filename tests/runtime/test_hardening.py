@@ -74,6 +74,33 @@ def test_the_size_comes_from_the_job_not_the_announcement(hub):
     assert not reply.accepted
 
 
+def test_a_secure_aggregation_message_is_bounded_by_the_job_too(tmp_path):
+    """A member of a securely aggregated round announcing 800 MB is refused before a data chunk is read;
+    the bound (the masked vector and a share per site) comes from the job."""
+    federation, _ = provisioned(tmp_path)
+    coordinator = coordinator_for(["runtime.rounds=1", "runtime.min_cohort=2", "runtime.secure_aggregation=true"], federation,
+                                  tmp_path / "state", log=lambda m: None)
+    for name in SITES:
+        assert coordinator.join(name, pb.JoinRequest(site=name, protocol_version=wire.PROTOCOL_VERSION, rows=200)).accepted
+    assert coordinator.secure is not None  # the first round is open, securely aggregated
+    head = pb.UpdateHeader(run_id=coordinator.run_id, round=coordinator.open.index, attempt=coordinator.open.attempt,
+                           site="Cleveland", secagg_step=pb.ADVERTISE, manifest=wire.manifest_to_proto([], b""))
+    head.manifest.total_bytes = 800_000_000
+    read = []
+
+    def stream():
+        yield pb.UpdateChunk(header=head)
+        for _ in range(10):
+            read.append(1)
+            yield pb.UpdateChunk(data=b"\0" * (1 << 20))
+
+    reply = coordinator.submit("Cleveland", stream())
+    values = sum(int(np.prod(s.shape)) for s in wire.template_of(coordinator.update_template)) + 3
+    assert not reply.accepted and "announces 800000000 bytes" in reply.reason
+    assert f"at most {8 * values + 4096 * len(SITES) + 65536} bytes" in reply.reason
+    assert read == []
+
+
 def test_peer_text_is_capped_and_repeated_refusals_are_summarised(hub):
     """Failure 3: a 3.9 MB site name went verbatim into the audit log; 2,000 Joins wrote 2,000 entries."""
     coordinator, state, federation = hub
