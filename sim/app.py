@@ -146,6 +146,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
             f"(budget {cfg.algorithm.dp.epsilon_budget})"
         )
     evaluation: Optional[Evaluation] = None
+    own_site = None
     first_round_s, start = 0.0, time.perf_counter()
     with _progress(console, cfg.logger.progress) as progress:
         bar = progress.add_task(cfg.algorithm.name, total=rounds, completed=state.round, status="")
@@ -170,6 +171,10 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
             if state.round % cfg.sim.eval_every == 0 or state.round == rounds:
                 evaluation = sim.evaluate(state.server.params)
                 row |= evaluation_row(evaluation, site_names)
+            if state.round == rounds:
+                own_site = _own_site(sim, experiment.algorithm, state, evaluation, cfg.seed)
+                if "accuracy" in own_site._fields:
+                    row["own_site_accuracy"] = float(np.nanmean(own_site.accuracy))
             row["elapsed_s"] = time.perf_counter() - start
             log.log(row)
             done = state.round - start_round
@@ -186,14 +191,13 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
     train_s = time.perf_counter() - start
     evaluation = evaluation or sim.evaluate(state.server.params)  # a resumed, already finished run
     epsilon = None if privacy is None else privacy.epsilon(state.round)
-    own_site = None
-    if experiment.algorithm.personalise is not None:
-        own_site = PersonalEvaluator(sim, experiment.algorithm).evaluate(state.server, state.clients, cfg.seed)
+    if own_site is None:  # a resumed run that had already finished, or one stopped at its privacy budget
+        own_site = _own_site(sim, experiment.algorithm, state, evaluation, cfg.seed)
+    personal = own_site if experiment.algorithm.personalise is not None else None
     result = RunResult(evaluation, site_names, state.round, first_round_s, train_s, float(np.mean(overheads)), epsilon, stopped,
-                       own_site)
+                       personal)
     final = evaluation_row(evaluation, site_names)
-    if own_site is not None:
-        final["own_site"] = {n: {f: float(getattr(own_site, f)[i]) for f in own_site._fields} for i, n in enumerate(site_names)}
+    final["own_site"] = {n: {f: float(getattr(own_site, f)[i]) for f in own_site._fields} for i, n in enumerate(site_names)}
     summary = {
         "algorithm": cfg.algorithm.name, "task": task.data.name, "seed": cfg.seed, "rounds": rounds,
         "final": final, "padding_overhead": result.padding_overhead,
@@ -206,6 +210,13 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
     if state.round > start_round or not summary_path.exists():  # resuming a finished run keeps its real timings
         write_summary(summary_path, summary)
     return result
+
+
+def _own_site(sim: Simulator, algorithm, state, evaluation: Evaluation, seed: int):
+    """Each site's own model scored on its own test rows: the personalised one, or the global model's per-site scores."""
+    if algorithm.personalise is None:
+        return evaluation.sites
+    return PersonalEvaluator(sim, algorithm).evaluate(state.server, state.clients, seed)
 
 
 def _number(value: float) -> str:

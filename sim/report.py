@@ -25,9 +25,13 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-FINAL_METRICS = ("train_loss", "test_loss", "test_accuracy", "test_auc", "test_rmse", "test_mae", "test_r2")
-"""Classification runs report accuracy and AUC, regression runs RMSE, MAE and R²; tables show those a run has."""
+FINAL_METRICS = ("train_loss", "test_loss", "test_accuracy", "test_auc", "test_rmse", "test_mae", "test_r2", "own_site_accuracy")
+"""Classification runs report accuracy and AUC, regression runs RMSE, MAE and R²; tables show those a run has.
+``own_site_accuracy`` (final round only): the mean over sites of each site's accuracy with the model it would use
+(its personalised model, or the global one; docs/algorithms/personalisation.md)."""
 METRICS = (*FINAL_METRICS, "client_loss")
+FINAL_ROUND_ONLY = ("own_site_accuracy",)
+"""Metrics a run logs once, in its last round: a table column, never a curve."""
 EVAL_KEY = "test_loss"  # only rows of evaluation rounds have it
 UNFINISHED_NOTE = "* unfinished: at least one run stopped before its planned rounds (no summary.json, or fewer rounds)"
 
@@ -382,7 +386,7 @@ def write_report(summaries: Sequence[ConfigSummary], out_dir: Union[str, Path], 
     columns = table_metrics(summaries, metrics)
     paths = [write_markdown(summaries, columns, out_dir / "report.md"), write_csv(summaries, columns, out_dir / "report.csv")]
     for metric in METRICS:
-        if metric in metrics and any(len(s.curves[metric].rounds) for s in summaries):
+        if metric in metrics and metric not in FINAL_ROUND_ONLY and any(len(s.curves[metric].rounds) for s in summaries):
             paths.append(plot_metric(summaries, metric, out_dir / f"{metric}.png"))
     return paths
 

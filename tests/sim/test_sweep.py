@@ -1,4 +1,4 @@
-"""End to end: a Hydra sweep through nordfl-sim -m, then nordfl-report on its folder."""
+"""End to end: a Hydra sweep through nordfl-sim -m (a global and a personalised algorithm), then nordfl-report on its folder."""
 
 import csv
 import json
@@ -17,7 +17,7 @@ def test_sweep_then_report(tmp_path):
     sweep = tmp_path / "sweep"
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
     done = subprocess.run(
-        [str(BIN / "nordfl-sim"), "-m", "algorithm=fedavg,scaffold", "seed=0,1", "sim.rounds=3", "sim.eval_every=1",
+        [str(BIN / "nordfl-sim"), "-m", "algorithm=fedavg,ditto", "seed=0,1", "sim.rounds=3", "sim.eval_every=1",
          "logger.progress=false", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path, capture_output=True, text=True, env=env,
     )
@@ -29,16 +29,24 @@ def test_sweep_then_report(tmp_path):
         assert [r["round"] for r in rows] == [1, 2, 3]
         assert set(rows[-1]["sites"]) == {"Cleveland", "Hungary", "Switzerland", "VA Long Beach"}
         assert rows[-1]["test_loss"] < 0.8  # training happened: the initial model's pooled loss is about 0.95
+        summary = json.loads((run / "summary.json").read_text())
+        own = summary["final"]["own_site"]
+        assert rows[-1]["own_site_accuracy"] == pytest.approx(sum(site["accuracy"] for site in own.values()) / 4)
+        if summary["algorithm"] == "fedavg":  # the global model is every site's own
+            assert own == rows[-1]["sites"]
+        else:  # Ditto's personal models, trained 3 rounds at each site, score otherwise
+            assert own != rows[-1]["sites"]
 
     report = subprocess.run(
         [str(BIN / "nordfl-report"), str(sweep)], cwd=tmp_path, capture_output=True, text=True, env=dict(env, COLUMNS="200")
     )
     assert report.returncode == 0, report.stderr
-    assert "algorithm=fedavg" in report.stdout and "algorithm=scaffold" in report.stdout
+    assert "algorithm=fedavg" in report.stdout and "algorithm=ditto" in report.stdout and "own site accuracy" in report.stdout
     with open(sweep / "report.csv") as f:
         table = list(csv.DictReader(f))
-    assert [row["configuration"] for row in table] == ["algorithm=fedavg", "algorithm=scaffold"]
+    assert [row["configuration"] for row in table] == ["algorithm=ditto", "algorithm=fedavg"]
     assert all(row["seeds"] == "2" for row in table)
+    assert all(0 < float(row["own_site_accuracy_mean"]) <= 1 for row in table)
     for metric in ("train_loss", "test_loss", "test_accuracy", "client_loss"):
         png = sweep / f"{metric}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
