@@ -5,17 +5,29 @@ from __future__ import annotations
 import numbers
 from typing import Iterable
 
+import jax
+
 from nordfl.registry import check_keywords as check_keywords  # noqa: F401  (the one signature check)
 
 
+def traced(value) -> bool:
+    """A value inside a JAX transformation (a grid of hyperparameters vmapped in ``sim.grid``): checked
+    where the grid was built, not here, since it has no concrete value."""
+    return isinstance(value, jax.core.Tracer)
+
+
 def check_positive(owner: str, field: str, value) -> None:
-    """Raises ValueError unless ``value`` is a real number > 0."""
+    """Raises ValueError unless ``value`` is a real number > 0 (or traced)."""
+    if traced(value):
+        return
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"{owner}: {field} must be a number > 0, got {value!r}")
 
 
 def check_nonnegative(owner: str, field: str, value) -> None:
-    """Raises ValueError unless ``value`` is a real number >= 0."""
+    """Raises ValueError unless ``value`` is a real number >= 0 (or traced)."""
+    if traced(value):
+        return
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
         raise ValueError(f"{owner}: {field} must be a number >= 0, got {value!r}")
 

@@ -264,7 +264,7 @@ class Simulator:
         )
         return SimState(server, clients, state.round + 1), metrics
 
-    def _run_clients(self, message, states, data, keys, epochs, counts, num_chunks: int, chunk: int):
+    def _run_clients(self, algorithm: Algorithm, message, states, data, keys, epochs, counts, num_chunks: int, chunk: int):
         """``vmap(client_update)`` over a chunk, a loop over chunks, the chunk axis sharded over devices.
 
         Returns the stacked ``ClientOutput``s, each weight zeroed where its slot does not count,
@@ -280,7 +280,7 @@ class Simulator:
         mean: W3 spent a fifth of its round there.)
         """
         sharded = NamedSharding(self.mesh, PartitionSpec("clients"))
-        update = jax.vmap(self.algorithm.client_update, in_axes=(None, 0, 0, 0, 0))
+        update = jax.vmap(algorithm.client_update, in_axes=(None, 0, 0, 0, 0))
 
         def one_chunk(inputs):
             *inputs, counts = jax.lax.with_sharding_constraint(inputs, sharded)
@@ -307,8 +307,12 @@ class Simulator:
         update_sum, outputs = jax.lax.scan(add_chunk, zeros, chunks)
         return jax.tree_util.tree_map(from_chunks, outputs), update_sum
 
-    def _round_program(self, server, clients, source, slots: tuple[Slots, ...], base_key, round_index, *, gather_on_device: bool):
-        message = self.algorithm.broadcast(server)
+    def _round_program(self, server, clients, source, slots: tuple[Slots, ...], base_key, round_index, *, gather_on_device: bool,
+                       algorithm: Optional[Algorithm] = None):
+        """One round as a traceable function; ``algorithm`` (default: the simulator's) may be one built
+        from traced hyperparameters (``sim.grid``), with the same local schedule shape."""
+        algorithm = self.algorithm if algorithm is None else algorithm
+        message = algorithm.broadcast(server)
         key = jax.random.fold_in(base_key, round_index)
         updates, update_sums, weights, losses, sizes, malicious = [], [], [], [], [], []
         for b, (spec, s, (num_chunks, chunk)) in enumerate(zip(self.buckets, slots, self._chunks)):
@@ -316,7 +320,7 @@ class Simulator:
             states = jax.tree_util.tree_map(lambda a: a[s.client_ids], clients)
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(s.client_ids)
             counts = s.valid & s.contributes
-            out, update_sum = self._run_clients(message, states, data, keys, s.epochs, counts, num_chunks, chunk)
+            out, update_sum = self._run_clients(algorithm, message, states, data, keys, s.epochs, counts, num_chunks, chunk)
             new_states = jax.vmap(otu.tree_where)(counts, out.client_state, states)
             scatter_to = jnp.where(s.valid, s.client_ids, self.num_clients)  # invalid slots fall off the end
             clients = jax.tree_util.tree_map(lambda a, new: a.at[scatter_to].set(new, mode="drop"), clients, new_states)
@@ -338,7 +342,7 @@ class Simulator:
             if self._update_attack is not None:  # the key of a client id that does not exist
                 stacked = self._update_attack(stacked, concat(*malicious), weight, jax.random.fold_in(key, self.num_clients))
             aggregate = self.aggregate(stacked, weight)
-        server, server_metrics = self.algorithm.server_update(server, aggregate)
+        server, server_metrics = algorithm.server_update(server, aggregate)
         client_loss = jnp.sum(loss * size) / jnp.maximum(jnp.sum(size), 1.0)
         return server, clients, RoundMetrics(client_loss, server_metrics.num_clients, server_metrics.update_norm)
 

@@ -1,0 +1,111 @@
+"""A tuning grid of 4 client learning rates × 5 seeds: one compiled program (``GridBatch``) against
+the same 20 runs one after another (``Simulator``, each compiling its own round, as separate
+``nordfl-sim`` runs or the suites' per-cell tuning do), and against 4 ``SeedBatch`` cells (the seeds
+vmapped, one program per learning rate: what ``nordfl-bench mode=tune`` runs today).
+
+Wall time includes compilation: that is what a tuning sweep pays. Same process, side by side.
+
+    python -m benchmarks.grid     # writes benchmarks/results/grid.{md,json}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from nordfl.algorithms import make_algorithm
+from nordfl.sim.engine import Simulator, SimulatorOptions
+from nordfl.sim.grid import GridBatch
+from nordfl.sim.seeds import SeedBatch
+from nordfl.tasks import make_model, make_task
+
+RESULTS = Path(__file__).parent / "results"
+LEARNING_RATES = (0.01, 0.03, 0.1, 0.3)
+SEEDS = (0, 1, 2, 3, 4)
+WORKLOADS = {
+    "heart (4 sites, logistic regression, 50 rounds × 2 epochs)": dict(
+        task=lambda: make_task("heart"), model=("heart", "logistic_regression", {}), rounds=50, epochs=2, batch=16),
+    "synthetic(1,1) (30 clients, 40 rounds × 2 epochs)": dict(
+        task=lambda: make_task("synthetic", alpha=1.0, beta=1.0, num_devices=30, seed=0),
+        model=("synthetic", "logistic_regression", {}), rounds=40, epochs=2, batch=10),
+}
+
+
+def _params(model, seed):
+    name, kind, kwargs = model
+    return make_model(name, kind, seed=seed, model_kwargs=kwargs).init_params
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    return time.perf_counter() - start, out
+
+
+def measure(spec) -> dict:
+    task = spec["task"]()
+    build = lambda h: make_algorithm("fedavg", task.loss_fn, client_lr=h["client_lr"], num_epochs=spec["epochs"],  # noqa: E731
+                                     batch_size=spec["batch"])
+    options, rounds = SimulatorOptions(), spec["rounds"]
+    inits = [_params(spec["model"], s) for s in SEEDS]
+
+    def separate():
+        finals = []
+        for lr in LEARNING_RATES:
+            for seed, params in zip(SEEDS, inits):
+                sim = Simulator(build({"client_lr": lr}), task, options, seed=seed)
+                state = sim.init(params)
+                for _ in range(rounds):
+                    state, _ = sim.run_round(state)
+                finals.append(state.server.params)
+        return finals
+
+    def seed_batches():
+        finals = []
+        for lr in LEARNING_RATES:
+            batch = SeedBatch(build({"client_lr": lr}), task, options, SEEDS)
+            state = batch.init(inits)
+            for _ in range(rounds):
+                state, _ = batch.run_round(state)
+            finals.append(state.server.params)
+        return finals
+
+    def one_grid():
+        grid = GridBatch(build, task, options, [{"client_lr": lr} for lr in LEARNING_RATES], SEEDS)
+        state = grid.init(inits)
+        for _ in range(rounds):
+            state, _ = grid.run_round(state)
+        return state.server.params
+
+    grid_s, grid_params = _timed(one_grid)
+    batches_s, batch_params = _timed(seed_batches)
+    separate_s, separate_params = _timed(separate)
+    # The three give the same models (the grid's runs are (lr, seed) in the same order as the loops).
+    flat_grid = jax.tree_util.tree_leaves(grid_params)
+    for i, alone in enumerate(separate_params):
+        for a, b in zip(flat_grid, jax.tree_util.tree_leaves(alone)):
+            np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=1e-4, atol=1e-5)
+    return {"runs": len(LEARNING_RATES) * len(SEEDS), "rounds": rounds, "separate_s": separate_s,
+            "seed_batches_s": batches_s, "grid_s": grid_s}
+
+
+def main() -> None:
+    results = {name: measure(spec) for name, spec in WORKLOADS.items()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "grid.json").write_text(json.dumps(results, indent=2))
+    lines = ["| workload | runs | 20 runs one after another | 4 SeedBatch cells (seeds vmapped) | one GridBatch program | "
+             "speed-up vs one after another | vs SeedBatch cells |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['runs']} | {r['separate_s']:.1f} s | {r['seed_batches_s']:.1f} s | {r['grid_s']:.1f} s | "
+                     f"{r['separate_s'] / r['grid_s']:.1f}× | {r['seed_batches_s'] / r['grid_s']:.1f}× |")
+    (RESULTS / "grid.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
