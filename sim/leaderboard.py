@@ -275,7 +275,7 @@ def _provenance(manifest: dict) -> list[str]:
     return [
         f"- command: `{command}`",
         f"- mode: {manifest['mode']}; seeds: {', '.join(map(str, manifest['seeds']))}"
-        + ("; each seed also draws the data split (task.data_seed = seed)" if suite.get("vary_split") else
+        + ("; each seed also draws the data split (task.data_seed = seed)" if suite.get("vary_split") and manifest["mode"] == "run" else
            "; one data split for every seed (task.data_seed)") + f"; target accuracy: {suite['target_accuracy']:.0%}",
         f"- common overrides: `{' '.join(suite['common'])}`",
         f"- training wall time (all cells): {wall:.0f} s ({wall / 60:.1f} min); started {manifest.get('started')}, "
