@@ -6,7 +6,8 @@ as ``SeedBatch`` does for seeds, ``GridBatch`` stacks every (point, seed) pair o
 axis and vmaps the simulator's round program over it, with the hyperparameters as traced
 float32 arrays: the algorithm is rebuilt inside the program from each pair's values. One
 compilation serves the whole grid, and each pair computes what ``Simulator`` computes for it
-alone (a test checks it).
+alone, to float32 rounding: a test checks 3 rounds to 2e-6; a vmapped program may sum in another
+order, and over 50 rounds of SGD the last bits grow to about 1e-4 in the parameters.
 
 What may vary: any hyperparameter the algorithm only uses in arithmetic (learning rates,
 mu, Ditto's lam). Not: anything that sets a shape or a loop count (epochs, batch size),
