@@ -15,7 +15,12 @@ ROUNDS = 3
 
 
 def _simulate(overrides, rounds=ROUNDS):
-    """The simulator's server state after ``rounds`` rounds of the same config, and each site's own model's test metrics."""
+    """The simulator's server state after ``rounds`` rounds of the same config."""
+    return _simulate_with_own_site(overrides, rounds)[0]
+
+
+def _simulate_with_own_site(overrides, rounds=ROUNDS):
+    """``_simulate``'s server state, and each site's own model's test accuracy (in site order)."""
     register()
     with initialize_config_module("nordfl.conf", version_base=None):
         cfg = compose("config", overrides=overrides)
@@ -43,7 +48,7 @@ def test_runtime_equals_simulator(tmp_path, algorithm):
     assert not errors and set(results) == set(SITES)
     assert coordinator.round == ROUNDS
 
-    simulated, own_accuracy = _simulate(overrides)
+    simulated, own_accuracy = _simulate_with_own_site(overrides)
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5),
         coordinator.server, simulated,
