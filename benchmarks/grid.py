@@ -52,6 +52,14 @@ def _timed(fn):
     return time.perf_counter() - start, out
 
 
+def _train(runner, init, rounds: int):
+    """``rounds`` rounds of a ``Simulator``, ``SeedBatch`` or ``GridBatch`` from ``init``; the final global params."""
+    state = runner.init(init)
+    for _ in range(rounds):
+        state, _ = runner.run_round(state)
+    return state.server.params
+
+
 def measure(spec) -> dict:
     task = spec["task"]()
     build = lambda h: make_algorithm("fedavg", task.loss_fn, client_lr=h["client_lr"], num_epochs=spec["epochs"],  # noqa: E731
@@ -60,32 +68,14 @@ def measure(spec) -> dict:
     inits = [_params(spec["model"], s) for s in SEEDS]
 
     def separate():
-        finals = []
-        for lr in learning_rates:
-            for seed, params in zip(SEEDS, inits):
-                sim = Simulator(build({"client_lr": lr}), task, options, seed=seed)
-                state = sim.init(params)
-                for _ in range(rounds):
-                    state, _ = sim.run_round(state)
-                finals.append(state.server.params)
-        return finals
+        return [_train(Simulator(build({"client_lr": lr}), task, options, seed=seed), params, rounds)
+                for lr in learning_rates for seed, params in zip(SEEDS, inits)]
 
     def seed_batches():
-        finals = []
-        for lr in learning_rates:
-            batch = SeedBatch(build({"client_lr": lr}), task, options, SEEDS)
-            state = batch.init(inits)
-            for _ in range(rounds):
-                state, _ = batch.run_round(state)
-            finals.append(state.server.params)
-        return finals
+        return [_train(SeedBatch(build({"client_lr": lr}), task, options, SEEDS), inits, rounds) for lr in learning_rates]
 
     def one_grid():
-        grid = GridBatch(build, task, options, [{"client_lr": lr} for lr in learning_rates], SEEDS)
-        state = grid.init(inits)
-        for _ in range(rounds):
-            state, _ = grid.run_round(state)
-        return state.server.params
+        return _train(GridBatch(build, task, options, [{"client_lr": lr} for lr in learning_rates], SEEDS), inits, rounds)
 
     grid_s, grid_params = _timed(one_grid)
     batches_s, batch_params = _timed(seed_batches)
