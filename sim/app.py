@@ -34,7 +34,7 @@ from nordfl.sim.config import ConfigError, build, fingerprint_config, register
 from nordfl.conf.plugins import cli_main
 from nordfl.sim.devices import use_cpu_cores
 from nordfl.sim.engine import Evaluation, Simulator
-from nordfl.sim.metrics_log import MetricsLog, evaluation_row, write_summary
+from nordfl.sim.metrics_log import MetricsLog, evaluation_row, site_rows, write_summary
 from nordfl.sim.personal import PersonalEvaluator
 from nordfl.tasks.describe import summarise, table_one
 from nordfl.tasks.study import load_study
@@ -197,7 +197,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
     result = RunResult(evaluation, site_names, state.round, first_round_s, train_s, float(np.mean(overheads)), epsilon, stopped,
                        personal)
     final = evaluation_row(evaluation, site_names)
-    final["own_site"] = {n: {f: float(getattr(own_site, f)[i]) for f in own_site._fields} for i, n in enumerate(site_names)}
+    final["own_site"] = site_rows(own_site, site_names)
     summary = {
         "algorithm": cfg.algorithm.name, "task": task.data.name, "seed": cfg.seed, "rounds": rounds,
         "final": final, "padding_overhead": result.padding_overhead,

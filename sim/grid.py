@@ -24,16 +24,12 @@ import numpy as np
 
 from nordfl.algorithms import Algorithm, weighted_mean
 from nordfl.algorithms.aggregators import Aggregator
-from nordfl.sim.engine import ROUND_COMPILER_OPTIONS, Evaluation, RoundMetrics, Simulator, SimulatorOptions, SimState, Slots
-from nordfl.sim.seeds import seed_slice
+from nordfl.sim.engine import ROUND_COMPILER_OPTIONS, Evaluation, RoundMetrics, Simulator, SimulatorOptions, SimState, _stack_clients
+from nordfl.sim.seeds import seed_slice, stack_runs, stack_slots
 from nordfl.tasks import Task
 
 Build = Callable[[Mapping[str, object]], Algorithm]
 """``hyperparameters -> Algorithm``; called with Python floats and with traced float32 scalars."""
-
-
-def _stack(trees):
-    return jax.tree_util.tree_map(lambda *leaves: np.stack([np.asarray(a) for a in leaves]), *trees)
 
 
 class GridBatch:
@@ -93,16 +89,14 @@ class GridBatch:
             algorithm = self.algorithms[point_index]
             for seed in self.seeds:
                 params = by_seed[seed]
-                states.append((algorithm.server_init(params),
-                               jax.tree_util.tree_map(lambda leaf: np.broadcast_to(leaf, (self.sim.num_clients, *np.shape(leaf))),
-                                                      algorithm.client_init(params))))
-        stacked = jax.device_put(_stack(states), self.sim._replicated)
+                states.append((algorithm.server_init(params), _stack_clients(algorithm.client_init(params), self.sim.num_clients)))
+        stacked = jax.device_put(stack_runs(states), self.sim._replicated)
         return SimState(stacked[0], stacked[1], 0)
 
     def run_round(self, state: SimState) -> tuple[SimState, RoundMetrics]:
         """Runs round ``state.round`` for every run; metrics have a leading axis in ``runs`` order."""
         slots = [self.sim._slots(self.sim.plan(state.round, seed)) for _, seed in self.runs]
-        stacked_slots = tuple(Slots(*(np.stack(field) for field in zip(*per_bucket))) for per_bucket in zip(*slots))
+        stacked_slots = stack_slots(slots)
         server, clients, metrics = self._round(state.server, state.clients, self.sim._train_pool, stacked_slots, self._base_keys,
                                                np.int32(state.round), self._hyper)
         return SimState(server, clients, state.round + 1), metrics

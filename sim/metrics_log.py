@@ -89,10 +89,13 @@ def evaluation_row(evaluation, site_names) -> dict:
     """An ``Evaluation`` as the metrics row fields ``nordfl-report`` and the leaderboards read: ``train_loss``,
     ``test_<field>`` pooled and ``sites: {name: {field: value}}`` for every field of the task's metrics
     (classification: loss, accuracy, auc; regression: loss, rmse, mae, r2)."""
-    fields = evaluation.pooled._fields
-    sites = {name: {f: float(getattr(evaluation.sites, f)[i]) for f in fields} for i, name in enumerate(site_names)}
-    pooled = {f"test_{f}": float(v) for f, v in zip(fields, evaluation.pooled)}
-    return {"train_loss": float(evaluation.train_loss), **pooled, "sites": sites}
+    pooled = {f"test_{f}": float(v) for f, v in zip(evaluation.pooled._fields, evaluation.pooled)}
+    return {"train_loss": float(evaluation.train_loss), **pooled, "sites": site_rows(evaluation.sites, site_names)}
+
+
+def site_rows(metrics, site_names) -> dict:
+    """Per-site metrics (each field one value per site) as ``{name: {field: value}}``."""
+    return {name: {f: float(getattr(metrics, f)[i]) for f in metrics._fields} for i, name in enumerate(site_names)}
 
 
 def upload_to_wandb(run_dir: Path, *, config: dict, project: str, mode: Optional[str], run_name: str,

@@ -23,8 +23,14 @@ from nordfl.sim.engine import ROUND_COMPILER_OPTIONS, Evaluation, RoundMetrics, 
 from nordfl.tasks import Task
 
 
-def _stack(trees):
+def stack_runs(trees):
+    """Pytrees of several runs stacked leafwise on a new leading axis (NumPy, on the host)."""
     return jax.tree_util.tree_map(lambda *leaves: np.stack([np.asarray(a) for a in leaves]), *trees)
+
+
+def stack_slots(slots_per_run) -> tuple[Slots, ...]:
+    """Each run's per-bucket ``Slots`` stacked into one ``Slots`` per bucket with a leading run axis."""
+    return tuple(Slots(*(np.stack(field) for field in zip(*per_bucket))) for per_bucket in zip(*slots_per_run))
 
 
 def seed_slice(tree, index: int):
@@ -79,13 +85,13 @@ class SeedBatch:
         if len(params_per_seed) != len(self.seeds):
             raise ValueError(f"params_per_seed: expected one pytree per seed ({len(self.seeds)}), got {len(params_per_seed)}")
         states = [self.sim.init(params) for params in params_per_seed]
-        stacked = jax.device_put(_stack([(s.server, s.clients) for s in states]), self.sim._replicated)
+        stacked = jax.device_put(stack_runs([(s.server, s.clients) for s in states]), self.sim._replicated)
         return SimState(stacked[0], stacked[1], 0)
 
     def run_round(self, state: SimState) -> tuple[SimState, RoundMetrics]:
         """Runs round ``state.round`` for every seed; metrics have a leading seed axis."""
         slots = [self.sim._slots(self.sim.plan(state.round, seed)) for seed in self.seeds]
-        stacked_slots = tuple(Slots(*(np.stack(field) for field in zip(*per_bucket))) for per_bucket in zip(*slots))
+        stacked_slots = stack_slots(slots)
         server, clients, metrics = self._round(
             state.server, state.clients, self.sim._train_pool, stacked_slots, self._base_keys, np.int32(state.round)
         )

@@ -46,7 +46,7 @@ from nordfl.conf.schema import ConfigError, build_algorithm, build_task, fail, m
 from nordfl.conf.plugins import prepare as load_plugins
 from nordfl.sim.config import Experiment, build_adversary, build_options, fingerprint_config, register
 from nordfl.sim.engine import Simulator
-from nordfl.sim.metrics_log import MetricsLog, evaluation_row, upload_to_wandb, write_summary
+from nordfl.sim.metrics_log import MetricsLog, evaluation_row, site_rows, upload_to_wandb, write_summary
 from nordfl.sim.personal import PersonalEvaluator
 from nordfl.sim.seeds import SeedBatch, seed_slice
 from nordfl.sim.suite_config import MODES, Cell, Suite, setting_pairs, load_suite, plan_cells
@@ -138,14 +138,10 @@ def _own_site(cell: Cell, evaluations, states, personal: Optional[PersonalEvalua
     (pooled, and algorithms without personalisation), its personal model, or, for the local
     baseline, the model it trained alone."""
     if cell.kind == "local":
-        per_site = [evaluations[j][i].sites for j in range(len(site_names))]
-        fields = per_site[0]._fields
-        return {n: {f: float(getattr(per_site[j], f)[j]) for f in fields} for j, n in enumerate(site_names)}
+        return {n: site_rows(evaluations[j][i].sites, site_names)[n] for j, n in enumerate(site_names)}
     if personal is None:
-        metrics = evaluations[0][i].sites
-    else:
-        metrics = personal.evaluate(seed_slice(states[0].server, i), seed_slice(states[0].clients, i), seed)
-    return {n: {f: float(getattr(metrics, f)[j]) for f in metrics._fields} for j, n in enumerate(site_names)}
+        return site_rows(evaluations[0][i].sites, site_names)
+    return site_rows(personal.evaluate(seed_slice(states[0].server, i), seed_slice(states[0].clients, i), seed), site_names)
 
 
 def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequence[int], suite_dir: Path, fingerprint: str,
