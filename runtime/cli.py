@@ -1,7 +1,13 @@
 """``nordfl``: the deployment command line.
 
-    nordfl provision DIR SITE [SITE ...]     create a federation: CA, coordinator and site certificates
+    nordfl provision DIR [SITE ...]          create a federation: CA, coordinator (and, for demos, site) certificates
     nordfl revoke DIR SITE                   refuse SITE from its next request on
+    nordfl site init --name SITE --certs DIR [--renew]
+                                             make this site's key (it stays here) and a certificate request
+    nordfl admin approve DIR REQUEST --fingerprint FP [--days N]
+                                             sign a site's request with the federation CA: add or renew a site
+    nordfl site install --certs DIR CERT [--ca CA]
+                                             install the certificate the admin sent back
     nordfl coordinator --federation DIR --state DIR [--address HOST:PORT] [OVERRIDES ...]
     nordfl site --name SITE --coordinator HOST:PORT --certs DIR --data FILE [--data FILE] --state DIR [--policy FILE]
     nordfl site --name SITE --coordinator HOST:PORT --certs DIR --study FILE --mapping FILE [--data FILE] --state DIR
@@ -47,6 +53,10 @@ def cmd_provision(args) -> int:
         path = tls.provision(Path(args.dir), args.sites, coordinator_hosts=tuple(args.host))
     except (ValueError, FileExistsError) as e:
         return _err(str(e))
+    if not args.sites:
+        print(f"federation in {path} with no sites yet: each site runs `nordfl site init` and sends its request; approve "
+              "it with `nordfl admin approve`. Keep ca/ca.key offline between approvals")
+        return 0
     print(f"federation of {len(args.sites)} site(s) in {path}: give each site its folder sites/<name>/ over a "
           "secure channel, then delete the central copy of its key.pem; keep ca/ca.key offline")
     return 0
@@ -61,6 +71,55 @@ def cmd_revoke(args) -> int:
         return _err(str(e))
     print(f"revoked {args.site}: the coordinator refuses it from its next request on")
     return 0
+
+
+def cmd_site_init(args) -> int:
+    from nordfl.runtime.enrol import request_certificate
+
+    try:
+        request = request_certificate(Path(args.certs), args.name, renew=args.renew)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        return _err(str(e))
+    print(f"{request.site}: new key {request.path.parent / 'key.pem'} (it never leaves this folder) and request "
+          f"{request.path}.\nSend the request to the federation admin, then read this fingerprint out to them over "
+          f"another channel (phone, video call):\n  {request.fingerprint}")
+    return 0
+
+
+def cmd_admin_approve(args) -> int:
+    from nordfl.runtime import tls
+
+    try:
+        approval = tls.approve(Path(args.dir), Path(args.request).read_bytes(), args.fingerprint, valid_days=args.days)
+    except (ValueError, FileNotFoundError) as e:
+        return _err(str(e))
+    what = "renewed (its previous certificate is refused from now on)" if approval.renewed else "added to the federation"
+    print(f"{approval.site}: {what}; certificate valid until {approval.not_after:%Y-%m-%d}. Send "
+          f"{approval.folder / 'cert.pem'} and {approval.folder / 'ca.pem'} back to the site. No other site changes.")
+    return 0
+
+
+def cmd_site_install(args) -> int:
+    from nordfl.runtime.enrol import install_certificate
+
+    try:
+        cert = install_certificate(Path(args.certs), Path(args.cert).read_bytes(),
+                                   Path(args.ca).read_bytes() if args.ca else None)
+    except (ValueError, FileNotFoundError) as e:
+        return _err(str(e))
+    print(f"installed the certificate in {args.certs}, valid until {cert.not_valid_after_utc:%Y-%m-%d}; this site "
+          "can connect now")
+    return 0
+
+
+def _warn_expiry(cert_path: Path) -> None:
+    """Start-up: a certificate that expires within a month is said so, before it stops a run."""
+    from nordfl.runtime.enrol import expiry_warning
+
+    if cert_path.exists():
+        warning = expiry_warning(cert_path)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
 
 
 def cmd_audit(args) -> int:
@@ -83,6 +142,8 @@ def cmd_coordinator(args) -> int:
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     credentials = None if args.insecure else tls.server_credentials(federation / "coordinator")
+    if not args.insecure:
+        _warn_expiry(federation / "coordinator" / "cert.pem")
     server, port = serve(coordinator, args.address, credentials)
     job = coordinator.job
     what = (f"the Table 1 job of study {job.study_spec.name}" if job.kind == "describe"
@@ -129,6 +190,8 @@ def cmd_site(args) -> int:
                   f"{sum(r.rows_kept for r in data.reports)} rows checked and kept", flush=True)
         policy = load_policy(args.policy) if args.policy else None
         credentials = None if args.insecure else tls.channel_credentials(Path(args.certs))
+        if not args.insecure:
+            _warn_expiry(Path(args.certs) / "cert.pem")
         agent = SiteAgent(args.name, args.coordinator, data, Path(args.state), credentials, task=args.task,
                           log=lambda m: print(m, flush=True), policy=policy, stay_after_describe=not isinstance(data, list),
                           signing_key=None if args.insecure else Path(args.certs) / "key.pem")
@@ -339,7 +402,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("provision", help="create a federation's CA and certificates")
     p.add_argument("dir")
-    p.add_argument("sites", nargs="+", metavar="SITE")
+    p.add_argument("sites", nargs="*", metavar="SITE",
+                   help="sites whose keys are made here (demos); none: sites enrol with `nordfl site init`")
     p.add_argument("--host", action="append", default=None, help="coordinator host name or IP (repeatable)")
     p.set_defaults(func=cmd_provision)
 
@@ -424,10 +488,38 @@ def _check_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _enrol_parsers() -> dict[tuple[str, str], argparse.ArgumentParser]:
+    """``nordfl site init``, ``nordfl admin approve``, ``nordfl site install``: certificates issued at the site."""
+    init = argparse.ArgumentParser(prog="nordfl site init",
+                                   description="make this site's private key (it stays here) and a certificate request")
+    init.add_argument("--name", required=True, help="the site name the federation knows this hospital by")
+    init.add_argument("--certs", required=True, help="this site's certificate folder (key.pem is created here)")
+    init.add_argument("--renew", action="store_true", help="a new key and request under renew/ for a renewal")
+    init.set_defaults(func=cmd_site_init)
+    approve = argparse.ArgumentParser(prog="nordfl admin approve",
+                                      description="sign a site's certificate request with the federation CA")
+    approve.add_argument("dir", help="the federation folder (with ca/ca.key and federation.json)")
+    approve.add_argument("request", help="the request.pem the site sent")
+    approve.add_argument("--fingerprint", required=True, help="the fingerprint the site read out to you")
+    approve.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    approve.set_defaults(func=cmd_admin_approve)
+    install = argparse.ArgumentParser(prog="nordfl site install",
+                                      description="install the certificate the federation admin sent back")
+    install.add_argument("--certs", required=True, help="this site's certificate folder")
+    install.add_argument("cert", help="the cert.pem from the admin")
+    install.add_argument("--ca", help="the federation's ca.pem (needed the first time)")
+    install.set_defaults(func=cmd_site_install)
+    return {("site", "init"): init, ("admin", "approve"): approve, ("site", "install"): install}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["site", "check"]:
         return cmd_site_check(_check_parser().parse_args(argv[2:]))
+    enrol = _enrol_parsers().get(tuple(argv[:2]))
+    if enrol is not None:
+        args = enrol.parse_args(argv[2:])
+        return args.func(args)
     args = _parser().parse_args(argv)
     if args.command == "site" and not args.dry_run:
         missing = [f"--{k}" for k in ("coordinator", "state") if not getattr(args, k)]

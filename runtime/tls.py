@@ -12,19 +12,24 @@ no inbound firewall opening at the hospital are needed.
   (``channel_credentials``).
 - A site's identity is its certificate's common name (CN). ``admit`` checks it against
   ``federation.json``, so ``revoke`` shuts a site out from its next call, without reissuing
-  certificates or restarting the coordinator (``FederationWatcher``).
+  certificates or restarting the coordinator (``FederationWatcher``). ``federation.json`` also pins
+  each site's current certificate (its SHA-256), so a certificate replaced by a renewal is refused.
+- ``approve`` issues a certificate for a request a site made itself (``nordfl.runtime.enrol``), so a
+  site's private key never leaves the hospital; it adds a site or renews one without touching the others.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import json
 import os
 import re
 import threading
 from pathlib import Path
-from typing import Iterable, NamedTuple, Optional
+from types import MappingProxyType
+from typing import Iterable, Mapping, NamedTuple, Optional
 
 import grpc
 from cryptography import x509
@@ -37,8 +42,12 @@ from nordfl.runtime.store import atomic_write_text
 __all__ = [
     "Federation",
     "FederationWatcher",
+    "Peer",
     "admit",
+    "approve",
+    "certificate_sha256",
     "channel_credentials",
+    "key_fingerprint",
     "load_federation",
     "peer_identity",
     "provision",
@@ -56,10 +65,24 @@ _CLOCK_SKEW = datetime.timedelta(hours=1)
 
 
 class Federation(NamedTuple):
-    """Who belongs to the federation (``sites``) and who has been shut out (``revoked``)."""
+    """Who belongs to the federation (``sites``), who has been shut out (``revoked``), and each site's
+    current certificate (``certificates``: site -> SHA-256 of the certificate; a site without a pin is
+    admitted on its CN alone, as federations made before pinning were)."""
 
     sites: frozenset[str]
     revoked: frozenset[str]
+    certificates: Mapping[str, str] = MappingProxyType({})
+
+
+class Peer(str):
+    """A verified caller's site name (its certificate's CN) that remembers which certificate proved it."""
+
+    certificate_sha256: Optional[str] = None
+
+    def __new__(cls, name: str, certificate_sha256: Optional[str]):
+        peer = super().__new__(cls, name)
+        peer.certificate_sha256 = certificate_sha256
+        return peer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +96,8 @@ def provision(
     coordinator_hosts: Iterable[str] = ("localhost", "127.0.0.1"),
     valid_days: int = 825,
 ) -> Path:
-    """Create a new federation under ``directory``: CA, coordinator and one identity per site.
+    """Create a new federation under ``directory``: CA, coordinator and one identity per site (none: the
+    sites then enrol themselves with their own keys, ``approve``).
 
     Layout: ``ca/{ca.pem,ca.key}``, ``coordinator/{cert.pem,key.pem,ca.pem}``,
     ``sites/<site>/{cert.pem,key.pem,ca.pem}`` and ``federation.json``. Private keys are
@@ -82,7 +106,7 @@ def provision(
     An existing federation is never overwritten: reissuing keys would lock every site out.
     """
     root = Path(directory)
-    names = _check_site_names(sites)
+    names = check_site_names(sites, allow_empty=True)
     hosts = _check_hosts(coordinator_hosts)
     clash = sorted(set(names) & set(hosts))
     if clash:
@@ -116,32 +140,33 @@ def provision(
             name, key, ca_key, ca_cert, not_before, not_after, usage=ExtendedKeyUsageOID.CLIENT_AUTH
         )
         site_identities[name] = (key, cert)
+    pins = {name: certificate_sha256(cert) for name, (key, cert) in site_identities.items()}
 
     ca_pem = _cert_pem(ca_cert)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     _mkdir(root / "ca")
-    _write(root / "ca" / "ca.pem", ca_pem)
-    _write(root / "ca" / "ca.key", _key_pem(ca_key), private=True)
+    create_file(root / "ca" / "ca.pem", ca_pem)
+    create_file(root / "ca" / "ca.key", private_key_pem(ca_key), private=True)
     _mkdir(root / "coordinator")
-    _write(root / "coordinator" / "cert.pem", _cert_pem(coord_cert))
-    _write(root / "coordinator" / "key.pem", _key_pem(coord_key), private=True)
-    _write(root / "coordinator" / "ca.pem", ca_pem)
+    create_file(root / "coordinator" / "cert.pem", _cert_pem(coord_cert))
+    create_file(root / "coordinator" / "key.pem", private_key_pem(coord_key), private=True)
+    create_file(root / "coordinator" / "ca.pem", ca_pem)
     _mkdir(root / "sites")
     for name, (key, cert) in site_identities.items():
         _mkdir(root / "sites" / name)
-        _write(root / "sites" / name / "cert.pem", _cert_pem(cert))
-        _write(root / "sites" / name / "key.pem", _key_pem(key), private=True)
-        _write(root / "sites" / name / "ca.pem", ca_pem)
-    _write_json_atomic(root / FEDERATION_FILE, {"sites": sorted(names), "revoked": []})
+        create_file(root / "sites" / name / "cert.pem", _cert_pem(cert))
+        create_file(root / "sites" / name / "key.pem", private_key_pem(key), private=True)
+        create_file(root / "sites" / name / "ca.pem", ca_pem)
+    _write_json_atomic(root / FEDERATION_FILE, {"sites": sorted(names), "revoked": [], "certificates": pins})
     return root
 
 
-def _check_site_names(sites: Iterable[str]) -> list[str]:
+def check_site_names(sites: Iterable[str], *, allow_empty: bool = False) -> list[str]:
     """Site names become certificate CNs and directory names, so only a safe alphabet is allowed."""
     if isinstance(sites, (str, bytes)):
         raise TypeError(f"sites must be a list of site names, got the single string {sites!r}")
     names = list(sites)
-    if not names:
+    if not names and not allow_empty:
         raise ValueError("sites is empty: a federation needs at least one site")
     seen: dict[str, str] = {}
     for name in names:
@@ -194,12 +219,14 @@ def _ca_certificate(key, not_before, not_after) -> x509.Certificate:
 
 
 def _leaf_certificate(common_name, key, ca_key, ca_cert, not_before, not_after, *, usage, hosts=()):
-    """A certificate for the coordinator (serverAuth) or one site (clientAuth), never both."""
+    """A certificate for the coordinator (serverAuth) or one site (clientAuth), never both.
+    ``key`` is the holder's private key or, for a site's own request, its public key."""
+    public_key = key.public_key() if hasattr(key, "public_key") else key
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
@@ -213,7 +240,7 @@ def _leaf_certificate(common_name, key, ca_key, ca_cert, not_before, not_after, 
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
@@ -232,11 +259,29 @@ def _general_name(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
+def certificate_sha256(cert: x509.Certificate) -> str:
+    """The certificate's SHA-256 (of its DER form), as lower-case hex: what federation.json pins."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def key_fingerprint(public_key) -> str:
+    """A public key's SHA-256 (of its DER SubjectPublicKeyInfo), in groups of four hex digits, to read out
+    over the phone: the site and the admin compare it before a request is approved."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return " ".join(digest[i:i + 4] for i in range(0, len(digest), 4))
+
+
+def normalise_fingerprint(text: str) -> str:
+    """Spaces, colons and letter case do not matter when a fingerprint is typed back in."""
+    return re.sub(r"[\s:]", "", str(text)).upper()
+
+
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _key_pem(key) -> bytes:
+def private_key_pem(key) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -246,7 +291,7 @@ def _mkdir(path: Path) -> None:
     os.mkdir(path, 0o700)  # fails if it exists: provisioning never reuses a directory
 
 
-def _write(path: Path, data: bytes, *, private: bool = False) -> None:
+def create_file(path: Path, data: bytes, *, private: bool = False) -> None:
     """Create ``path`` (never overwrite); a private key is 0600 from its first byte, not chmod-ed later."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as f:
@@ -283,7 +328,17 @@ def _federation_from(path: Path, data: dict) -> Federation:
     return Federation(
         sites=frozenset(_name_list(path, data, "sites")),
         revoked=frozenset(_name_list(path, data, "revoked")),
+        certificates=MappingProxyType(_pins(path, data)),
     )
+
+
+def _pins(path: Path, data: dict) -> dict[str, str]:
+    pins = data.get("certificates", {})
+    if not isinstance(pins, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in pins.items()):
+        raise ValueError(f"{path}: field 'certificates' must map site names to certificate SHA-256s "
+                         f"(64 lower-case hex digits), got {str(pins)[:200]}")
+    return dict(pins)
 
 
 def _parse_json(path: Path, raw: bytes) -> dict:
@@ -322,14 +377,104 @@ def revoke(directory: str | os.PathLike, site: str) -> None:
     _write_json_atomic(path, data)
 
 
+class Approval(NamedTuple):
+    """What ``approve`` issued: to send back to the site are ``folder``'s ``cert.pem`` and ``ca.pem``."""
+
+    site: str
+    folder: Path
+    renewed: bool
+    not_after: datetime.datetime
+    certificate_sha256: str
+
+
+def approve(directory: str | os.PathLike, request_pem: bytes, fingerprint: str, *, valid_days: int = 825) -> Approval:
+    """Sign a site's own certificate request with the federation CA: adds the site, or renews it.
+
+    ``fingerprint`` is the request's key fingerprint as the site read it out over another channel
+    (phone, video call); a request whose key does not match it is refused, so a request swapped in
+    transit is never signed. The certificate goes to ``sites/<site>/`` (``cert.pem``, ``ca.pem``; no
+    key, which stays at the site), and federation.json gains the site and pins the new certificate,
+    which also retires a renewed site's old one. No other site's files change. Needs ``ca/ca.key``.
+    """
+    root = Path(directory)
+    try:
+        ca_key = serialization.load_pem_private_key((root / "ca" / "ca.key").read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate((root / "ca" / "ca.pem").read_bytes())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"approve needs the federation CA: {e.filename} is missing (run it where ca/ca.key "
+                                "is kept, on the folder `nordfl provision` made)") from None
+    try:
+        request = x509.load_pem_x509_csr(request_pem)
+    except ValueError:
+        raise ValueError("request: not a PEM certificate request (expected the request.pem `nordfl site init` "
+                         "wrote)") from None
+    if not request.is_signature_valid:
+        raise ValueError("request: its signature does not match its key; it was altered, refuse it")
+    names = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise ValueError(f"request: expected exactly one common name (the site name), got {len(names)}")
+    site = check_site_names([names[0].value])[0]
+    actual = key_fingerprint(request.public_key())
+    if normalise_fingerprint(fingerprint) != normalise_fingerprint(actual):
+        raise ValueError(f"fingerprint mismatch for {site!r}: the request's key is {actual}, but the site read out "
+                         f"{fingerprint!r}; do not approve it, ask the site to check its request")
+    if isinstance(valid_days, bool) or not isinstance(valid_days, int) or valid_days < 1:
+        raise ValueError(f"valid_days must be a positive integer, got {valid_days!r}")
+    data, federation = _read_federation(root)
+    if site in federation.revoked:
+        raise ValueError(f"site {site!r} has been revoked; a revoked name is never admitted again, enrol the "
+                         "hospital under a new name")
+    clash = [s for s in federation.sites if s.lower() == site.lower() and s != site]
+    if clash:
+        raise ValueError(f"site name {site!r} clashes with the existing site {clash[0]!r} (names are compared "
+                         "regardless of letter case)")
+    coordinator = root / "coordinator" / "cert.pem"
+    if coordinator.exists():
+        san = x509.load_pem_x509_certificate(coordinator.read_bytes()).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+        hosts = {str(h.value) for h in san}
+        if site in hosts:
+            raise ValueError(f"site name {site!r} is also a coordinator host name; pick another site name")
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = _leaf_certificate(site, request.public_key(), ca_key, ca_cert, now - _CLOCK_SKEW,
+                             now + datetime.timedelta(days=valid_days), usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    folder = root / "sites" / site
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write_text(folder / "cert.pem", _cert_pem(cert).decode())
+    atomic_write_text(folder / "ca.pem", _cert_pem(ca_cert).decode())
+    stale_key = folder / "key.pem"  # a central copy from `provision` no longer matches the site's certificate
+    if stale_key.exists():
+        stale_key.unlink()
+    renewed = site in federation.sites
+    sha256 = certificate_sha256(cert)
+    data["sites"] = sorted(federation.sites | {site})
+    data["certificates"] = dict(federation.certificates) | {site: sha256}
+    _write_json_atomic(root / FEDERATION_FILE, data)
+    with open(root / "issued.jsonl", "a") as log:  # the admin's own record of what was signed, and when
+        log.write(json.dumps({"time": now.isoformat(), "site": site, "renewed": renewed, "key_fingerprint": actual,
+                              "certificate_sha256": sha256, "not_after": cert.not_valid_after_utc.isoformat()}) + "\n")
+    return Approval(site, folder, renewed, cert.not_valid_after_utc, sha256)
+
+
 def admit(federation: Federation, identity: Optional[str]) -> tuple[bool, str]:
-    """Decide whether a verified peer may use the coordinator: ``(True, "")`` or ``(False, reason)``."""
+    """Decide whether a verified peer may use the coordinator: ``(True, "")`` or ``(False, reason)``.
+
+    A caller known by its TLS certificate (a ``Peer``, as ``peer_identity`` gives) whose site has a pinned
+    certificate in federation.json must present exactly that one: a certificate replaced by a renewal is
+    refused. A plain name (``--insecure``, where there is no certificate) is checked by name only.
+    """
     if identity is None:
         return False, "no verified client certificate"
     if identity not in federation.sites:
         return False, f"site {identity!r} is not a member of this federation"
     if identity in federation.revoked:
         return False, f"site {identity!r} has been revoked"
+    pin = federation.certificates.get(identity)
+    if isinstance(identity, Peer) and pin is not None and identity.certificate_sha256 != pin:
+        return False, (f"site {identity!r} presented a certificate that is no longer its current one "
+                       f"(sha256 {str(identity.certificate_sha256)[:16]}..., current {pin[:16]}...): it was renewed "
+                       "or replaced; install the new certificate at the site")
     return True, ""
 
 
@@ -398,16 +543,21 @@ def channel_credentials(site_dir: str | os.PathLike) -> grpc.ChannelCredentials:
     )
 
 
-def peer_identity(context: grpc.ServicerContext) -> Optional[str]:
-    """The site name (certificate CN) of the caller, or None without exactly one verified CN.
+def peer_identity(context: grpc.ServicerContext) -> Optional[Peer]:
+    """The site name (certificate CN) of the caller with its certificate's SHA-256, or None without
+    exactly one verified CN.
 
     Only meaningful on a server built with ``server_credentials``, where gRPC has already
     checked the certificate against the federation CA before the call reaches us.
     """
-    names = context.auth_context().get("x509_common_name") or []
+    auth = context.auth_context()
+    names = auth.get("x509_common_name") or []
+    certs = auth.get("x509_pem_cert") or []
     if len(names) != 1:
         return None
     try:
-        return names[0].decode("utf-8")
+        name = names[0].decode("utf-8")
     except UnicodeDecodeError:
         return None
+    sha256 = certificate_sha256(x509.load_pem_x509_certificate(certs[0])) if len(certs) == 1 else None
+    return Peer(name, sha256)

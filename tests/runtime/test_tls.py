@@ -60,8 +60,9 @@ def test_provision_layout_and_permissions(fed):
     for d in dirs:
         assert _mode(d) == 0o700, d
 
-    assert json.loads((fed / "federation.json").read_text()) == {"sites": sorted(SITES), "revoked": []}
-    assert tls.load_federation(fed) == tls.Federation(frozenset(SITES), frozenset())
+    pins = {s: tls.certificate_sha256(_cert(fed / "sites" / s / "cert.pem")) for s in SITES}
+    assert json.loads((fed / "federation.json").read_text()) == {"sites": sorted(SITES), "revoked": [], "certificates": pins}
+    assert tls.load_federation(fed) == tls.Federation(frozenset(SITES), frozenset(), pins)
 
 
 def test_every_certificate_is_signed_by_the_federation_ca(fed):
@@ -149,8 +150,7 @@ def test_bad_site_names_are_refused(tmp_path, bad):
 
 
 def test_site_list_errors(tmp_path):
-    with pytest.raises(ValueError, match="at least one site"):
-        tls.provision(tmp_path / "f", [])
+    assert tls.load_federation(tls.provision(tmp_path / "empty", [])).sites == frozenset()  # sites enrol later
     with pytest.raises(ValueError, match="duplicate site name 'a'"):
         tls.provision(tmp_path / "f", ["a", "b", "a"])
     with pytest.raises(ValueError, match="duplicate site name 'A'"):
@@ -171,10 +171,11 @@ def test_site_list_errors(tmp_path):
 def test_revoke_updates_federation_json(tmp_path):
     root = tls.provision(tmp_path / "f", ["a", "b", "c"])
     tls.revoke(root, "b")
-    assert json.loads((root / "federation.json").read_text()) == {"sites": ["a", "b", "c"], "revoked": ["b"]}
+    written = json.loads((root / "federation.json").read_text())
+    assert (written["sites"], written["revoked"]) == (["a", "b", "c"], ["b"])
     tls.revoke(root, "b")  # no-op
     tls.revoke(root, "a")
-    assert tls.load_federation(root) == tls.Federation(frozenset("abc"), frozenset("ab"))
+    assert tls.load_federation(root) == tls.Federation(frozenset("abc"), frozenset("ab"), written["certificates"])
     assert [p.name for p in root.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -201,6 +202,9 @@ def test_load_federation_errors(tmp_path):
     path.write_text("[]")
     with pytest.raises(ValueError, match="expected an object"):
         tls.load_federation(tmp_path)
+    path.write_text('{"sites": ["a"], "revoked": [], "certificates": {"a": "not-a-sha256"}}')
+    with pytest.raises(ValueError, match="field 'certificates' must map site names to certificate SHA-256s"):
+        tls.load_federation(tmp_path)
 
 
 def test_admit():
@@ -212,6 +216,12 @@ def test_admit():
     assert not ok and "'zz'" in reason and "not a member" in reason
     ok, reason = tls.admit(fed, "b")
     assert not ok and "'b'" in reason and "revoked" in reason
+    pinned = fed._replace(certificates={"a": "1" * 64})
+    assert tls.admit(pinned, tls.Peer("a", "1" * 64)) == (True, "")
+    ok, reason = tls.admit(pinned, tls.Peer("a", "2" * 64))
+    assert not ok and "no longer its current one" in reason
+    assert not tls.admit(pinned, tls.Peer("a", None))[0]  # a TLS caller whose certificate could not be read
+    assert tls.admit(pinned, "a") == (True, "")  # --insecure: a name, no certificate to compare
 
 
 def test_watcher_reloads_on_change(tmp_path):
@@ -345,3 +355,99 @@ def test_missing_credential_file_names_the_path(tmp_path):
         tls.channel_credentials(tmp_path)
     with pytest.raises(FileNotFoundError, match="key.pem"):
         tls.server_credentials(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# certificates issued at the site: init -> request -> approve -> install, renewal, a new site
+
+
+def _enrol(cli_main, capsys, federation, certs, name, *extra):
+    """One site's enrolment through the `nordfl` commands, the fingerprint read from the site's console."""
+    assert cli_main(["site", "init", "--name", name, "--certs", str(certs), *extra]) == 0
+    fingerprint = capsys.readouterr().out.strip().splitlines()[-1].strip()
+    request = certs / ("renew" if extra else "") / "request.pem"
+    assert cli_main(["admin", "approve", str(federation), str(request), "--fingerprint", fingerprint]) == 0
+    issued = federation / "sites" / name
+    assert cli_main(["site", "install", "--certs", str(certs), str(issued / "cert.pem"), "--ca", str(issued / "ca.pem")]) == 0
+    capsys.readouterr()
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_sites_enrol_with_their_own_keys_renew_and_join_without_touching_the_others(tmp_path, capsys):
+    from nordfl.runtime.cli import main
+
+    federation = tls.provision(tmp_path / "fed", [])
+    first = ["Oslo", "Tartu", "Turku", "Lund", "Aarhus"]
+    for name in first:
+        _enrol(main, capsys, federation, tmp_path / name, name)
+    assert not list((federation / "sites").rglob("key.pem"))  # no site key ever existed centrally
+    for name in first:
+        assert _mode(tmp_path / name / "key.pem") == 0o600
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["ca.pem", "cert.pem", "key.pem"]
+    before = {name: _files(tmp_path / name) for name in first if name != "Tartu"}
+    old_tartu = tls.channel_credentials(tmp_path / "Tartu")
+
+    with _coordinator(federation) as target:
+        for name in first:
+            assert _call(target, tls.channel_credentials(tmp_path / name)) == name.encode()
+            assert _call(target, tls.channel_credentials(tmp_path / name), "Admit") == b"welcome"
+        _enrol(main, capsys, federation, tmp_path / "Tartu", "Tartu", "--renew")  # renewal: a new key
+        _enrol(main, capsys, federation, tmp_path / "Helsinki", "Helsinki")  # a sixth site joins
+        with pytest.raises(grpc.RpcError) as err:
+            _call(target, old_tartu, "Admit")  # the certificate the renewal replaced
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "no longer its current" in err.value.details()
+        for name in first + ["Helsinki"]:
+            assert _call(target, tls.channel_credentials(tmp_path / name), "Admit") == b"welcome"
+    assert {name: _files(tmp_path / name) for name in before} == before  # nobody else re-provisioned
+    assert tls.load_federation(federation).sites == frozenset(first + ["Helsinki"])
+    issued = [json.loads(line) for line in (federation / "issued.jsonl").read_text().splitlines()]
+    assert [(e["site"], e["renewed"]) for e in issued] == [(n, False) for n in first] + [("Tartu", True), ("Helsinki", False)]
+
+
+def test_enrolment_refuses_what_it_must(tmp_path):
+    from nordfl.runtime import enrol
+
+    federation = tls.provision(tmp_path / "fed", [])
+    request = enrol.request_certificate(tmp_path / "a", "Oslo")
+    with pytest.raises(FileExistsError, match="already has a key"):
+        enrol.request_certificate(tmp_path / "a", "Oslo")
+    with pytest.raises(FileNotFoundError, match="nothing to renew"):
+        enrol.request_certificate(tmp_path / "a", "Oslo", renew=True)
+    with pytest.raises(ValueError, match="fingerprint mismatch for 'Oslo'"):
+        tls.approve(federation, request.path.read_bytes(), "AAAA " * 16)
+    with pytest.raises(ValueError, match="not a PEM certificate request"):
+        tls.approve(federation, b"hello", request.fingerprint)
+    with pytest.raises(ValueError, match="invalid site name"):
+        enrol.request_certificate(tmp_path / "b", "St Olavs")
+    assert tls.load_federation(federation).sites == frozenset()  # nothing was signed
+    approval = tls.approve(federation, request.path.read_bytes(), request.fingerprint.lower().replace(" ", ":"))
+    cert = (approval.folder / "cert.pem").read_bytes()
+    other = enrol.request_certificate(tmp_path / "c", "Lund")
+    with pytest.raises(ValueError, match="issued for another key"):
+        enrol.install_certificate(tmp_path / "c", cert, (approval.folder / "ca.pem").read_bytes())
+    foreign = tls.provision(tmp_path / "other", ["Lund"])
+    with pytest.raises(ValueError, match="not signed by the federation CA"):
+        enrol.install_certificate(tmp_path / "c", (foreign / "sites/Lund/cert.pem").read_bytes(),
+                                  (approval.folder / "ca.pem").read_bytes())
+    tls.approve(federation, other.path.read_bytes(), other.fingerprint)
+    tls.revoke(federation, "Lund")
+    again = enrol.request_certificate(tmp_path / "d", "Lund")
+    with pytest.raises(ValueError, match="'Lund' has been revoked"):
+        tls.approve(federation, again.path.read_bytes(), again.fingerprint)
+
+
+def test_expiry_warning(tmp_path):
+    import datetime
+
+    from nordfl.runtime import enrol
+
+    root = tls.provision(tmp_path / "f", ["a"], valid_days=40)
+    cert = root / "sites/a/cert.pem"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert enrol.expiry_warning(cert, now=now) is None
+    soon = enrol.expiry_warning(cert, now=now + datetime.timedelta(days=20))
+    assert "expires on" in soon and "in 19 day(s)" in soon and "--renew" in soon
+    assert "expired on" in enrol.expiry_warning(cert, now=now + datetime.timedelta(days=41))
