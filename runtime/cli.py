@@ -17,6 +17,8 @@
     nordfl site check --study FILE --mapping FILE --data FILE [--data FILE]
                                              a site's own records under its mapping, checked against a study
     nordfl audit verify LOG [--cert PEM] [--peer LOG]   check an audit log's chain, signatures and the other party's log
+    nordfl export --state DIR --out DIR [--site-log SITE=LOG ...]
+                                             the trained model (.npz and Flax msgpack) and its model card
     nordfl demo [--rounds N] [--algorithm NAME] [--private] [--study NAME_OR_FILE]
                                              a whole federation of the 4 heart-disease hospitals on localhost
                                              (--private: secure aggregation and DP on, each site under a policy;
@@ -120,6 +122,25 @@ def _warn_expiry(cert_path: Path) -> None:
         warning = expiry_warning(cert_path)
         if warning:
             print(warning, file=sys.stderr, flush=True)
+
+
+def cmd_export(args) -> int:
+    from nordfl.runtime.export import export_model
+
+    logs = {}
+    for item in args.site_log or []:
+        site, sep, path = item.partition("=")
+        if not sep or not site or not path:
+            return _err(f"--site-log {item!r}: expected SITE=PATH (a site's audit log, for its epsilon)")
+        logs[site] = path
+    try:
+        card = export_model(Path(args.state), Path(args.out), site_logs=logs)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return _err(str(e))
+    rounds = card["rounds"]
+    print(f"exported {card['algorithm']['name']} after {rounds['completed']}/{rounds['planned']} rounds to {args.out}: "
+          f"model.npz, model.msgpack, model_card.md, model_card.json (job sha256 {card['job_sha256'][:16]}...)")
+    return 0
 
 
 def cmd_audit(args) -> int:
@@ -445,6 +466,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--peer", help="the other party's log (the coordinator's for a site's, or a site's): cross-checks the "
                                   "heads each recorded of the other, so a log cut or rewritten after an exchange is found")
     v.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("export", help="write the trained model and its model card")
+    p.add_argument("--state", required=True, help="the coordinator's --state folder")
+    p.add_argument("--out", required=True, help="a new folder for the model and its card")
+    p.add_argument("--site-log", action="append", metavar="SITE=LOG",
+                   help="a site's audit log, for the epsilon it spent (repeatable)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="a federation of the 4 heart-disease hospitals on localhost, over mTLS")
     p.add_argument("--rounds", type=int, default=10)

@@ -66,7 +66,8 @@ class SiteRefused(Exception):
     """The coordinator (or this site's own checks) refused to work together; retrying will not help."""
 
 
-def _metrics_row(metrics) -> dict:
+def metrics_row(metrics) -> dict:
+    """A task's metrics tuple as plain floats, the non-finite ones (e.g. AUC of one class) left out."""
     return {k: float(v) for k, v in zip(metrics._fields, metrics) if np.isfinite(float(v))}
 
 
@@ -413,7 +414,7 @@ class SiteAgent:
         specs, payload = wire.encode(out.update)
         manifest = wire.manifest_to_proto(specs, payload)  # hashes the payload once, for the header and the log
         metrics = {"train_loss": float(out.metrics.train_loss), "num_steps": float(out.metrics.num_steps)}
-        metrics |= {f"test_{k}": v for k, v in _metrics_row(test_metrics).items()}
+        metrics |= {f"test_{k}": v for k, v in metrics_row(test_metrics).items()}
         if uses_dp(self.job):  # losses and scores are not noised: outside the DP guarantee, so they stay here
             metrics = {"num_steps": metrics["num_steps"]}
         # Durable before the bytes leave: what left the site is on its disk first; its hash travels in the header.
@@ -495,10 +496,10 @@ class SiteAgent:
 
     def _finish(self, stub, run_id: str, header: pb.TaskHeader, message) -> dict:
         everything = jnp.ones(len(self.test.y), bool)
-        metrics = _metrics_row(self._evaluate(message.params, self.test, everything))
+        metrics = metrics_row(self._evaluate(message.params, self.test, everything))
         if self.algorithm.personalise is not None:  # the site's own model (Ditto, FedPer, fine-tuned): scored here too
             own = personal_model(self.algorithm, message, self.state, self.train, personal_key(self.job.seed, self.site_index))
-            metrics |= {f"personal_{k}": v for k, v in _metrics_row(self._evaluate(own, self.test, everything)).items()}
+            metrics |= {f"personal_{k}": v for k, v in metrics_row(self._evaluate(own, self.test, everything)).items()}
         # Under DP the test scores (of patients too) are not sent: an empty report only says "done".
         head = pb.UpdateHeader(run_id=run_id, round=header.round, site=self.name, weight=0.0,
                                manifest=wire.manifest_to_proto([], b""), metrics={} if uses_dp(self.job) else metrics)
@@ -587,7 +588,7 @@ def dry_run(name: str, data: Union[Sequence[Path], StudyRecords], job: Job, *, p
     metrics = {"train_loss": float(out.metrics.train_loss), "num_steps": float(steps)}
     if not job.secure_aggregation:  # the received model's scores on the test rows travel with a plain update
         scores = setup.fns.evaluate(message.params, setup.test, jnp.ones(len(setup.test.y), bool))
-        metrics |= {f"test_{k}": v for k, v in _metrics_row(scores).items()}
+        metrics |= {f"test_{k}": v for k, v in metrics_row(scores).items()}
     if uses_dp(job):
         metrics = {"num_steps": float(steps)}
     elif job.secure_aggregation:

@@ -60,6 +60,45 @@ def test_demo_trains_four_hospitals_over_mtls(tmp_path):
         assert f"final model at {site}: accuracy" in done.stdout
     assert "round 2/2" in done.stdout
     assert done.stdout.count("chain intact") == 5  # the coordinator's and every site's audit log
+    _export_reproduces_the_sites_final_scores(tmp_path)
+
+
+def _export_reproduces_the_sites_final_scores(tmp_path):
+    """`nordfl export` of the demo's run: the reloaded model scores each site's test rows exactly as the site
+    did at the end of the run, and the card names the job, the study and the audit chain heads."""
+    import jax
+    import numpy as np
+    from flax import serialization
+
+    from nordfl.runtime.export import load_exported, score_at_site
+
+    demo, out = tmp_path / "demo", tmp_path / "export"
+    done = _run("export", "--state", demo / "coordinator", "--out", out)
+    assert done.returncode == 0, done.stderr
+    card = json.loads((out / "model_card.json").read_text())
+    coordinator_log = [json.loads(line) for line in (demo / "coordinator" / "audit.jsonl").read_text().splitlines()]
+    assert card["audit"]["coordinator_head"] == coordinator_log[-1]["hash"]
+    assert card["job_sha256"] in (out / "model_card.md").read_text() and card["rounds"] == {
+        "completed": 2, "planned": 2, "finished": True}
+    for site in card["sites"]:
+        site_log = [json.loads(line) for line in (demo / "sites" / site["name"] / "audit.jsonl").read_text().splitlines()]
+        finished = next(e for e in site_log if e["event"] == "finished")
+        assert site["final_metrics"] == finished["metrics"]  # what the site scored, as the coordinator recorded it
+        assert site["last_audit_head"] in {e["hash"] for e in site_log}  # a head of the site's own chain
+        data = [demo / "data" / site["name"] / "heart.csv"]
+        assert score_at_site(out, site["name"], data) == finished["metrics"]  # reloaded: exactly the same scores
+    weights = np.array([s["declared_rows"] for s in card["sites"]], float)
+    accuracy = np.array([s["final_metrics"]["accuracy"] for s in card["sites"]])
+    assert card["metrics"]["weighted_by_rows"]["accuracy"] == pytest.approx(float(weights @ accuracy / weights.sum()), abs=1e-12)
+    params = load_exported(out).params
+    restored = serialization.from_bytes(params, (out / "model.msgpack").read_bytes())
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)))
+    again = _run("export", "--state", demo / "coordinator", "--out", out)
+    assert again.returncode == 2 and "not empty" in again.stderr  # an export is never overwritten
+    with open(out / "model.npz", "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(ValueError, match="does not match the model card"):
+        load_exported(out)
 
 
 @pytest.mark.slow
