@@ -155,9 +155,12 @@ def cmd_coordinator(args) -> int:
     from nordfl.runtime.audit import AuditError
     from nordfl.runtime.coordinator import coordinator_for, run_until_done, serve
 
+    from nordfl.runtime.logs import console
+
+    log = console("coordinator", args.log_format)
     federation = Path(args.federation)
     try:
-        coordinator = coordinator_for(args.overrides, federation, Path(args.state), insecure=args.insecure)
+        coordinator = coordinator_for(args.overrides, federation, Path(args.state), insecure=args.insecure, log=log)
     except (ConfigError, ValueError, FileNotFoundError, AuditError) as e:
         return _err(str(e))
     if args.insecure:
@@ -169,20 +172,20 @@ def cmd_coordinator(args) -> int:
     job = coordinator.job
     what = (f"the Table 1 job of study {job.study_spec.name}" if job.kind == "describe"
             else f"{job.algorithm_config['name']} on {job.task_config['name']}")
-    print(f"coordinator: run {coordinator.run_id}, {what}, sites {', '.join(job.sites)}; listening on port {port}, "
-          f"round {coordinator.round}/{job.rounds}", flush=True)
+    log(f"coordinator: run {coordinator.run_id}, {what}, sites {', '.join(job.sites)}; listening on port {port}, "
+        f"round {coordinator.round}/{job.rounds}")
     run_until_done(coordinator, server)
     if coordinator.stopped:
         return _err(coordinator.stopped)
     if job.kind == "describe":
-        print(coordinator.table_markdown(), flush=True)
-        print(f"coordinator: Table 1 and statistics.json in {args.state}; train with runtime.statistics="
-              f"{Path(args.state) / 'statistics.json'}", flush=True)
+        log(coordinator.table_markdown())
+        log(f"coordinator: Table 1 and statistics.json in {args.state}; train with runtime.statistics="
+            f"{Path(args.state) / 'statistics.json'}")
         return 0
     for site, metrics in sorted(coordinator.final_metrics.items()):
         shown = "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())) or "scores kept at the site (DP)"
-        print(f"final model at {site}: {shown}")
-    print(f"coordinator: finished {coordinator.round} rounds; audit log {Path(args.state) / 'audit.jsonl'}", flush=True)
+        log(f"final model at {site}: {shown}")
+    log(f"coordinator: finished {coordinator.round} rounds; audit log {Path(args.state) / 'audit.jsonl'}")
     return 0
 
 
@@ -204,23 +207,26 @@ def cmd_site(args) -> int:
         return _err("site: OVERRIDES and --job are for --dry-run only; a running site takes its job from the coordinator")
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
+    from nordfl.runtime.logs import console
+
+    log = console("site", args.log_format)
     try:
         data = _site_data(args, load_study_records)  # every row checked here, before anything connects
         if not isinstance(data, list):
-            print(f"{args.name}: study {data.study.name} (sha256 {data.study.sha256[:16]}...): "
-                  f"{sum(r.rows_kept for r in data.reports)} rows checked and kept", flush=True)
+            log(f"{args.name}: study {data.study.name} (sha256 {data.study.sha256[:16]}...): "
+                f"{sum(r.rows_kept for r in data.reports)} rows checked and kept")
         policy = load_policy(args.policy) if args.policy else None
         credentials = None if args.insecure else tls.channel_credentials(Path(args.certs))
         if not args.insecure:
             _warn_expiry(Path(args.certs) / "cert.pem")
         agent = SiteAgent(args.name, args.coordinator, data, Path(args.state), credentials, task=args.task,
-                          log=lambda m: print(m, flush=True), policy=policy, stay_after_describe=not isinstance(data, list),
+                          log=log, policy=policy, stay_after_describe=not isinstance(data, list),
                           signing_key=None if args.insecure else Path(args.certs) / "key.pem")
         metrics = agent.run()
     except (SiteDataError, SiteRefused, AuditError, FileNotFoundError, PolicyError, StudyError, MappingError) as e:
         return _err(str(e))
     shown = "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()))
-    print(f"{args.name}: run finished; final model on this site's test rows: {shown}", flush=True)
+    log(f"{args.name}: run finished; final model on this site's test rows: {shown}")
     return 0
 
 
@@ -437,6 +443,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--federation", required=True, help="the folder `nordfl provision` wrote")
     p.add_argument("--state", required=True, help="where state and audit log are kept (resumes from it)")
     p.add_argument("--address", default="localhost:50051")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="console lines as text (default) or JSON lines, one flushed line per event")
     p.add_argument("--insecure", action="store_true", help="no TLS (local development only)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides: algorithm=..., task=..., runtime.rounds=...")
     p.set_defaults(func=cmd_coordinator)
@@ -451,6 +459,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="a study file (YAML): this site serves that study, with --mapping")
     p.add_argument("--mapping", help="this site's mapping of its own records to the study (YAML)")
     p.add_argument("--policy", help="this site's privacy policy (YAML or JSON); a job breaking it is refused")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="console lines as text (default) or JSON lines, one flushed line per event")
     p.add_argument("--insecure", action="store_true", help="no TLS (local development only)")
     p.add_argument("--dry-run", action="store_true",
                    help="train one round locally and show what would leave the site; connect to nothing")

@@ -20,6 +20,7 @@ than the threshold at any step aborts the attempt, which is retried with fresh k
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -96,7 +97,7 @@ class JobServer:
     ``runtime.table_one.TableOneJob`` for a study's Table 1) give ``poll``, ``submit``, ``tick`` and ``finished``."""
 
     def __init__(self, job: Job, limits: Limits, state_dir: Path, admitted: Callable[[Optional[str]], tuple[bool, str]],
-                 log: Callable[[str], None] = print, insecure: bool = False, signing_key=None):
+                 log: Callable[[str], None] = logging.getLogger("nordfl.coordinator").info, insecure: bool = False, signing_key=None):
         self.job, self.limits, self.admitted, self.log, self.insecure = job, limits, admitted, log, insecure
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -149,9 +150,9 @@ class JobServer:
             site = self._identify(identity, request.site)
             if not self.join_rate.allow("join", site):
                 raise Rejected(f"more than {JOINS_PER_MINUTE} Joins from {site} in a minute; wait and join again")
-            if request.protocol_version != wire.PROTOCOL_VERSION:
-                raise Rejected(f"protocol {bounded_text(request.protocol_version)!r}; this coordinator speaks "
-                               f"{wire.PROTOCOL_VERSION!r}")
+            refusal = wire.protocol_refusal(bounded_text(request.protocol_version, 64))
+            if refusal:
+                raise Rejected(f"site {site}: {refusal}")
         except Rejected as e:
             self.refuse("join_refused", identity or request.site, str(e))
             return pb.JoinReply(accepted=False, reason=str(e))
@@ -205,7 +206,7 @@ class Coordinator(JobServer):
     """
 
     def __init__(self, job: Job, limits: Limits, state_dir: Path, admitted: Callable[[Optional[str]], tuple[bool, str]],
-                 log: Callable[[str], None] = print, insecure: bool = False, signing_key=None):
+                 log: Callable[[str], None] = logging.getLogger("nordfl.coordinator").info, insecure: bool = False, signing_key=None):
         super().__init__(job, limits, state_dir, admitted, log, insecure, signing_key)
         built = build_job(job)
         self.algorithm, self.aggregate = built.algorithm, built.aggregate
@@ -497,8 +498,13 @@ class Coordinator(JobServer):
             if header.round == self.job.rounds and self.finished and not specs:
                 if total:
                     raise Rejected(f"final metrics carry no tensors, but announce {total} bytes")
-                self.final_metrics[site] = check_metrics(header.metrics)
-                self.audit.record("final_metrics", durable=False, site=site, metrics=self.final_metrics[site])
+                metrics = check_metrics(header.metrics)
+                test_rows = metrics.pop("test_rows", None)  # protocol v1.5; a v1.4 site does not send it
+                if test_rows is not None and not (test_rows >= 0 and float(test_rows).is_integer()):
+                    raise Rejected(f"test_rows {test_rows!r}: expected a whole number of rows")
+                self.final_metrics[site] = metrics
+                self.audit.record("final_metrics", durable=False, site=site, metrics=metrics,
+                                  **({} if test_rows is None else {"test_rows": int(test_rows)}))
                 with self.lock:
                     self.lock.notify_all()
                 return pb.SubmitReply(accepted=True)

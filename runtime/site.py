@@ -20,6 +20,7 @@ checked against the job before any training; the hash of the policy and every ep
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -147,7 +148,7 @@ class SiteAgent:
 
     def __init__(self, name: str, address: str, data: Union[Sequence[Path], StudyRecords], state_dir: Path,
                  credentials: Optional[grpc.ChannelCredentials], *, task: str = "heart",
-                 log: Callable[[str], None] = print, max_backoff: float = 30.0, wait_seconds: int = 5,
+                 log: Callable[[str], None] = logging.getLogger("nordfl.site").info, max_backoff: float = 30.0, wait_seconds: int = 5,
                  policy: Optional[SitePolicy] = None, stay_after_describe: bool = False, signing_key=None):
         self.name, self.address, self.credentials, self.task, self.log = name, address, credentials, task, log
         self.stay_after_describe = stay_after_describe
@@ -501,8 +502,9 @@ class SiteAgent:
             own = personal_model(self.algorithm, message, self.state, self.train, personal_key(self.job.seed, self.site_index))
             metrics |= {f"personal_{k}": v for k, v in metrics_row(self._evaluate(own, self.test, everything)).items()}
         # Under DP the test scores (of patients too) are not sent: an empty report only says "done".
+        report = {} if uses_dp(self.job) else metrics | {"test_rows": float(len(self.test.y))}  # rows: to pool scores
         head = pb.UpdateHeader(run_id=run_id, round=header.round, site=self.name, weight=0.0,
-                               manifest=wire.manifest_to_proto([], b""), metrics={} if uses_dp(self.job) else metrics)
+                               manifest=wire.manifest_to_proto([], b""), metrics=report)
         try:
             stub.SubmitUpdate(iter([pb.UpdateChunk(header=head)]), timeout=RPC_TIMEOUT)
         except grpc.RpcError as e:  # the run is over either way; the coordinator may already have left

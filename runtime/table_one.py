@@ -24,6 +24,7 @@ the audit log records each summary's SHA-256 and the released files' hashes.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -42,7 +43,7 @@ from nordfl.tasks.study_data import pooled_summary, scaling
 class TableOneJob(JobServer):
     """Collects every site's summary once and releases the suppressed Table 1 and the pooled scaling."""
 
-    def __init__(self, job, limits, state_dir, admitted, log=print, insecure: bool = False, signing_key=None):
+    def __init__(self, job, limits, state_dir, admitted, log=logging.getLogger("nordfl.coordinator").info, insecure: bool = False, signing_key=None):
         super().__init__(job, limits, state_dir, admitted, log, insecure, signing_key)
         self.study = job.study_spec
         self.template = {"all": summary_template(self.study), "train": summary_template(self.study)}
