@@ -31,6 +31,9 @@ from nordfl.runtime.store import atomic_write_text, load_tree
 __all__ = ["Exported", "export_model", "load_exported", "score_at_site"]
 
 MODEL_NPZ, MODEL_FLAX, CARD_JSON, CARD_MD = "model.npz", "model.msgpack", "model_card.json", "model_card.md"
+ROW_MEANS = ("loss", "accuracy", "mae")
+"""Scores that are means over a site's test rows: weighted by the sites' test rows they give the score on
+all sites' test rows pooled, exactly. AUC, RMSE and R² do not pool this way and are left out of that line."""
 
 
 class Exported(NamedTuple):
@@ -93,10 +96,11 @@ def _card(job: Job, job_sha256: str, meta: dict, entries: list[dict], state_dir:
     rows_file = state_dir / ROWS_FILE
     rows = json.loads(rows_file.read_text()) if rows_file.exists() else {}
     final = {e["site"]: e["metrics"] for e in entries if e["event"] == "final_metrics"}
+    test_rows = {e["site"]: e.get("test_rows") for e in entries if e["event"] == "final_metrics"}
     heads = {e["site"]: e.get("site_audit_head") for e in entries if e["event"] == "update_accepted"}
     total = sum(rows.get(s, 0) for s in job.sites) or None
     sites = [{"name": site, "declared_rows": rows.get(site), "weight": None if total is None else rows.get(site, 0) / total,
-              "final_metrics": final.get(site), "last_audit_head": heads.get(site),
+              "final_metrics": final.get(site), "test_rows": test_rows.get(site), "last_audit_head": heads.get(site),
               "epsilon": _epsilon(site_logs[site]) if site in site_logs else None}
              for site in job.sites]
     spec = job.study_spec
@@ -132,10 +136,11 @@ def _summary(scored: list[dict]) -> dict:
     keys = sorted(set.intersection(*(set(s["final_metrics"]) for s in scored)))
     out = {"sites_scored": len(scored), "mean_over_sites": {k: float(np.mean([s["final_metrics"][k] for s in scored]))
                                                             for k in keys}}
-    weights = [s["declared_rows"] or 0 for s in scored]
-    if sum(weights):
-        out["weighted_by_rows"] = {k: float(np.average([s["final_metrics"][k] for s in scored], weights=weights))
-                                   for k in keys}
+    for label, field, names in (("weighted_by_rows", "declared_rows", keys),
+                                ("pooled_test_rows", "test_rows", [k for k in keys if k in ROW_MEANS])):
+        weights = [s[field] for s in scored]
+        if names and all(weights) and sum(weights):  # a site that did not report its rows (protocol v1.4): no line
+            out[label] = {k: float(np.average([s["final_metrics"][k] for s in scored], weights=weights)) for k in names}
     return out
 
 
@@ -151,15 +156,16 @@ def card_markdown(card: dict) -> str:
              f"- Algorithm: `{json.dumps(_set(card['algorithm']), sort_keys=True)}`",
              f"- Task: `{json.dumps(_set(card['task']), sort_keys=True)}`",
              f"- Privacy: `{json.dumps(_set(card['privacy']), sort_keys=True)}`", "",
-             "| site | declared rows | weight | final scores at the site | epsilon | last audit head |",
-             "|---|---:|---:|---|---|---|"]
+             "| site | declared rows | weight | test rows | final scores at the site | epsilon | last audit head |",
+             "|---|---:|---:|---:|---|---|---|"]
     for s in card["sites"]:
         scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted((s["final_metrics"] or {}).items())) or "kept at the site"
         eps = "" if s["epsilon"] is None else f"{s['epsilon']['epsilon']:.3g} (delta {s['epsilon'].get('delta')})"
         weight = "" if s["weight"] is None else f"{s['weight']:.3f}"
-        lines.append(f"| {s['name']} | {s['declared_rows'] or ''} | {weight} | {scores} | {eps} | "
+        lines.append(f"| {s['name']} | {s['declared_rows'] or ''} | {weight} | {s['test_rows'] or ''} | {scores} | {eps} | "
                      f"`{(s['last_audit_head'] or '')[:16]}` |")
-    for label, key in (("Mean over sites", "mean_over_sites"), ("Weighted by declared rows", "weighted_by_rows")):
+    for label, key in (("Mean over sites", "mean_over_sites"), ("Weighted by declared (training) rows", "weighted_by_rows"),
+                       ("All sites' test rows pooled", "pooled_test_rows")):
         if key in card["metrics"]:
             lines.append(f"\n{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in card["metrics"][key].items()))
     lines += ["", f"Coordinator audit log: {card['audit']['coordinator_entries']} entries, chain head "

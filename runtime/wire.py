@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import sys
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ import numpy as np
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DTYPES",
+    "OLDEST_SITE_PROTOCOL",
     "PROTOCOL_VERSION",
     "TensorSpec",
     "WireError",
@@ -51,16 +53,41 @@ __all__ = [
     "leaf_names",
     "manifest_from_proto",
     "manifest_to_proto",
+    "protocol_refusal",
     "sha256_hex",
     "template_of",
 ]
 
-PROTOCOL_VERSION = "nordfl.runtime.v1.4"
+PROTOCOL_VERSION = "nordfl.runtime.v1.5"
 """Sent in ``JoinRequest.protocol_version``: the proto package and a revision of its meaning (v1.1: sites
 keep client state by ``TaskHeader.last_contribution``; v1.2: secure-aggregation steps, the round's
 attempt in the headers, privacy settings in the job; v1.3: a study's Table 1 job, DESCRIBE tasks, the study
 and its scaling in the job; v1.4: a site declares its rows at Join, which bound its weight, and the two
-audit logs' heads travel with each upload and its reply); coordinator and sites must agree exactly."""
+audit logs' heads travel with each upload and its reply; v1.5: a site's final report also gives its number
+of test rows, ``test_rows``, so its scores can be pooled)."""
+
+OLDEST_SITE_PROTOCOL = "nordfl.runtime.v1.4"
+"""The oldest site protocol this coordinator still serves: one minor version behind, so hospitals can
+upgrade one by one after the coordinator (a v1.4 site's final report simply has no ``test_rows``)."""
+
+
+def _protocol_minor(version: str) -> Optional[tuple[int, int]]:
+    match = re.fullmatch(r"nordfl\.runtime\.v(\d+)\.(\d+)", version)
+    return None if match is None else (int(match[1]), int(match[2]))
+
+
+def protocol_refusal(site_version: str) -> Optional[str]:
+    """Why a site speaking ``site_version`` cannot join this coordinator, naming who must upgrade; None if it can."""
+    site, oldest, ours = (_protocol_minor(v) for v in (site_version, OLDEST_SITE_PROTOCOL, PROTOCOL_VERSION))
+    accepted = f"this coordinator speaks {PROTOCOL_VERSION} and accepts sites from {OLDEST_SITE_PROTOCOL}"
+    if site is None:
+        return f"protocol {site_version[:64]!r} is not a NordFL runtime protocol; {accepted}"
+    if site > ours:
+        return f"the site speaks {site_version}, newer than the coordinator: upgrade the coordinator first ({accepted})"
+    if site < oldest:
+        return f"the site speaks {site_version}: upgrade NordFL at this site ({accepted})"
+    return None
+
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 """Bytes per streamed data chunk (1 MiB): well under gRPC's default 4 MB message limit."""

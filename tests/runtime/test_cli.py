@@ -63,6 +63,26 @@ def test_demo_trains_four_hospitals_over_mtls(tmp_path):
     _export_reproduces_the_sites_final_scores(tmp_path)
 
 
+def _pooled_scores_match_the_pooled_test_rows(card, demo, params):
+    """The card's pooled line equals the exported model scored on every site's test rows at once."""
+    import jax.numpy as jnp
+
+    from nordfl.runtime.config import Job
+    from nordfl.runtime.site import local_setup, metrics_row, site_records
+
+    job = Job.from_json(json.dumps(card["job"]))
+    tests = [local_setup(s["name"], site_records([demo / "data" / s["name"] / "heart.csv"], "heart"), job).test
+             for s in card["sites"]]
+    assert [s["test_rows"] for s in card["sites"]] == [len(t.y) for t in tests]
+    x, y = jnp.concatenate([t.x for t in tests]), jnp.concatenate([t.y for t in tests])
+    fns = local_setup(card["sites"][0]["name"], site_records([demo / "data" / card["sites"][0]["name"] / "heart.csv"],
+                                                             "heart"), job).fns
+    pooled = metrics_row(fns.evaluate(params, type(tests[0])(x, y), jnp.ones(len(y), bool)))
+    assert set(card["metrics"]["pooled_test_rows"]) == {"loss", "accuracy"}
+    for name, value in card["metrics"]["pooled_test_rows"].items():
+        assert value == pytest.approx(pooled[name], abs=1e-6), name
+
+
 def _export_reproduces_the_sites_final_scores(tmp_path):
     """`nordfl export` of the demo's run: the reloaded model scores each site's test rows exactly as the site
     did at the end of the run, and the card names the job, the study and the audit chain heads."""
@@ -91,6 +111,7 @@ def _export_reproduces_the_sites_final_scores(tmp_path):
     accuracy = np.array([s["final_metrics"]["accuracy"] for s in card["sites"]])
     assert card["metrics"]["weighted_by_rows"]["accuracy"] == pytest.approx(float(weights @ accuracy / weights.sum()), abs=1e-12)
     params = load_exported(out).params
+    _pooled_scores_match_the_pooled_test_rows(card, demo, params)
     restored = serialization.from_bytes(params, (out / "model.msgpack").read_bytes())
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)))
     again = _run("export", "--state", demo / "coordinator", "--out", out)
