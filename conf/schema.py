@@ -133,12 +133,15 @@ def check_dp(a: DictConfig) -> None:
 
 def build_algorithm(
     cfg: DictConfig, loss_fn, num_clients: int, *, expected_clients: Optional[int] = None, noise_seed: Optional[int] = None,
+    values: Optional[dict[str, Any]] = None,
 ) -> tuple[Algorithm, Aggregator]:
     """The algorithm and aggregator of ``cfg.algorithm``.
 
     ``expected_clients`` is the planned cohort size (DP-FedAvg's fixed denominator; default
     all ``num_clients``); ``noise_seed`` keys DP-FedAvg's central noise (default: drawn from
-    the OS, secret; the simulator passes its seed so runs repeat).
+    the OS, secret; the simulator passes its seed so runs repeat). ``values`` replace options of
+    ``cfg.algorithm`` by key (``client_lr``, ``mu``, ``server.learning_rate``) with values a config
+    cannot hold: a tuning grid passes traced arrays (``nordfl.sim.grid``).
     """
     a = typed("algorithm", cfg.algorithm)
     hyper = {k: v for k, v in present(a).items() if k not in SHARED_KEYS}
@@ -160,7 +163,13 @@ def build_algorithm(
                    "noise_seed": secrets.randbits(64) if noise_seed is None else noise_seed}
     try:
         fine_tune = present(a.fine_tune) if a.get("fine_tune") is not None else {}
-        algorithm = make_algorithm(a.name, loss_fn, server=present(a.server), dp=dp, fine_tune=fine_tune, **hyper)
+        server = present(a.server)
+        for key, value in (values or {}).items():
+            group, _, name = key.rpartition(".")
+            if group not in ("", "server"):
+                fail(f"algorithm.{key}", value, "a grid may replace algorithm.* and algorithm.server.* options only")
+            (server if group else hyper)[name] = value
+        algorithm = make_algorithm(a.name, loss_fn, server=server, dp=dp, fine_tune=fine_tune, **hyper)
     except ValueError as e:
         raise ConfigError(f"algorithm: {e}") from None
     agg = present(a.aggregator)

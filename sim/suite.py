@@ -46,6 +46,7 @@ from nordfl.conf.schema import ConfigError, build_algorithm, build_task, fail, m
 from nordfl.conf.plugins import prepare as load_plugins
 from nordfl.sim.config import Experiment, build_adversary, build_options, fingerprint_config, register
 from nordfl.sim.engine import Simulator
+from nordfl.sim.grid import GridBatch
 from nordfl.sim.metrics_log import MetricsLog, evaluation_row, site_rows, upload_to_wandb, write_summary
 from nordfl.sim.personal import PersonalEvaluator
 from nordfl.sim.seeds import SeedBatch, seed_slice
@@ -144,6 +145,27 @@ def _own_site(cell: Cell, evaluations, states, personal: Optional[PersonalEvalua
     return site_rows(personal.evaluate(seed_slice(states[0].server, i), seed_slice(states[0].clients, i), seed), site_names)
 
 
+GRID_KEYS = frozenset({"algorithm.client_lr", "algorithm.mu", "algorithm.lam", "algorithm.server.learning_rate",
+                       "algorithm.server.momentum"})
+"""Tuning-grid options that set no shape and no loop count, only arithmetic: in tune mode the grid points of
+one algorithm that differ only in these train together as one ``GridBatch`` program (one compilation)."""
+
+
+def grid_values(cell: Cell) -> Optional[dict[str, float]]:
+    """The cell's grid point as ``{option under algorithm: value}`` when every key may be traced, else None."""
+    values = {}
+    for override in cell.point:
+        key, _, value = override.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        if key not in GRID_KEYS:
+            return None
+        values[key.removeprefix("algorithm.")] = number
+    return values or None
+
+
 def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequence[int], suite_dir: Path, fingerprint: str,
              logger: DictConfig, evaluator: Optional[Simulator] = None,
              on_round: Callable[[int], None] = lambda r: None) -> CellResult:
@@ -151,41 +173,57 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
 
     ``evaluator`` scores the models on ``task``'s clients (shared by the cells of a setting).
     """
+    return run_cells([cell], [cfg], task, experiment, seeds, suite_dir, [fingerprint], logger, evaluator, on_round)[0]
+
+
+def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Task, experiment, seeds: Sequence[int], suite_dir: Path,
+              fingerprints: Sequence[str], logger: DictConfig, evaluator: Optional[Simulator] = None,
+              on_round: Callable[[int], None] = lambda r: None, points: Optional[Sequence[dict]] = None) -> list[CellResult]:
+    """Trains one cell's seeds (a ``SeedBatch``), or with ``points`` the grid points of one algorithm (``cells[k]``
+    at ``points[k]``) times the seeds as one ``GridBatch`` program; writes one run folder per cell and seed.
+    The cells of a grid share the wall time: each is given its share."""
     options = experiment.options
     site_names = [c.name for c in task.data.clients]
     alone = _every_client_fully(options)
     evaluator = evaluator or evaluator_for(task, experiment)
+    cell = cells[0]
+    runs = [(k, seed) for k in range(len(cells)) for seed in seeds]  # GridBatch's order: point-major
 
     def batch(train_task: Task, batch_options, adversary=None) -> SeedBatch:
         return SeedBatch(experiment.algorithm, train_task, batch_options, seeds, aggregate=experiment.aggregate, evaluator=evaluator,
                          adversary=adversary)
 
-    if cell.kind == "federated":  # only federated cells are attacked: the baselines are the attack-free references
+    if points is not None:
+        def build(values):
+            return build_algorithm(cfgs[0], task.loss_fn, len(site_names), values=values)[0]
+
+        batches = [GridBatch(build, task, options, points, seeds, aggregate=experiment.aggregate)]
+    elif cell.kind == "federated":  # only federated cells are attacked: the baselines are the attack-free references
         batches = [batch(task, options, experiment.adversary)]
     elif cell.kind == "pooled":
         batches = [batch(classification_task(task.name, pooled_dataset(task.data), task.model), alone)]
     else:  # local: one model per site, each trained on its own rows only
         batches = [batch(classification_task(task.name, single_client(task.data, i), task.model), alone)
                    for i in range(len(site_names))]
-    inits = [_init_params(cfg, s) for s in seeds]
+    inits = [_init_params(cfgs[0], s) for s in seeds]
     states = [batch.init(inits) for batch in batches]
     logs, configs = [], []
-    for seed in seeds:
-        run_cfg = cfg.copy()
+    for k, seed in runs:
+        run_cfg = cfgs[k].copy()
         run_cfg.seed = seed
         configs.append(OmegaConf.to_container(run_cfg, resolve=True))
-        folder = _seed_folder(suite_dir, cell, seed)
+        folder = _seed_folder(suite_dir, cells[k], seed)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg))
         logs.append(MetricsLog(folder, config={}, use_wandb=False, project=logger.project, mode=None, run_name=folder.name))
     personal = None
-    if cell.kind == "federated" and experiment.algorithm.personalise is not None:
+    if cell.kind == "federated" and experiment.algorithm.personalise is not None and points is None:
         personal = PersonalEvaluator(evaluator, experiment.algorithm)
-    rounds, eval_every = cfg.sim.rounds, cfg.sim.eval_every
+    rounds, eval_every = cfgs[0].sim.rounds, cfgs[0].sim.eval_every
     train_sizes = np.array(task.data.train_sizes(), np.float64)
     start = time.perf_counter()
     first_round_s = 0.0
-    finals: list[dict] = [{} for _ in seeds]
+    finals: list[dict] = [{} for _ in runs]
     for r in range(1, rounds + 1):
         stepped = [batch.run_round(state) for batch, state in zip(batches, states)]
         states = [state for state, _ in stepped]
@@ -195,7 +233,7 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
         evaluations = None
         if r % eval_every == 0 or r == rounds:
             evaluations = [batch.evaluate(state.server.params) for batch, state in zip(batches, states)]
-        for i in range(len(seeds)):
+        for i, (k, seed) in enumerate(runs):
             if cell.kind == "local":
                 client_loss = float(np.sum([m.client_loss[i] for m in metrics] * train_sizes) / max(train_sizes.sum(), 1))
                 row = {"round": r, "client_loss": client_loss, "num_clients": len(site_names), "update_norm": None}
@@ -209,27 +247,32 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
                 else:
                     finals[i] = evaluation_row(evaluations[0][i], site_names)
                 if r == rounds:
-                    finals[i]["own_site"] = _own_site(cell, evaluations, states, personal, i, seeds[i], site_names)
+                    finals[i]["own_site"] = _own_site(cells[k], evaluations, states, personal, i, seed, site_names)
                 row |= finals[i]
             row["elapsed_s"] = time.perf_counter() - start
             logs[i].log(row)
         on_round(r)
     wall_s = time.perf_counter() - start
-    for i, seed in enumerate(seeds):
+    for i, (k, seed) in enumerate(runs):
         summary = {
-            "algorithm": cell.algorithm, "kind": cell.kind, "setting": cell.setting, "task": task.data.name, "seed": seed,
-            "rounds": rounds, "final": finals[i], "first_round_s": first_round_s, "train_s": wall_s,
-            "num_clients": len(site_names), "fingerprint": fingerprint,
+            "algorithm": cells[k].algorithm, "kind": cells[k].kind, "setting": cells[k].setting, "task": task.data.name,
+            "seed": seed, "rounds": rounds, "final": finals[i], "first_round_s": first_round_s, "train_s": wall_s / len(cells),
+            "num_clients": len(site_names), "fingerprint": fingerprints[k],
         }
-        folder = _seed_folder(suite_dir, cell, seed)
+        folder = _seed_folder(suite_dir, cells[k], seed)
         if logger.wandb:
             upload_to_wandb(folder, config=configs[i], project=logger.project, mode=logger.mode,
-                            run_name=f"{cell.setting}/{cell.algorithm}/seed_{seed}", group=f"{cell.setting}/{cell.algorithm}",
-                            summary=summary)
+                            run_name=f"{cells[k].setting}/{cells[k].algorithm}/seed_{seed}",
+                            group=f"{cells[k].setting}/{cells[k].algorithm}", summary=summary)
         write_summary(folder / "summary.json", summary)
     own = [np.nanmean([site["accuracy"] for site in f["own_site"].values()]) if f.get("own_site") else float("nan")
            for f in finals]
-    return CellResult(wall_s, first_round_s, [f.get("test_accuracy", float("nan")) for f in finals], [float(a) for a in own])
+    results = []
+    for k in range(len(cells)):
+        mine = [i for i, (run_cell_index, _) in enumerate(runs) if run_cell_index == k]
+        results.append(CellResult(wall_s / len(cells), first_round_s, [finals[i].get("test_accuracy", float("nan")) for i in mine],
+                                  [float(own[i]) for i in mine]))
+    return results
 
 
 # ---------------------------------------------------------------------------- the whole suite
@@ -362,29 +405,57 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
     finished = [cell_done(suite_dir, cell, seeds, f) for (cell, seeds, *_), f in zip(built, fingerprints)]
     reporter("start", total=total_runs, cells=len(run.cells), finished=sum(len(b[1]) for b, done in zip(built, finished) if done))
     evaluators: dict[str, Simulator] = {}  # one per evaluation data set: its programs compile once
-    for (cell, seeds, cfg, task, experiment), fingerprint, done in zip(built, fingerprints, finished):
+    grids = tuning_grids(run, built, finished) if bench.get("tune_grid", True) else {}
+    in_a_grid = {j for members in grids.values() for j in members[1:]}
+    for index, ((cell, seeds, cfg, task, experiment), fingerprint, done) in enumerate(zip(built, fingerprints, finished)):
         if done:
             reporter("skip", cell=cell, runs=len(seeds))
             continue
+        if index in in_a_grid:
+            continue  # trained with the first cell of its grid
+        members = grids.get(index, [index])
         reporter("cell", cell=cell, rounds=cfg.sim.rounds)
         data_key = _data_key(cfg)
         if data_key not in evaluators:
             evaluators[data_key] = evaluator_for(task, experiment)
-        result = run_cell(cell, cfg, task, experiment, seeds, suite_dir, fingerprint, bench.logger, evaluators[data_key],
-                          on_round=lambda r, cell=cell: reporter("round", cell=cell, round=r, rounds=cfg.sim.rounds))
-        record = manifest["cells"].get(str(cell.folder))
-        if record is None or set(seeds) & set(record.get("seeds", [])):  # a new cell, or one being run again
-            record = {"wall_s": 0.0, "first_round_s": result.first_round_s, "seeds": [], "fingerprint": fingerprint}
-        record["wall_s"] += result.wall_s
-        record["seeds"] += list(seeds)
-        manifest["cells"][str(cell.folder)] = record
-        manifest["wall_s"] = manifest.get("wall_s", 0.0) + result.wall_s
-        _write_manifest(suite_dir, manifest)
-        reporter("done", cell=cell, runs=len(seeds), result=result)
+        results = run_cells([built[j][0] for j in members], [built[j][2] for j in members], task, experiment, seeds, suite_dir,
+                            [fingerprints[j] for j in members], bench.logger, evaluators[data_key],
+                            on_round=lambda r, cell=cell: reporter("round", cell=cell, round=r, rounds=cfg.sim.rounds),
+                            points=[grid_values(built[j][0]) for j in members] if len(members) > 1 else None)
+        for j, result in zip(members, results):
+            member = built[j][0]
+            record = manifest["cells"].get(str(member.folder))
+            if record is None or set(seeds) & set(record.get("seeds", [])):  # a new cell, or one being run again
+                record = {"wall_s": 0.0, "first_round_s": result.first_round_s, "seeds": [], "fingerprint": fingerprints[j]}
+            record["wall_s"] += result.wall_s
+            record["seeds"] += list(seeds)
+            if len(members) > 1:
+                record["grid_program"] = len(members)  # trained with the other points of its grid in one program
+            manifest["cells"][str(member.folder)] = record
+            manifest["wall_s"] = manifest.get("wall_s", 0.0) + result.wall_s
+            _write_manifest(suite_dir, manifest)
+            reporter("done", cell=member, runs=len(seeds), result=result)
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest["last_invocation_s"] = time.perf_counter() - start
     _write_manifest(suite_dir, manifest)
     return manifest
+
+
+def tuning_grids(run: SuiteRun, built: list, finished: list[bool]) -> dict[int, list[int]]:
+    """In tune mode, the unfinished grid points of one algorithm in one setting that can share one program:
+    ``{index of the first: indices of all}`` into ``built``. A point joins only if its grid keys may be traced
+    (``GRID_KEYS``) and the cell is plain federated training (no attack, no personal model, data on device)."""
+    if run.mode != "tune":
+        return {}
+    groups: dict[tuple, list[int]] = {}
+    for index, ((cell, seeds, cfg, task, experiment), done) in enumerate(zip(built, finished)):
+        values = grid_values(cell)
+        if (done or values is None or cell.kind != "federated" or experiment.adversary is not None
+                or experiment.algorithm.personalise is not None or experiment.options.data_on_host):
+            continue
+        key = (cell.setting, cell.algorithm.split("@", 1)[0], tuple(seeds), tuple(sorted(values)))
+        groups.setdefault(key, []).append(index)
+    return {members[0]: members for members in groups.values() if len(members) > 1}
 
 
 def choose_hyperparameters(suite_dir: Path) -> dict[str, dict[str, list[str]]]:

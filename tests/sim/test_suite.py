@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from scipy import stats
 
 from nordfl.conf.schema import ConfigError
@@ -305,3 +305,29 @@ def test_vary_split_gives_each_seed_its_own_data_split(tmp_path):
     assert first.shape == second.shape and not np.array_equal(first, second)
     write_leaderboard(tmp_path / "varied")
     assert "each seed also draws the data split" in (tmp_path / "varied" / LEADERBOARD_MD).read_text()
+
+
+@pytest.mark.slow
+def test_tuning_trains_an_algorithms_grid_as_one_program_with_the_results_of_separate_cells(tmp_path):
+    """mode=tune: FedProx's grid points (client lr, with mu from the algorithm's own grid) train as one GridBatch
+    program, and every (point, seed) gets the validation scores it gets trained as its own cell (tune_grid=false),
+    so the same values are chosen. (tests/sim/test_grid.py varies client lr, mu and server lr at once.)"""
+    common = "suite.common=['task=heart','partition=natural','sim.rounds=3','algorithm.num_epochs=1','algorithm.batch_size=16']"
+    base = ("suite=quick", "mode=tune", "only=[fedprox]", "seeds=[0,1]", common)
+    for folder, switch in (("grid", "tune_grid=true"), ("cells", "tune_grid=false")):
+        bench = bench_config(*base, switch)
+        with open_dict(bench):
+            bench.suite.tuning.grid.fedprox = {"algorithm.mu": [1.0]}
+        run_suite(bench, tmp_path / folder)
+    manifest = json.loads((tmp_path / "grid" / "suite.json").read_text())
+    fedprox = [c for c in manifest["cell_order"] if "/fedprox@" in c]
+    assert len(fedprox) == 2 and all(manifest["cells"][c]["grid_program"] == 2 for c in fedprox)
+    separate = json.loads((tmp_path / "cells" / "suite.json").read_text())
+    assert not any("grid_program" in record for record in separate["cells"].values())
+    for folder in fedprox:
+        for seed in (0, 1):
+            together, alone = (json.loads((tmp_path / which / folder / f"seed_{seed}" / "summary.json").read_text())["final"]
+                               for which in ("grid", "cells"))
+            assert together["test_loss"] == pytest.approx(alone["test_loss"], abs=1e-5), (folder, seed)
+            assert together["test_accuracy"] == pytest.approx(alone["test_accuracy"], abs=1e-6), (folder, seed)
+    assert choose_hyperparameters(tmp_path / "grid") == choose_hyperparameters(tmp_path / "cells")
