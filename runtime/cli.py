@@ -17,6 +17,7 @@
     nordfl site check --study FILE --mapping FILE --data FILE [--data FILE]
                                              a site's own records under its mapping, checked against a study
     nordfl audit verify LOG [--cert PEM] [--peer LOG]   check an audit log's chain, signatures and the other party's log
+    nordfl status [--admin HOST:PORT] [--json]    a running coordinator's job, sites online, epsilon, certificates
     nordfl export --state DIR --out DIR [--site-log SITE=LOG ...]
                                              the trained model (.npz and Flax msgpack) and its model card
     nordfl demo [--rounds N] [--algorithm NAME] [--private] [--study NAME_OR_FILE]
@@ -124,6 +125,23 @@ def _warn_expiry(cert_path: Path) -> None:
             print(warning, file=sys.stderr, flush=True)
 
 
+def cmd_status(args) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from nordfl.runtime.status import format_status
+
+    url = f"http://{args.admin}/status.json"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            snap = json.loads(reply.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return _err(f"status: no coordinator status at {url} ({e}); is the coordinator running with --admin-address {args.admin}?")
+    print(json.dumps(snap, indent=2) if args.json else format_status(snap))
+    return 0
+
+
 def cmd_export(args) -> int:
     from nordfl.runtime.export import export_model
 
@@ -169,6 +187,12 @@ def cmd_coordinator(args) -> int:
     if not args.insecure:
         _warn_expiry(federation / "coordinator" / "cert.pem")
     server, port = serve(coordinator, args.address, credentials)
+    if args.admin_address:
+        from nordfl.runtime.status import StatusBoard, serve_admin
+
+        _, admin_port = serve_admin(StatusBoard(coordinator, federation), args.admin_address)
+        log(f"coordinator: status page, /status.json and /metrics on {args.admin_address.rpartition(':')[0]}:{admin_port} "
+            "(read-only)")
     job = coordinator.job
     what = (f"the Table 1 job of study {job.study_spec.name}" if job.kind == "describe"
             else f"{job.algorithm_config['name']} on {job.task_config['name']}")
@@ -445,6 +469,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="localhost:50051")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="console lines as text (default) or JSON lines, one flushed line per event")
+    p.add_argument("--admin-address", metavar="HOST:PORT",
+                   help="serve a read-only status page, /status.json and Prometheus /metrics here (e.g. 127.0.0.1:9464; "
+                        "keep it on loopback or an admin network)")
     p.add_argument("--insecure", action="store_true", help="no TLS (local development only)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides: algorithm=..., task=..., runtime.rounds=...")
     p.set_defaults(func=cmd_coordinator)
@@ -476,6 +503,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--peer", help="the other party's log (the coordinator's for a site's, or a site's): cross-checks the "
                                   "heads each recorded of the other, so a log cut or rewritten after an exchange is found")
     v.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("status", help="the running coordinator's job, round, sites online, epsilon and certificates")
+    p.add_argument("--admin", default="127.0.0.1:9464", help="the coordinator's --admin-address (default 127.0.0.1:9464)")
+    p.add_argument("--json", action="store_true", help="the raw status document")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("export", help="write the trained model and its model card")
     p.add_argument("--state", required=True, help="the coordinator's --state folder")

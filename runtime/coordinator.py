@@ -111,6 +111,8 @@ class JobServer:
         self.last_contribution: dict[str, int] = {}  # site -> last round whose aggregate used its update
         rows_file = self.state_dir / ROWS_FILE  # kept across restarts: a site does not join again to resume
         self.declared_rows: dict[str, int] = json.loads(rows_file.read_text()) if rows_file.exists() else {}
+        self.site_epsilon: dict[str, float] = {}  # site -> the epsilon it last reported spent (DP runs)
+        self.last_seen: dict[str, float] = {}  # site -> time of its last admitted request (the status board's "online")
         self.rejections = RejectionLimiter(self._summarise_rejections)
         self.join_rate = RejectionLimiter(self._summarise_rejections, burst=JOINS_PER_MINUTE, window=60.0)
         self.uploads = StreamGate(limits.max_uploads_per_site, limits.max_uploads_per_site * len(job.sites) + 4)
@@ -143,6 +145,7 @@ class JobServer:
             raise Rejected(reason)
         if claimed and claimed != identity:
             raise Rejected(f"request names site {bounded_text(claimed)!r} but the certificate is {identity!r}")
+        self.last_seen[str(identity)] = time.time()
         return identity
 
     def join(self, identity: Optional[str], request: pb.JoinRequest) -> pb.JoinReply:
@@ -546,6 +549,8 @@ class Coordinator(JobServer):
                 except (AuditError, TypeError, ValueError) as e:
                     raise Rejected(f"the coordinator could not write this update's audit entry ({e}); not accepted") from None
                 self.updates[site] = (update, weight, metrics, norm)
+                if "epsilon" in metrics:  # a DP site's spend so far, for the status board
+                    self.site_epsilon[site] = metrics["epsilon"]
                 if self.deadline is None:  # an update computed in an earlier attempt of this round starts the clock too
                     self.deadline = time.monotonic() + self.limits.round_timeout
                 if set(self.updates) >= set(self.open.cohort):

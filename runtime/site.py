@@ -274,6 +274,7 @@ class SiteAgent:
             self.pending_state, meta = load_tree(pending, self.state)
             self.pending_round = int(meta["round"])
         self.ledger = self._load_ledger()
+        self.spent_epsilon = float("nan")  # set by the first update's spend (DP runs)
         self._update = jax.jit(self.algorithm.client_update)
         self._evaluate = jax.jit(self.fns.evaluate)
 
@@ -369,7 +370,7 @@ class SiteAgent:
                               job_value=str(e.job_value), limit=str(e.limit), policy_sha256=self.policy.sha256 if self.policy else None)
             raise SiteRefused(f"{self.name}: stopped before round {round_index}'s update left: {e}") from None
         atomic_write_text(self.state_dir / LEDGER_FILE, json.dumps(ledger))
-        self.ledger = ledger
+        self.ledger, self.spent_epsilon = ledger, float(spent.epsilon)
         self.audit.record("privacy_spent", round=round_index, mechanism=spent.mechanism, epsilon=_json_number(spent.epsilon),
                           delta=spent.delta, steps=ledger["steps"], updates=ledger["updates"],
                           policy_sha256=self.policy.sha256 if self.policy else None)
@@ -418,6 +419,8 @@ class SiteAgent:
         metrics |= {f"test_{k}": v for k, v in metrics_row(test_metrics).items()}
         if uses_dp(self.job):  # losses and scores are not noised: outside the DP guarantee, so they stay here
             metrics = {"num_steps": metrics["num_steps"]}
+            if math.isfinite(self.spent_epsilon):  # what this site has spent so far, for the coordinator's status board
+                metrics["epsilon"] = self.spent_epsilon
         # Durable before the bytes leave: what left the site is on its disk first; its hash travels in the header.
         sent = self.audit.record("update_sent", round=r, sha256=manifest.sha256, weight=float(out.weight),
                                  tensors=[[s.name, s.dtype, list(s.shape)] for s in specs], bytes=len(payload), metrics=metrics)
