@@ -17,6 +17,8 @@
     nordfl site check --study FILE --mapping FILE --data FILE [--data FILE]
                                              a site's own records under its mapping, checked against a study
     nordfl audit verify LOG [--cert PEM] [--peer LOG]   check an audit log's chain, signatures and the other party's log
+    nordfl preflight --name SITE --certs DIR --coordinator HOST:PORT --data FILE [--policy FILE]
+                                             a site's checks before it goes live, each OK, WARN or FAIL
     nordfl status [--admin HOST:PORT] [--json]    a running coordinator's job, sites online, epsilon, certificates
     nordfl export --state DIR --out DIR [--site-log SITE=LOG ...]
                                              the trained model (.npz and Flax msgpack) and its model card
@@ -123,6 +125,32 @@ def _warn_expiry(cert_path: Path) -> None:
         warning = expiry_warning(cert_path)
         if warning:
             print(warning, file=sys.stderr, flush=True)
+
+
+def cmd_preflight(args) -> int:
+    """``nordfl preflight``: the site's software, certificates, clock, data, policy and coordinator, each OK or not."""
+    from nordfl import registry
+    from nordfl.runtime.preflight import FAIL, preflight
+    from nordfl.runtime.site import site_records
+    from nordfl.runtime.site_data import load_study_records
+
+    registry.load_plugins()
+
+    def load_data() -> str:
+        data = _site_data(args, load_study_records)
+        if isinstance(data, list):
+            records = site_records(data, args.task)
+            return f"{len(records.examples.y)} rows of task {args.task} in {', '.join(map(str, data))}, every row checked"
+        return (f"study {data.study.name} (sha256 {data.study.sha256[:16]}...): {sum(r.rows_kept for r in data.reports)} "
+                f"rows checked and kept under the mapping")
+
+    checks = preflight(args.name, Path(args.certs) if args.certs else None, args.coordinator, load_data,
+                       Path(args.policy) if args.policy else None, timeout=args.timeout)
+    for check in checks:
+        print(f"{check.status:<4} {check.what}: {check.detail}")
+    failed = sum(c.status == FAIL for c in checks)
+    print(f"preflight: {'ready' if not failed else f'{failed} problem(s) to fix before this site goes live'}")
+    return 2 if failed else 0
 
 
 def cmd_status(args) -> int:
@@ -503,6 +531,18 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--peer", help="the other party's log (the coordinator's for a site's, or a site's): cross-checks the "
                                   "heads each recorded of the other, so a log cut or rewritten after an exchange is found")
     v.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("preflight", help="check a site before it goes live: software, certificates, clock, data, coordinator")
+    p.add_argument("--name", required=True)
+    p.add_argument("--certs", help="this site's certificate folder")
+    p.add_argument("--coordinator", help="HOST:PORT the site will dial")
+    p.add_argument("--data", action="append", help="CSV or Parquet file (repeatable)")
+    p.add_argument("--task", default="heart")
+    p.add_argument("--study", help="a study file (with --mapping)")
+    p.add_argument("--mapping", help="this site's mapping to the study")
+    p.add_argument("--policy", help="this site's privacy policy")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator (default 10)")
+    p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("status", help="the running coordinator's job, round, sites online, epsilon and certificates")
     p.add_argument("--admin", default="127.0.0.1:9464", help="the coordinator's --admin-address (default 127.0.0.1:9464)")
