@@ -9,6 +9,9 @@
     nordfl site install --certs DIR CERT [--ca CA]
                                              install the certificate the admin sent back
     nordfl coordinator --federation DIR --state DIR [--address HOST:PORT] [OVERRIDES ...]
+    nordfl coordinator --federation DIR --jobs DIR [--address HOST:PORT]
+                                             a service: the queued jobs one after another, sites staying connected
+    nordfl job submit|list|abort --jobs DIR ...   queue a job, list jobs, abort one
     nordfl site --name SITE --coordinator HOST:PORT --certs DIR --data FILE [--data FILE] --state DIR [--policy FILE]
     nordfl site --name SITE --coordinator HOST:PORT --certs DIR --study FILE --mapping FILE [--data FILE] --state DIR
                                              a site serving a study: its own records through its mapping
@@ -205,6 +208,11 @@ def cmd_coordinator(args) -> int:
 
     log = console("coordinator", args.log_format)
     federation = Path(args.federation)
+    if (args.jobs is None) == (args.state is None):
+        return _err("coordinator: give --state DIR (one job, from OVERRIDES) or --jobs DIR (a service running the "
+                    "submitted jobs one after another), not both")
+    if args.jobs is not None:
+        return _serve_jobs(args, federation, log)
     try:
         coordinator = coordinator_for(args.overrides, federation, Path(args.state), insecure=args.insecure, log=log)
     except (ConfigError, ValueError, FileNotFoundError, AuditError) as e:
@@ -241,6 +249,47 @@ def cmd_coordinator(args) -> int:
     return 0
 
 
+def _serve_jobs(args, federation: Path, log) -> int:
+    """``nordfl coordinator --jobs DIR``: the coordinator as a service, one job after another."""
+    from nordfl.runtime.jobs import JobQueue, serve_jobs
+
+    if args.overrides:
+        return _err("coordinator --jobs: the jobs come from `nordfl job submit`, not from OVERRIDES")
+    on_job = lambda coordinator: None  # noqa: E731
+    if args.admin_address:
+        from nordfl.runtime.status import StatusBoard, serve_admin
+
+        board = StatusBoard(None, federation)
+        _, admin_port = serve_admin(board, args.admin_address)
+        log(f"coordinator: status page, /status.json and /metrics on {args.admin_address.rpartition(':')[0]}:{admin_port}")
+        on_job = lambda coordinator: setattr(board, "coordinator", coordinator)  # noqa: E731
+    if not args.insecure:
+        _warn_expiry(federation / "coordinator" / "cert.pem")
+    try:
+        serve_jobs(federation, JobQueue(args.jobs), args.address, insecure=args.insecure, log=log, on_job=on_job)
+    except KeyboardInterrupt:
+        log("coordinator service: stopped")
+    return 0
+
+
+def cmd_job(args) -> int:
+    from nordfl.conf.schema import ConfigError
+    from nordfl.runtime.jobs import JobQueue, format_jobs
+
+    queue = JobQueue(args.jobs)
+    try:
+        if args.job_command == "submit":
+            job_id = queue.submit(args.overrides, by=args.by or os.environ.get("USER", ""))
+            print(f"queued job {job_id}: {' '.join(args.overrides) or '(the defaults)'}")
+        elif args.job_command == "list":
+            print(format_jobs(queue.list()))
+        else:
+            print(f"job {args.id}: {queue.abort(args.id)}")
+    except (ConfigError, ValueError) as e:
+        return _err(str(e))
+    return 0
+
+
 def cmd_site(args) -> int:
     from nordfl.runtime import tls
     from nordfl.runtime.audit import AuditError
@@ -272,8 +321,13 @@ def cmd_site(args) -> int:
         if not args.insecure:
             _warn_expiry(Path(args.certs) / "cert.pem")
         agent = SiteAgent(args.name, args.coordinator, data, Path(args.state), credentials, task=args.task,
-                          log=log, policy=policy, stay_after_describe=not isinstance(data, list),
+                          log=log, policy=policy, stay_after_describe=not isinstance(data, list), stay=args.stay,
                           signing_key=None if args.insecure else Path(args.certs) / "key.pem")
+        if args.metrics_address:
+            from nordfl.runtime.status import SiteBoard, serve_admin
+
+            _, metrics_port = serve_admin(SiteBoard(agent), args.metrics_address)
+            log(f"{args.name}: Prometheus /metrics and /status.json on {args.metrics_address.rpartition(':')[0]}:{metrics_port}")
         metrics = agent.run()
     except (SiteDataError, SiteRefused, AuditError, FileNotFoundError, PolicyError, StudyError, MappingError) as e:
         return _err(str(e))
@@ -474,6 +528,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _site_arguments(p: argparse.ArgumentParser) -> None:
+    """What a site is given, the same for `nordfl site` and `nordfl preflight`."""
+    p.add_argument("--name", required=True)
+    p.add_argument("--coordinator", help="HOST:PORT (required unless --dry-run)")
+    p.add_argument("--certs", help="this site's certificate folder (key.pem, cert.pem, ca.pem)")
+    p.add_argument("--data", action="append", help="CSV or Parquet file (repeatable; with --mapping, default: its data files)")
+    p.add_argument("--task", default="heart")
+    p.add_argument("--study", help="a study file (YAML): this site serves that study, with --mapping")
+    p.add_argument("--mapping", help="this site's mapping of its own records to the study (YAML)")
+    p.add_argument("--policy", help="this site's privacy policy (YAML or JSON); a job breaking it is refused")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nordfl", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -493,7 +559,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("coordinator", help="run the coordinator")
     p.add_argument("--federation", required=True, help="the folder `nordfl provision` wrote")
-    p.add_argument("--state", required=True, help="where state and audit log are kept (resumes from it)")
+    p.add_argument("--state", help="one job: where its state and audit log are kept (resumes from it)")
+    p.add_argument("--jobs", help="a service: run the jobs `nordfl job submit` queues in this folder, one after another")
     p.add_argument("--address", default="localhost:50051")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="console lines as text (default) or JSON lines, one flushed line per event")
@@ -505,23 +572,33 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("site", help="run a hospital's site agent")
-    p.add_argument("--name", required=True)
-    p.add_argument("--coordinator", help="HOST:PORT (required unless --dry-run)")
-    p.add_argument("--certs", help="this site's folder from `nordfl provision` (sites/<name>)")
-    p.add_argument("--data", action="append", help="CSV or Parquet file (repeatable; with --mapping, default: its data files)")
+    _site_arguments(p)
     p.add_argument("--state", help="where this site keeps its state and audit log (required unless --dry-run)")
-    p.add_argument("--task", default="heart")
-    p.add_argument("--study", help="a study file (YAML): this site serves that study, with --mapping")
-    p.add_argument("--mapping", help="this site's mapping of its own records to the study (YAML)")
-    p.add_argument("--policy", help="this site's privacy policy (YAML or JSON); a job breaking it is refused")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="console lines as text (default) or JSON lines, one flushed line per event")
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve this site's Prometheus /metrics and /status.json here (loopback or an admin network)")
+    p.add_argument("--stay", action="store_true",
+                   help="stay connected after a job and serve the next one (a coordinator service's site)")
     p.add_argument("--insecure", action="store_true", help="no TLS (local development only)")
     p.add_argument("--dry-run", action="store_true",
                    help="train one round locally and show what would leave the site; connect to nothing")
     p.add_argument("--job", help="--dry-run: the job as JSON (e.g. the `job` of a coordinator's `start` audit entry)")
     p.add_argument("overrides", nargs="*", help="--dry-run: Hydra overrides of the job, as the coordinator takes them")
     p.set_defaults(func=cmd_site)
+
+    p = sub.add_parser("job", help="the jobs of a coordinator service: submit, list, abort")
+    job = p.add_subparsers(dest="job_command", required=True)
+    j = job.add_parser("submit", help="queue a job (Hydra overrides, as `nordfl coordinator` takes them)")
+    j.add_argument("--jobs", required=True, help="the service's --jobs folder")
+    j.add_argument("--by", help="who submits (default: $USER), kept with the job")
+    j.add_argument("overrides", nargs="*")
+    j = job.add_parser("list", help="every job and its state")
+    j.add_argument("--jobs", required=True)
+    j = job.add_parser("abort", help="remove a queued job, or stop a running one")
+    j.add_argument("--jobs", required=True)
+    j.add_argument("id")
+    p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("audit", help="audit log tools")
     audit = p.add_subparsers(dest="audit_command", required=True)
@@ -533,14 +610,7 @@ def _parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("preflight", help="check a site before it goes live: software, certificates, clock, data, coordinator")
-    p.add_argument("--name", required=True)
-    p.add_argument("--certs", help="this site's certificate folder")
-    p.add_argument("--coordinator", help="HOST:PORT the site will dial")
-    p.add_argument("--data", action="append", help="CSV or Parquet file (repeatable)")
-    p.add_argument("--task", default="heart")
-    p.add_argument("--study", help="a study file (with --mapping)")
-    p.add_argument("--mapping", help="this site's mapping to the study")
-    p.add_argument("--policy", help="this site's privacy policy")
+    _site_arguments(p)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator (default 10)")
     p.set_defaults(func=cmd_preflight)
 

@@ -117,6 +117,15 @@ class JobServer:
         self.join_rate = RejectionLimiter(self._summarise_rejections, burst=JOINS_PER_MINUTE, window=60.0)
         self.uploads = StreamGate(limits.max_uploads_per_site, limits.max_uploads_per_site * len(job.sites) + 4)
 
+    def stop(self, reason: str) -> None:
+        """Ends the job now (an abort): polling sites hear ``reason``; its state stays as it is."""
+        with self.lock:
+            if self.stopped is None:
+                self.stopped = reason
+                self.audit.record("stopped", round=getattr(self, "round", 0), reason=reason)
+                self.log(f"coordinator: {reason}")
+            self.lock.notify_all()
+
     def _summarise_rejections(self, kind: str, caller: str, count: int) -> None:
         self.audit.record("rejections_suppressed", durable=False, kind=kind, site=caller, count=count)
         self.log(f"coordinator: {count} more {kind} from {caller} not logged one by one")
@@ -598,27 +607,39 @@ def coordinator_for(overrides: Sequence[str], federation_dir: Path, state_dir: P
     return factory(job, limits, Path(state_dir), admitted=lambda identity: tls.admit(watcher.current(), identity), **kwargs)
 
 
-class Servicer(pb_grpc.FederationServicer):
-    """gRPC front: finds the caller's mTLS identity and delegates to the coordinator."""
+NO_JOB = "no job is running; the next starts when one is submitted (nordfl job submit)"
 
-    def __init__(self, coordinator: JobServer, identity: Callable[[grpc.ServicerContext], Optional[str]]):
+
+class Servicer(pb_grpc.FederationServicer):
+    """gRPC front: finds the caller's mTLS identity and delegates to the coordinator. A coordinator service
+    swaps ``coordinator`` from job to job; while it is None (between jobs) every call is UNAVAILABLE, which
+    sites treat as "retry later"."""
+
+    def __init__(self, coordinator: Optional[JobServer], identity: Callable[[grpc.ServicerContext], Optional[str]]):
         self.coordinator, self.identity = coordinator, identity
 
+    def _current(self, context) -> JobServer:
+        coordinator = self.coordinator
+        if coordinator is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, NO_JOB)
+        return coordinator
+
     def Join(self, request, context):
-        return self.coordinator.join(self.identity(context), request)
+        return self._current(context).join(self.identity(context), request)
 
     def PollTask(self, request, context):
+        coordinator = self._current(context)
         try:
-            yield from self.coordinator.poll(self.identity(context), request)
+            yield from coordinator.poll(self.identity(context), request)
         except Rejected as e:
-            self.coordinator.refuse("poll_refused", self.identity(context) or request.site, str(e))
+            coordinator.refuse("poll_refused", self.identity(context) or request.site, str(e))
             context.abort(grpc.StatusCode.PERMISSION_DENIED, bounded_text(str(e), 1024))
         except Stopped as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
     def SubmitUpdate(self, request_iterator, context):
         """Admission when the stream opens, before a byte is read; a cap on open uploads; a server-side deadline."""
-        coordinator, identity = self.coordinator, self.identity(context)
+        coordinator, identity = self._current(context), self.identity(context)
         try:
             coordinator.admit_stream(identity)
         except Rejected as e:
@@ -673,30 +694,50 @@ KEEPALIVE = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 1
 
 def serve(coordinator: JobServer, address: str, credentials: Optional[grpc.ServerCredentials]) -> tuple[grpc.Server, int]:
     """Starts the gRPC server on ``address`` (``host:port``, port 0 picks one); returns it and its port."""
+    server, port, _ = serve_servicer(Servicer(coordinator, _identity(credentials)), len(coordinator.job.sites), address,
+                                     credentials)
+    return server, port
+
+
+def _identity(credentials: Optional[grpc.ServerCredentials]):
+    return (lambda context: None) if credentials is None else tls.peer_identity
+
+
+def serve_servicer(servicer: Servicer, sites: int, address: str,
+                   credentials: Optional[grpc.ServerCredentials]) -> tuple[grpc.Server, int, Servicer]:
+    """Starts a gRPC server for ``servicer``, sized for ``sites`` (long polls hold a worker each)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    workers = 4 * len(coordinator.job.sites) + 8  # long polls hold a worker each
+    workers = 4 * sites + 8
     server = grpc.server(ThreadPoolExecutor(max_workers=workers), options=KEEPALIVE,
                          maximum_concurrent_rpcs=workers - 2)  # beyond it: RESOURCE_EXHAUSTED, not a queue
-    identity = (lambda context: None) if credentials is None else tls.peer_identity
-    pb_grpc.add_FederationServicer_to_server(Servicer(coordinator, identity), server)
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"coordinator: cannot listen on {address}")
     server.start()
-    return server, port
+    return server, port, servicer
 
 
-def run_until_done(coordinator: JobServer, server: grpc.Server, final_metrics_grace: float = 30.0) -> None:
-    """Drives round timeouts until the run finishes (or stops), then waits briefly for the sites' final metrics."""
+def drive(coordinator: JobServer, final_metrics_grace: float = 30.0, stop_requested: Callable[[], Optional[str]] = lambda: None) -> None:
+    """Drives round timeouts until the run finishes (or stops), then waits briefly for the sites' final metrics
+    (or, when stopped, for polling sites to hear why). ``stop_requested`` returns a reason to stop the job now."""
     while not coordinator.finished and coordinator.stopped is None:
+        reason = stop_requested()
+        if reason:
+            coordinator.stop(reason)
+            break
         coordinator.tick()
         time.sleep(0.1)
-    if coordinator.stopped:  # let polling sites hear why, then stop
+    if coordinator.stopped:
         time.sleep(min(final_metrics_grace, coordinator.limits.wait_seconds + 1))
-        server.stop(grace=2).wait()
         return
     end = time.monotonic() + final_metrics_grace
     while coordinator.awaiting_final_metrics() and time.monotonic() < end:
         time.sleep(0.1)
+
+
+def run_until_done(coordinator: JobServer, server: grpc.Server, final_metrics_grace: float = 30.0) -> None:
+    """``drive`` one job, then stop the server."""
+    drive(coordinator, final_metrics_grace)
     server.stop(grace=2).wait()

@@ -67,6 +67,10 @@ class SiteRefused(Exception):
     """The coordinator (or this site's own checks) refused to work together; retrying will not help."""
 
 
+class JobRefused(SiteRefused):
+    """This site refused one job (its policy forbids it); a site that stays for the next job goes on waiting."""
+
+
 def metrics_row(metrics) -> dict:
     """A task's metrics tuple as plain floats, the non-finite ones (e.g. AUC of one class) left out."""
     return {k: float(v) for k, v in zip(metrics._fields, metrics) if np.isfinite(float(v))}
@@ -149,9 +153,13 @@ class SiteAgent:
     def __init__(self, name: str, address: str, data: Union[Sequence[Path], StudyRecords], state_dir: Path,
                  credentials: Optional[grpc.ChannelCredentials], *, task: str = "heart",
                  log: Callable[[str], None] = logging.getLogger("nordfl.site").info, max_backoff: float = 30.0, wait_seconds: int = 5,
-                 policy: Optional[SitePolicy] = None, stay_after_describe: bool = False, signing_key=None):
+                 policy: Optional[SitePolicy] = None, stay_after_describe: bool = False, signing_key=None, stay: bool = False):
         self.name, self.address, self.credentials, self.task, self.log = name, address, credentials, task, log
-        self.stay_after_describe = stay_after_describe
+        self.stay_after_describe, self.stay = stay_after_describe, stay
+        self.run_id: Optional[str] = None
+        self.last_round: Optional[int] = None  # the last round this site trained (its metrics endpoint shows it)
+        self.last_contact: Optional[float] = None  # when the coordinator last answered (time.time())
+        self.spent_epsilon = float("nan")
         self.max_backoff, self.wait_seconds = max_backoff, wait_seconds
         self.data = site_records(data, task)  # read and checked before anything connects
         self.task = self.data.task
@@ -183,25 +191,45 @@ class SiteAgent:
             return len(next(iter(self.data.values.values()), ()))
         return len(self.data.examples.y)
 
-    def run(self) -> dict:
+    def run(self, jobs: Optional[int] = None) -> dict:
         """Works until the run finishes; returns this site's metrics of the final model.
 
         With ``stay_after_describe``, a finished Table 1 job is not the end: the site waits for the
-        study's training job (the next run at the same address) and returns when that one finishes."""
+        study's training job (the next run at the same address) and returns when that one finishes.
+        With ``stay`` (a federation that outlives its jobs) the site waits for the next job after each one,
+        finished, stopped or refused by its policy, and returns only after ``jobs`` jobs (None: never)."""
         self.failures = 0  # consecutive failed connections; reset by every successful join
-        done_run = None
+        done_run, result, handled = None, {}, 0
         while True:
             try:
                 with self._channel() as channel:
                     result = self._session(pb_grpc.FederationStub(channel), done_run)
-                if self.job_kind == "describe" and self.stay_after_describe:
-                    done_run = self.run_id
-                    self.log(f"{self.name}: Table 1 job finished; waiting for the study's training job at {self.address}")
-                    continue
-                return result
+                if not self.stay and not (self.job_kind == "describe" and self.stay_after_describe):
+                    return result
+                done_run = self.run_id
+                if self.stay:
+                    handled += 1
+                    if jobs is not None and handled >= jobs:
+                        return result
+                what = "Table 1 job" if self.job_kind == "describe" else "job"
+                self.log(f"{self.name}: {what} {self.run_id} finished; waiting for the next job at {self.address}")
+            except JobRefused as e:
+                if not self.stay:
+                    raise
+                done_run, handled = self.run_id, handled + 1
+                self.log(f"{e}; waiting for the next job")
+                if jobs is not None and handled >= jobs:
+                    return {}
             except _NotYet:
-                time.sleep(0.5)
+                time.sleep(3.0)  # Joins stay under the coordinator's rate limit while it closes the finished job
             except grpc.RpcError as e:
+                if self.stay and e.code() == grpc.StatusCode.FAILED_PRECONDITION and self.run_id != done_run:
+                    self.audit.record("job_stopped", run_id=self.run_id, reason=e.details())
+                    self.log(f"{self.name}: job {self.run_id} stopped at the coordinator ({e.details()}); waiting for the next job")
+                    done_run, handled = self.run_id, handled + 1
+                    if jobs is not None and handled >= jobs:
+                        return {}
+                    continue
                 if e.code() not in RETRYABLE:
                     self.audit.record("refused", code=e.code().name, reason=e.details())
                     raise SiteRefused(f"coordinator refused {self.name}: {e.code().name}: {e.details()}") from None
@@ -228,7 +256,7 @@ class SiteAgent:
             raise SiteRefused(f"the coordinator's job is task {job.task_config['name']!r}; this site serves {self.task!r}")
         self._check_study(reply.run_id, job)
         self.audit.record("joined", run_id=reply.run_id, job=raw, rows=self.rows)
-        self.failures = 0
+        self.failures, self.last_contact = 0, time.time()
         self.run_id = reply.run_id
         self.site_index, self.chunk_size = int(raw["site_index"]), int(raw["chunk_size"])
         self.job_kind = job.kind
@@ -337,7 +365,7 @@ class SiteAgent:
         except PolicyViolation as e:
             self.audit.record("policy_refused", run_id=self.run_id, rule=e.rule, job_value=str(e.job_value),
                               limit=str(e.limit), policy_sha256=self.policy.sha256 if self.policy else None)
-            raise SiteRefused(f"{self.name}: refused the job of run {self.run_id}: {e}") from None
+            raise JobRefused(f"{self.name}: refused the job of run {self.run_id}: {e}") from None
         if self.policy is None:
             return planned
         self.audit.record("policy_accepted", run_id=self.run_id, policy_sha256=self.policy.sha256,
@@ -406,6 +434,7 @@ class SiteAgent:
 
     def _train(self, stub, run_id: str, header: pb.TaskHeader, message) -> None:
         r = int(header.round)
+        self.last_round, self.last_contact = r, time.time()
         test_metrics = self._evaluate(message.params, self.test, jnp.ones(len(self.test.y), bool))
         out = self._update(message, self.state, self.train, round_key(self.job, r, self.site_index), jnp.int32(header.num_epochs))
         self._spend(r, int(out.metrics.num_steps))

@@ -1,4 +1,5 @@
-"""What an operator sees of a running coordinator, on its admin port (loopback unless told otherwise):
+"""What an operator sees of a running coordinator, on its admin port (loopback unless told otherwise), and of a
+site agent on its metrics port (``SiteBoard``: the same paths):
 
 - ``/metrics``: Prometheus metrics (round, rounds planned, sites online, each site's last contact, epsilon
   spent as the sites report it, days left on each certificate);
@@ -24,20 +25,25 @@ from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["ONLINE_SECONDS", "StatusBoard", "format_status", "serve_admin"]
+__all__ = ["ONLINE_SECONDS", "SiteBoard", "StatusBoard", "format_status", "serve_admin"]
 
 ONLINE_SECONDS = 60.0
 """A site heard from within this long is online (sites long-poll every few seconds while connected)."""
 
 
 class StatusBoard:
-    """Reads the coordinator (never changes it) and renders its state as JSON, metrics and a page."""
+    """Reads the coordinator (never changes it) and renders its state as JSON, metrics and a page. A coordinator
+    service points ``coordinator`` at each job's coordinator in turn."""
 
-    def __init__(self, coordinator, federation_dir: Optional[Path] = None):
+    def __init__(self, coordinator=None, federation_dir: Optional[Path] = None):
         self.coordinator, self.federation_dir = coordinator, None if federation_dir is None else Path(federation_dir)
 
     def snapshot(self) -> dict:
         c, now = self.coordinator, time.time()
+        if c is None:  # a coordinator service before its first job
+            return {"time": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "job": {"run_id": "", "what": "no job yet", "round": 0, "rounds": 0, "finished": False, "stopped": None},
+                    "sites_online": 0, "sites": [], "coordinator_certificate_days_left": self._certificate_days().get(None)}
         job = c.job
         seen = dict(c.last_seen)
         epsilon = dict(getattr(c, "site_epsilon", {}))
@@ -118,6 +124,37 @@ of {job['rounds']}, {html.escape(state)}. Sites online: <b id="online">{snap['si
 """
 
 
+class SiteBoard:
+    """A site agent's own view, for its metrics endpoint: the job it serves, the last round it trained, the
+    epsilon it has spent, and whether the coordinator answers."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def snapshot(self) -> dict:
+        a, now = self.agent, time.time()
+        epsilon = a.spent_epsilon if a.spent_epsilon == a.spent_epsilon else None  # NaN: nothing spent (no DP)
+        return {"site": a.name, "run_id": a.run_id, "job_kind": a.job_kind, "last_round": a.last_round, "epsilon": epsilon,
+                "connected": a.last_contact is not None and a.failures == 0,
+                "last_contact_seconds_ago": None if a.last_contact is None else round(now - a.last_contact, 1)}
+
+    def metrics(self) -> bytes:
+        snap = self.snapshot()
+        registry = CollectorRegistry()
+        Gauge("nordfl_site_connected", "1 while the coordinator answers this site", registry=registry).set(int(snap["connected"]))
+        if snap["last_round"] is not None:
+            Gauge("nordfl_site_round", "The last round this site trained", registry=registry).set(snap["last_round"])
+        if snap["epsilon"] is not None:
+            Gauge("nordfl_site_epsilon", "Epsilon this site has spent in the current job", registry=registry).set(snap["epsilon"])
+        if snap["last_contact_seconds_ago"] is not None:
+            Gauge("nordfl_site_last_contact_seconds", "Seconds since the coordinator last answered",
+                  registry=registry).set(snap["last_contact_seconds_ago"])
+        return generate_latest(registry)
+
+    def page(self) -> str:
+        return f"<!doctype html><title>NordFL site</title><pre>{html.escape(json.dumps(self.snapshot(), indent=2))}</pre>"
+
+
 def _shown(value, fmt: str, missing: str = "") -> str:
     return missing if value is None else fmt.format(value)
 
@@ -138,7 +175,7 @@ def format_status(snap: dict) -> str:
     return "\n".join(lines)
 
 
-def serve_admin(board: StatusBoard, address: str) -> tuple[ThreadingHTTPServer, int]:
+def serve_admin(board, address: str) -> tuple[ThreadingHTTPServer, int]:
     """Serves the board on ``address`` (``host:port``; port 0 picks one) in a daemon thread; GET only."""
     host, _, port = address.rpartition(":")
 

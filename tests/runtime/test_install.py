@@ -43,7 +43,7 @@ def test_the_units_run_a_command_line_nordfl_accepts(unit):
     line = re.sub(r"\$\{(\w+)\}", lambda m: env[m[1]], line)  # ${VAR}: one word
     words = [w for word in shlex.split(line) for w in (env[word[1:]].split() if word.startswith("$") else [word])]
     args = _parser().parse_args(words[1:])
-    assert args.log_format == "json" and args.state.startswith("/var/lib/nordfl/")
+    assert args.log_format == "json" and (args.state or args.jobs).startswith("/var/lib/nordfl/")
     assert "Restart=on-failure" in (DEPLOY / unit).read_text() and "RestartPreventExitStatus=2" in (DEPLOY / unit).read_text()
 
 

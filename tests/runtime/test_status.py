@@ -1,5 +1,6 @@
 """The coordinator's status on its admin port during a real run over mTLS: Prometheus metrics, /status.json,
-`nordfl status` and the status page (screenshotted by headless Chromium where it is installed)."""
+`nordfl status` and the status page (screenshotted by headless Chromium where it is installed); and a site's
+own metrics endpoint."""
 
 import json
 import shutil
@@ -10,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nordfl.runtime.cli import main as nordfl
-from nordfl.runtime.status import StatusBoard, serve_admin
+from nordfl.runtime.status import SiteBoard, StatusBoard, serve_admin
 
 from .helpers import SITES, provisioned, run_sites_in_background, site_agent, start_federation, wait_until
 
@@ -44,6 +45,7 @@ def test_status_metrics_and_page_during_and_after_a_dp_run(tmp_path, capsys):
         assert (before["job"]["round"], before["sites_online"]) == (0, 0)
         assert all(s["certificate_days_left"] >= 800 for s in before["sites"])  # provisioned for 825 days
         agents = [site_agent(tmp_path, federation, files, s, port) for s in SITES]
+        site_server, site_port = serve_admin(SiteBoard(agents[0]), "127.0.0.1:0")  # one site's own endpoint
         thread, outcome = run_sites_in_background(agents[:-1])  # the last site is late: round 0 waits for it
         wait_until(lambda: len(coordinator.updates) == len(SITES) - 1)
         during = _metrics(admin)
@@ -73,6 +75,12 @@ def test_status_metrics_and_page_during_and_after_a_dp_run(tmp_path, capsys):
             log = [json.loads(line) for line in (tmp_path / "sites" / site / "audit.jsonl").read_text().splitlines()]
             spent = [e["epsilon"] for e in log if e["event"] == "privacy_spent"][-1]
             assert after[("nordfl_site_epsilon", (("site", site),))] == pytest.approx(spent, rel=1e-12)
+        own = _metrics(site_port)
+        first_log = [json.loads(line) for line in (tmp_path / "sites" / SITES[0] / "audit.jsonl").read_text().splitlines()]
+        assert own[("nordfl_site_round", ())] == 2  # rounds 0, 1, 2
+        assert own[("nordfl_site_epsilon", ())] == pytest.approx([e["epsilon"] for e in first_log if e["event"] == "privacy_spent"][-1])
+        assert own[("nordfl_site_connected", ())] == 1
+        site_server.shutdown()
         assert nordfl(["status", "--admin", f"127.0.0.1:{admin}"]) == 0
         shown = capsys.readouterr().out
         assert "round 3/3, finished" in shown and f"{SITES[0]}: online" in shown and "epsilon" in shown
