@@ -694,12 +694,13 @@ KEEPALIVE = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 1
 
 def serve(coordinator: JobServer, address: str, credentials: Optional[grpc.ServerCredentials]) -> tuple[grpc.Server, int]:
     """Starts the gRPC server on ``address`` (``host:port``, port 0 picks one); returns it and its port."""
-    server, port, _ = serve_servicer(Servicer(coordinator, _identity(credentials)), len(coordinator.job.sites), address,
+    server, port, _ = serve_servicer(Servicer(coordinator, identity_for(credentials)), len(coordinator.job.sites), address,
                                      credentials)
     return server, port
 
 
-def _identity(credentials: Optional[grpc.ServerCredentials]):
+def identity_for(credentials: Optional[grpc.ServerCredentials]):
+    """How the servicer learns who calls: the verified certificate with TLS, nobody without (``--insecure``)."""
     return (lambda context: None) if credentials is None else tls.peer_identity
 
 

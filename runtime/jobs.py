@@ -105,11 +105,11 @@ def serve_jobs(federation: Path, jobs: JobQueue, address: str, *, insecure: bool
     gets the port once the server listens."""
     from nordfl.conf.schema import ConfigError
     from nordfl.runtime.audit import AuditError
-    from nordfl.runtime.coordinator import Servicer, _identity, coordinator_for, drive, serve_servicer
+    from nordfl.runtime.coordinator import Servicer, coordinator_for, drive, identity_for, serve_servicer
 
     credentials = None if insecure else tls.server_credentials(federation / "coordinator")
     sites = max(len(tls.load_federation(federation).sites), 1)
-    server, port, servicer = serve_servicer(Servicer(None, _identity(credentials)), sites, address, credentials)
+    server, port, servicer = serve_servicer(Servicer(None, identity_for(credentials)), sites, address, credentials)
     log(f"coordinator service: listening on port {port}; jobs from {jobs.root}")
     on_listening(port)
     done = 0
