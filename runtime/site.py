@@ -199,46 +199,43 @@ class SiteAgent:
         With ``stay`` (a federation that outlives its jobs) the site waits for the next job after each one,
         finished, stopped or refused by its policy, and returns only after ``jobs`` jobs (None: never)."""
         self.failures = 0  # consecutive failed connections; reset by every successful join
-        done_run, result, handled = None, {}, 0
-        while True:
+        done_run, result, handled = None, {}, 0  # handled: jobs ended (finished, refused, stopped) while staying
+        while jobs is None or handled < jobs:
             try:
                 with self._channel() as channel:
                     result = self._session(pb_grpc.FederationStub(channel), done_run)
                 if not self.stay and not (self.job_kind == "describe" and self.stay_after_describe):
                     return result
-                done_run = self.run_id
-                if self.stay:
-                    handled += 1
-                    if jobs is not None and handled >= jobs:
-                        return result
+                handled += self.stay
                 what = "Table 1 job" if self.job_kind == "describe" else "job"
                 self.log(f"{self.name}: {what} {self.run_id} finished; waiting for the next job at {self.address}")
             except JobRefused as e:
                 if not self.stay:
                     raise
-                done_run, handled = self.run_id, handled + 1
+                handled, result = handled + 1, {}
                 self.log(f"{e}; waiting for the next job")
-                if jobs is not None and handled >= jobs:
-                    return {}
             except _NotYet:
                 time.sleep(3.0)  # Joins stay under the coordinator's rate limit while it closes the finished job
+                continue
             except grpc.RpcError as e:
                 if self.stay and e.code() == grpc.StatusCode.FAILED_PRECONDITION and self.run_id != done_run:
                     self.audit.record("job_stopped", run_id=self.run_id, reason=e.details())
                     self.log(f"{self.name}: job {self.run_id} stopped at the coordinator ({e.details()}); waiting for the next job")
-                    done_run, handled = self.run_id, handled + 1
-                    if jobs is not None and handled >= jobs:
-                        return {}
+                    handled, result = handled + 1, {}
+                else:
+                    if e.code() not in RETRYABLE:
+                        self.audit.record("refused", code=e.code().name, reason=e.details())
+                        raise SiteRefused(f"coordinator refused {self.name}: {e.code().name}: {e.details()}") from None
+                    self.failures += 1
+                    delay = min(self.max_backoff, 0.5 * 2 ** min(self.failures, 10)) * random.uniform(0.5, 1.0)
+                    self.audit.record("connection_lost", durable=False, code=e.code().name, reason=e.details(),
+                                      retry_in_s=round(delay, 2))
+                    # The details carry TLS hints (e.g. CERTIFICATE_VERIFY_FAILED) that UNAVAILABLE alone hides.
+                    self.log(f"{self.name}: coordinator unreachable ({e.code().name}: {e.details()}); retrying in {delay:.1f}s")
+                    time.sleep(delay)
                     continue
-                if e.code() not in RETRYABLE:
-                    self.audit.record("refused", code=e.code().name, reason=e.details())
-                    raise SiteRefused(f"coordinator refused {self.name}: {e.code().name}: {e.details()}") from None
-                self.failures += 1
-                delay = min(self.max_backoff, 0.5 * 2 ** min(self.failures, 10)) * random.uniform(0.5, 1.0)
-                self.audit.record("connection_lost", durable=False, code=e.code().name, reason=e.details(), retry_in_s=round(delay, 2))
-                # The details carry TLS hints (e.g. CERTIFICATE_VERIFY_FAILED) that UNAVAILABLE alone hides.
-                self.log(f"{self.name}: coordinator unreachable ({e.code().name}: {e.details()}); retrying in {delay:.1f}s")
-                time.sleep(delay)
+            done_run = self.run_id  # this run has ended here: a Join that finds it still open waits (_NotYet)
+        return result
 
     # ------------------------------------------------------------------ one connected session
     def _session(self, stub: pb_grpc.FederationStub, done_run: Optional[str] = None) -> dict:
