@@ -10,7 +10,7 @@ from nordfl.runtime import enrol, tls
 from nordfl.runtime.jobs import JobQueue, format_jobs, serve_jobs
 from nordfl.runtime.site import SiteAgent
 
-from .helpers import SITES, provisioned, site_agent, wait_until
+from .helpers import SITES, provisioned, wait_until
 
 
 def test_the_queue_submits_lists_and_aborts(tmp_path):
@@ -30,54 +30,70 @@ def test_the_queue_submits_lists_and_aborts(tmp_path):
     assert "fedprox" in format_jobs(queue.list())
 
 
+def _enrol(federation, certs, name, *, renew=False):
+    """A site's key made at the site, its request approved by the admin, the certificate installed back."""
+    request = enrol.request_certificate(certs, name, renew=renew)
+    approval = tls.approve(federation, request.path.read_bytes(), request.fingerprint)
+    enrol.install_certificate(certs, (approval.folder / "cert.pem").read_bytes(), (approval.folder / "ca.pem").read_bytes())
+
+
 @pytest.mark.slow
-def test_two_jobs_in_a_row_with_the_sites_staying_and_a_site_added_between(tmp_path):
-    """One coordinator service runs two submitted jobs; the four sites stay connected from one to the next, and
-    a fifth site, enrolled the site-issued way between the jobs, joins the second without anyone else re-provisioned."""
-    federation, files = provisioned(tmp_path)
-    queue = JobQueue(tmp_path / "jobs")
-    ports = []
+def test_two_jobs_on_one_service_with_site_issued_certificates_a_renewal_and_a_new_site_between(tmp_path):
+    """Five sites enrol the site-issued way (no key ever made centrally). One coordinator service runs two
+    submitted jobs; four sites stay connected from the first to the second. Between the jobs one site renews its
+    certificate (its agent restarted with the new key) and a sixth site joins; no other site's files change."""
+    federation = tls.provision(tmp_path / "federation", [])
+    _, files = provisioned(tmp_path / "data")  # the four hospitals' files (its own federation is not used)
+    data = {**files, "Tartu": files["Cleveland"], "Turku": files["Hungary"]}
+    certs = tmp_path / "certs"
+    for name in [*SITES, "Tartu"]:
+        _enrol(federation, certs / name, name)
+    assert not list((federation / "sites").rglob("key.pem"))
+    queue, ports, results = JobQueue(tmp_path / "jobs"), [], {}
     service = threading.Thread(target=serve_jobs, args=(federation, queue, "localhost:0"),
                                kwargs=dict(log=lambda m: None, max_jobs=2, idle_poll=0.2, final_metrics_grace=10,
                                            on_listening=ports.append), daemon=True)
     service.start()
     wait_until(lambda: ports, timeout=60)
-    before = {s: (federation / "sites" / s / "cert.pem").read_bytes() for s in SITES}
-    agents = [site_agent(tmp_path, federation, files, s, ports[0], stay=True, max_backoff=1.0) for s in SITES]
-    results = {}
 
-    def work(agent):
-        results[agent.name] = agent.run(jobs=2)
+    def agent(name, jobs):
+        site = SiteAgent(name, f"localhost:{ports[0]}", [data[name]], tmp_path / "sites" / name,
+                         tls.channel_credentials(certs / name), log=lambda m: None, stay=True, max_backoff=1.0,
+                         signing_key=certs / name / "key.pem")
+        def work():
+            results.setdefault(name, []).append(site.run(jobs=jobs))
+            site.audit.close()  # as a restarted agent's process would: the next one opens the log
 
-    threads = [threading.Thread(target=work, args=(a,), daemon=True) for a in agents]
-    for t in threads:
-        t.start()
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        return thread
+
+    threads = [agent(name, 2) for name in SITES] + [agent("Tartu", 1)]
     first = queue.submit(["runtime.rounds=1"])
     wait_until(lambda: {e["id"]: e["state"] for e in queue.list()}.get(first) == "finished", timeout=300)
+    threads[-1].join(timeout=60)
 
-    request = enrol.request_certificate(tmp_path / "Tartu", "Tartu")  # a new hospital, its key made there
-    approval = tls.approve(federation, request.path.read_bytes(), request.fingerprint)
-    enrol.install_certificate(tmp_path / "Tartu", (approval.folder / "cert.pem").read_bytes(), (approval.folder / "ca.pem").read_bytes())
-    tartu = SiteAgent("Tartu", f"localhost:{ports[0]}", [files["Cleveland"]], tmp_path / "sites" / "Tartu",
-                      tls.channel_credentials(tmp_path / "Tartu"), log=lambda m: None, stay=True, max_backoff=1.0,
-                      signing_key=tmp_path / "Tartu" / "key.pem")
-    late = threading.Thread(target=lambda: results.update(Tartu=tartu.run(jobs=1)), daemon=True)
-    late.start()
+    untouched = {name: _files(certs / name) for name in SITES}
+    _enrol(federation, certs / "Tartu", "Tartu", renew=True)  # a new key; the old certificate is refused from now on
+    _enrol(federation, certs / "Turku", "Turku")  # a sixth hospital
+    threads += [agent("Tartu", 1), agent("Turku", 1)]
     second = queue.submit(["algorithm=fedprox", "runtime.rounds=1"])
-    for t in threads:
-        t.join(timeout=300)
+    for thread in threads:
+        thread.join(timeout=300)
     service.join(timeout=120)
-    late.join(timeout=60)
-    assert not service.is_alive() and set(results) == {*SITES, "Tartu"}
+    assert not service.is_alive()
     jobs = {e["id"]: e for e in queue.list()}
     assert jobs[first]["state"] == jobs[second]["state"] == "finished"
-    assert jobs[first]["sites"] == sorted(SITES) and jobs[second]["sites"] == sorted([*SITES, "Tartu"])
-    for site in SITES:  # the same agent joined both runs
+    assert jobs[first]["sites"] == sorted([*SITES, "Tartu"]) and jobs[second]["sites"] == sorted([*SITES, "Tartu", "Turku"])
+    assert {name: len(runs) for name, runs in results.items()} == {**{s: 1 for s in SITES}, "Tartu": 2, "Turku": 1}
+    for site in SITES:  # one agent, both runs; nobody else's certificate or key changed
         log = [json.loads(line) for line in (tmp_path / "sites" / site / "audit.jsonl").read_text().splitlines()]
         assert [e["run_id"] for e in log if e["event"] == "joined"] == [jobs[first]["run_id"], jobs[second]["run_id"]]
-        assert (federation / "sites" / site / "cert.pem").read_bytes() == before[site]
+        assert _files(certs / site) == untouched[site]
     for job in (first, second):  # each job its own state and audit log
         entries = [json.loads(line) for line in (queue.runs / job / "audit.jsonl").read_text().splitlines()]
         assert entries[0]["event"] == "start" and "finished" in [e["event"] for e in entries]
-    tartu_log = [json.loads(line) for line in (tmp_path / "sites" / "Tartu" / "audit.jsonl").read_text().splitlines()]
-    assert [e["run_id"] for e in tartu_log if e["event"] == "joined"] == [jobs[second]["run_id"]]
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
