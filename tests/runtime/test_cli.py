@@ -134,6 +134,12 @@ def test_study_demo_runs_table_one_then_training_at_five_hospitals(tmp_path):
         assert '"summary_sent"' in log and '"update_sent"' in log  # one site process took part in both jobs
     assert done.stdout.count("chain intact") == 7  # both coordinators' audit logs and every site's
     assert (tmp_path / "demo" / "coordinator" / "table1" / "table1.csv").is_file()
+    # The training job's model card names the study by its hash, as every site checked it.
+    assert _run("export", "--state", tmp_path / "demo" / "coordinator" / "train", "--out", tmp_path / "model").returncode == 0
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    checked = [json.loads(line) for line in (tmp_path / "demo" / "sites" / "Oslo" / "audit.jsonl").read_text().splitlines()
+               if '"site_checked"' in line][0]
+    assert card["study"]["sha256"] == checked["study_sha256"] and card["study"]["sha256"] in (tmp_path / "model" / "model_card.md").read_text()
 
 
 
