@@ -1,7 +1,8 @@
-"""Every module of the source tree imports from a regular (non-editable) install, and the
-data files ship: a subpackage missing from ``packages`` or a file missing from
-``package-data`` fails here, not on a user's machine."""
+"""Every module of the source tree imports from a regular (non-editable) install of the wheel, made
+offline from a wheelhouse, and the data files ship: a subpackage missing from ``packages`` or a file
+missing from ``package-data`` fails here, not on a user's machine."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -33,11 +34,18 @@ def test_regular_install_imports_every_module(tmp_path):
         shutil.copy(ROOT / name, source / name)
     for top in TOP_LEVEL:
         shutil.copytree(ROOT / top, source / top, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(source)],
-        check=True, cwd=tmp_path,
-    )
+    # The offline path of docs/deployment.md: a wheel into a wheelhouse, installed with no package index
+    # (the index pointed at a closed port too). The dependencies are this environment's here; on a
+    # hospital server they come from the same wheelhouse, filled by `pip wheel` on a connected machine.
+    wheelhouse = tmp_path / "wheelhouse"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheelhouse),
+                    str(source)], check=True, cwd=tmp_path)
+    offline = os.environ | {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_CONFIG_FILE": os.devnull}
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(wheelhouse), "--no-deps",
+                    "--target", str(target), "nordfl"], check=True, cwd=tmp_path, env=offline)
+    missing = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheelhouse),
+                              "--target", str(tmp_path / "nowhere"), "no-such-package"], capture_output=True, cwd=tmp_path, env=offline)
+    assert missing.returncode != 0  # nothing comes from an index
     script = textwrap.dedent(
         f"""
         import importlib, sys
