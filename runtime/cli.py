@@ -696,10 +696,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["site", "check"]:
         return cmd_site_check(_check_parser().parse_args(argv[2:]))
-    enrol = _enrol_parsers().get(tuple(argv[:2]))
+    parsers = _enrol_parsers()
+    enrol = parsers.get(tuple(argv[:2]))
     if enrol is not None:
         args = enrol.parse_args(argv[2:])
         return args.func(args)
+    if argv[:1] == ["admin"]:  # the admin's one command so far
+        parsers[("admin", "approve")].print_usage(sys.stderr)
+        return _err(f"admin: expected `nordfl admin approve ...`, got {' '.join(argv[1:2]) or 'nothing'}")
     args = _parser().parse_args(argv)
     if args.command == "site" and not args.dry_run:
         missing = [f"--{k}" for k in ("coordinator", "state") if not getattr(args, k)]
