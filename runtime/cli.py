@@ -4,14 +4,15 @@
     nordfl revoke DIR SITE                   refuse SITE from its next request on
     nordfl site init --name SITE --certs DIR [--renew]
                                              make this site's key (it stays here) and a certificate request
-    nordfl admin approve DIR REQUEST --fingerprint FP [--days N]
+    nordfl admin approve DIR REQUEST --fingerprint FP [--days N] [--role admin]
                                              sign a site's request with the federation CA: add or renew a site
+    nordfl admin init --name NAME --certs DIR    a study lead's key and request (approved with --role admin)
     nordfl site install --certs DIR CERT [--ca CA]
                                              install the certificate the admin sent back
     nordfl coordinator --federation DIR --state DIR [--address HOST:PORT] [OVERRIDES ...]
     nordfl coordinator --federation DIR --jobs DIR [--address HOST:PORT]
                                              a service: the queued jobs one after another, sites staying connected
-    nordfl job submit|list|abort --jobs DIR ...   queue a job, list jobs, abort one
+    nordfl job submit|list|abort --jobs DIR [--certs ADMIN_DIR] ...   queue a job (signed by an admin), list, abort
     nordfl site --name SITE --coordinator HOST:PORT --certs DIR --data FILE [--data FILE] --state DIR [--policy FILE]
     nordfl site --name SITE --coordinator HOST:PORT --certs DIR --study FILE --mapping FILE [--data FILE] --state DIR
                                              a site serving a study: its own records through its mapping
@@ -98,10 +99,12 @@ def cmd_admin_approve(args) -> int:
     from nordfl.runtime import tls
 
     try:
-        approval = tls.approve(Path(args.dir), Path(args.request).read_bytes(), args.fingerprint, valid_days=args.days)
+        approval = tls.approve(Path(args.dir), Path(args.request).read_bytes(), args.fingerprint, valid_days=args.days,
+                               role=args.role)
     except (ValueError, FileNotFoundError) as e:
         return _err(str(e))
-    what = "renewed (its previous certificate is refused from now on)" if approval.renewed else "added to the federation"
+    what = "renewed (its previous certificate is refused from now on)" if approval.renewed else (
+        "added to the federation" if approval.role == "site" else "added as an admin: it may sign jobs")
     print(f"{approval.site}: {what}; certificate valid until {approval.not_after:%Y-%m-%d}. Send "
           f"{approval.folder / 'cert.pem'} and {approval.folder / 'ca.pem'} back to the site. No other site changes.")
     return 0
@@ -279,13 +282,14 @@ def cmd_job(args) -> int:
     queue = JobQueue(args.jobs)
     try:
         if args.job_command == "submit":
-            job_id = queue.submit(args.overrides, by=args.by or os.environ.get("USER", ""))
-            print(f"queued job {job_id}: {' '.join(args.overrides) or '(the defaults)'}")
+            job_id = queue.submit(args.overrides, by=args.by or os.environ.get("USER", ""), certs=args.certs)
+            print(f"queued job {job_id}{'' if args.certs else ' (unsigned: only an --insecure service runs it)'}: "
+                  f"{' '.join(args.overrides) or '(the defaults)'}")
         elif args.job_command == "list":
             print(format_jobs(queue.list()))
         else:
-            print(f"job {args.id}: {queue.abort(args.id)}")
-    except (ConfigError, ValueError) as e:
+            print(f"job {args.id}: {queue.abort(args.id, certs=args.certs)}")
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         return _err(str(e))
     return 0
 
@@ -592,11 +596,13 @@ def _parser() -> argparse.ArgumentParser:
     j = job.add_parser("submit", help="queue a job (Hydra overrides, as `nordfl coordinator` takes them)")
     j.add_argument("--jobs", required=True, help="the service's --jobs folder")
     j.add_argument("--by", help="who submits (default: $USER), kept with the job")
+    j.add_argument("--certs", help="the admin's certificate folder (key.pem, cert.pem): the job is signed with it")
     j.add_argument("overrides", nargs="*")
     j = job.add_parser("list", help="every job and its state")
     j.add_argument("--jobs", required=True)
     j = job.add_parser("abort", help="remove a queued job, or stop a running one")
     j.add_argument("--jobs", required=True)
+    j.add_argument("--certs", help="the admin's certificate folder: a running job stops only for a signed request")
     j.add_argument("id")
     p.set_defaults(func=cmd_job)
 
@@ -682,14 +688,22 @@ def _enrol_parsers() -> dict[tuple[str, str], argparse.ArgumentParser]:
     approve.add_argument("request", help="the request.pem the site sent")
     approve.add_argument("--fingerprint", required=True, help="the fingerprint the site read out to you")
     approve.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    approve.add_argument("--role", choices=("site", "admin"), default="site",
+                         help="site (default), or admin: a study lead who may sign jobs for the coordinator service")
     approve.set_defaults(func=cmd_admin_approve)
+    admin = argparse.ArgumentParser(prog="nordfl admin init",
+                                    description="make a study lead's private key (it stays here) and a certificate request")
+    admin.add_argument("--name", required=True, help="the admin's name (not a site's)")
+    admin.add_argument("--certs", required=True, help="the admin's certificate folder (key.pem is created here)")
+    admin.add_argument("--renew", action="store_true", help="a new key and request under renew/ for a renewal")
+    admin.set_defaults(func=cmd_site_init)
     install = argparse.ArgumentParser(prog="nordfl site install",
                                       description="install the certificate the federation admin sent back")
     install.add_argument("--certs", required=True, help="this site's certificate folder")
     install.add_argument("cert", help="the cert.pem from the admin")
     install.add_argument("--ca", help="the federation's ca.pem (needed the first time)")
     install.set_defaults(func=cmd_site_install)
-    return {("site", "init"): init, ("admin", "approve"): approve, ("site", "install"): install}
+    return {("site", "init"): init, ("admin", "approve"): approve, ("site", "install"): install, ("admin", "init"): admin}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -701,9 +715,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if enrol is not None:
         args = enrol.parse_args(argv[2:])
         return args.func(args)
-    if argv[:1] == ["admin"]:  # the admin's one command so far
+    if argv[:1] == ["admin"]:
         parsers[("admin", "approve")].print_usage(sys.stderr)
-        return _err(f"admin: expected `nordfl admin approve ...`, got {' '.join(argv[1:2]) or 'nothing'}")
+        return _err(f"admin: expected `nordfl admin init ...` or `nordfl admin approve ...`, got {' '.join(argv[1:2]) or 'nothing'}")
     args = _parser().parse_args(argv)
     if args.command == "site" and not args.dry_run:
         missing = [f"--{k}" for k in ("coordinator", "state") if not getattr(args, k)]

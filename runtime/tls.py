@@ -72,6 +72,7 @@ class Federation(NamedTuple):
     sites: frozenset[str]
     revoked: frozenset[str]
     certificates: Mapping[str, str] = MappingProxyType({})
+    admins: Mapping[str, str] = MappingProxyType({})  # admin -> its certificate's SHA-256: who may submit jobs
 
 
 class Peer(str):
@@ -328,15 +329,16 @@ def _federation_from(path: Path, data: dict) -> Federation:
     return Federation(
         sites=frozenset(_name_list(path, data, "sites")),
         revoked=frozenset(_name_list(path, data, "revoked")),
-        certificates=MappingProxyType(_pins(path, data)),
+        certificates=MappingProxyType(_pins(path, data, "certificates")),
+        admins=MappingProxyType(_pins(path, data, "admins")),
     )
 
 
-def _pins(path: Path, data: dict) -> dict[str, str]:
-    pins = data.get("certificates", {})
+def _pins(path: Path, data: dict, field: str) -> dict[str, str]:
+    pins = data.get(field, {})
     if not isinstance(pins, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in pins.items()):
-        raise ValueError(f"{path}: field 'certificates' must map site names to certificate SHA-256s "
+        raise ValueError(f"{path}: field {field!r} must map names to certificate SHA-256s "
                          f"(64 lower-case hex digits), got {str(pins)[:200]}")
     return dict(pins)
 
@@ -368,6 +370,10 @@ def revoke(directory: str | os.PathLike, site: str) -> None:
     """
     path = Path(directory) / FEDERATION_FILE
     data, federation = _read_federation(Path(directory))
+    if site in federation.admins:  # an admin is unpinned: its signature no longer counts
+        data["admins"] = {name: pin for name, pin in federation.admins.items() if name != site}
+        _write_json_atomic(path, data)
+        return
     if site not in federation.sites:
         known = ", ".join(sorted(federation.sites)) or "(none)"
         raise ValueError(f"unknown site {site!r} in {path}; known sites: {known}")
@@ -385,10 +391,17 @@ class Approval(NamedTuple):
     renewed: bool
     not_after: datetime.datetime
     certificate_sha256: str
+    role: str = "site"
 
 
-def approve(directory: str | os.PathLike, request_pem: bytes, fingerprint: str, *, valid_days: int = 825) -> Approval:
-    """Sign a site's own certificate request with the federation CA: adds the site, or renews it.
+ROLES = ("site", "admin")
+
+
+def approve(directory: str | os.PathLike, request_pem: bytes, fingerprint: str, *, valid_days: int = 825,
+            role: str = "site") -> Approval:
+    """Sign a site's own certificate request with the federation CA: adds the site, or renews it. With
+    ``role="admin"`` the request is a study lead's: the certificate goes to ``admins/<name>/`` and is pinned
+    under ``admins`` (it may sign jobs for a coordinator service; it is not a site and cannot join a job).
 
     ``fingerprint`` is the request's key fingerprint as the site read it out over another channel
     (phone, video call); a request whose key does not match it is refused, so a request swapped in
@@ -420,11 +433,17 @@ def approve(directory: str | os.PathLike, request_pem: bytes, fingerprint: str, 
                          f"{fingerprint!r}; do not approve it, ask the site to check its request")
     if isinstance(valid_days, bool) or not isinstance(valid_days, int) or valid_days < 1:
         raise ValueError(f"valid_days must be a positive integer, got {valid_days!r}")
+    if role not in ROLES:
+        raise ValueError(f"role {role!r}: expected one of {', '.join(ROLES)}")
     data, federation = _read_federation(root)
+    others = federation.sites if role == "admin" else federation.admins
+    if any(name.lower() == site.lower() for name in others):
+        raise ValueError(f"{role} name {site!r} is already {'a site' if role == 'admin' else 'an admin'}'s name: "
+                         "sites and admins need names of their own")
     if site in federation.revoked:
         raise ValueError(f"site {site!r} has been revoked; a revoked name is never admitted again, enrol the "
                          "hospital under a new name")
-    clash = [s for s in federation.sites if s.lower() == site.lower() and s != site]
+    clash = [s for s in (federation.sites if role == "site" else federation.admins) if s.lower() == site.lower() and s != site]
     if clash:
         raise ValueError(f"site name {site!r} clashes with the existing site {clash[0]!r} (names are compared "
                          "regardless of letter case)")
@@ -439,22 +458,27 @@ def approve(directory: str | os.PathLike, request_pem: bytes, fingerprint: str, 
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = _leaf_certificate(site, request.public_key(), ca_key, ca_cert, now - _CLOCK_SKEW,
                              now + datetime.timedelta(days=valid_days), usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    folder = root / "sites" / site
+    folder = root / ("sites" if role == "site" else "admins") / site
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     atomic_write_text(folder / "cert.pem", _cert_pem(cert).decode())
     atomic_write_text(folder / "ca.pem", _cert_pem(ca_cert).decode())
     stale_key = folder / "key.pem"  # a central copy from `provision` no longer matches the site's certificate
     if stale_key.exists():
         stale_key.unlink()
-    renewed = site in federation.sites
     sha256 = certificate_sha256(cert)
-    data["sites"] = sorted(federation.sites | {site})
-    data["certificates"] = dict(federation.certificates) | {site: sha256}
+    if role == "site":
+        renewed = site in federation.sites
+        data["sites"] = sorted(federation.sites | {site})
+        data["certificates"] = dict(federation.certificates) | {site: sha256}
+    else:
+        renewed = site in federation.admins
+        data["admins"] = dict(federation.admins) | {site: sha256}
     _write_json_atomic(root / FEDERATION_FILE, data)
     with open(root / "issued.jsonl", "a") as log:  # the admin's own record of what was signed, and when
-        log.write(json.dumps({"time": now.isoformat(), "site": site, "renewed": renewed, "key_fingerprint": actual,
-                              "certificate_sha256": sha256, "not_after": cert.not_valid_after_utc.isoformat()}) + "\n")
-    return Approval(site, folder, renewed, cert.not_valid_after_utc, sha256)
+        log.write(json.dumps({"time": now.isoformat(), "site": site, "role": role, "renewed": renewed,
+                              "key_fingerprint": actual, "certificate_sha256": sha256,
+                              "not_after": cert.not_valid_after_utc.isoformat()}) + "\n")
+    return Approval(site, folder, renewed, cert.not_valid_after_utc, sha256, role)
 
 
 def admit(federation: Federation, identity: Optional[str]) -> tuple[bool, str]:

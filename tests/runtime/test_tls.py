@@ -203,7 +203,7 @@ def test_load_federation_errors(tmp_path):
     with pytest.raises(ValueError, match="expected an object"):
         tls.load_federation(tmp_path)
     path.write_text('{"sites": ["a"], "revoked": [], "certificates": {"a": "not-a-sha256"}}')
-    with pytest.raises(ValueError, match="field 'certificates' must map site names to certificate SHA-256s"):
+    with pytest.raises(ValueError, match="field 'certificates' must map names to certificate SHA-256s"):
         tls.load_federation(tmp_path)
 
 
