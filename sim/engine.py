@@ -119,7 +119,7 @@ def chunk_layout(slots_needed: int, max_chunk: int, num_devices: int) -> tuple[i
     return num_chunks, chunk
 
 
-def _stack_clients(tree, num_clients: int):
+def stack_clients(tree, num_clients: int):
     return jax.tree_util.tree_map(lambda leaf: jnp.broadcast_to(leaf, (num_clients, *leaf.shape)).copy(), tree)
 
 
@@ -213,7 +213,7 @@ class Simulator:
     def init(self, params) -> SimState:
         """Round-0 state: the server's and every client's initial state."""
         server = self.algorithm.server_init(params)
-        clients = _stack_clients(self.algorithm.client_init(params), self.num_clients)
+        clients = stack_clients(self.algorithm.client_init(params), self.num_clients)
         return SimState(jax.device_put(server, self._replicated), jax.device_put(clients, self._replicated), 0)
 
     # ----------------------------------------------------------------- one round

@@ -24,7 +24,7 @@ import numpy as np
 
 from nordfl.algorithms import Algorithm, weighted_mean
 from nordfl.algorithms.aggregators import Aggregator
-from nordfl.sim.engine import ROUND_COMPILER_OPTIONS, Evaluation, RoundMetrics, Simulator, SimulatorOptions, SimState, _stack_clients
+from nordfl.sim.engine import ROUND_COMPILER_OPTIONS, Evaluation, RoundMetrics, Simulator, SimulatorOptions, SimState, stack_clients
 from nordfl.sim.seeds import seed_slice, stack_runs, stack_slots
 from nordfl.tasks import Task
 
@@ -89,7 +89,7 @@ class GridBatch:
             algorithm = self.algorithms[point_index]
             for seed in self.seeds:
                 params = by_seed[seed]
-                states.append((algorithm.server_init(params), _stack_clients(algorithm.client_init(params), self.sim.num_clients)))
+                states.append((algorithm.server_init(params), stack_clients(algorithm.client_init(params), self.sim.num_clients)))
         stacked = jax.device_put(stack_runs(states), self.sim._replicated)
         return SimState(stacked[0], stacked[1], 0)
 
