@@ -120,6 +120,8 @@ def chunk_layout(slots_needed: int, max_chunk: int, num_devices: int) -> tuple[i
 
 
 def stack_clients(tree, num_clients: int):
+    """Every client's state from one client's initial state, on a leading client axis (a real copy each:
+    the round donates these buffers)."""
     return jax.tree_util.tree_map(lambda leaf: jnp.broadcast_to(leaf, (num_clients, *leaf.shape)).copy(), tree)
 
 
