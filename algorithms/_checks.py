@@ -32,10 +32,15 @@ def check_nonnegative(owner: str, field: str, value) -> None:
         raise ValueError(f"{owner}: {field} must be a number >= 0, got {value!r}")
 
 
+def check_int_at_least(owner: str, field: str, value, minimum: int) -> None:
+    """Raises ValueError unless ``value`` is an integer >= ``minimum``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}: {field} must be an integer >= {minimum}, got {value!r}")
+
+
 def check_positive_int(owner: str, field: str, value) -> None:
     """Raises ValueError unless ``value`` is an integer >= 1."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: {field} must be an integer >= 1, got {value!r}")
+    check_int_at_least(owner, field, value, 1)
 
 
 def check_fraction(owner: str, field: str, value, *, upper_open: bool = True) -> None:

@@ -150,11 +150,6 @@ def _unflatten(vector: jax.Array, updates: Update) -> Update:
     return treedef.unflatten(out)
 
 
-def _check_count(owner: str, field: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{owner}: {field} must be an integer >= {minimum}, got {value!r}")
-
-
 def _squared_distances(x: jax.Array) -> jax.Array:
     squared = jnp.sum(x * x, axis=1)
     return jnp.maximum(squared[:, None] + squared[None, :] - 2 * x @ x.T, 0.0)
@@ -175,8 +170,8 @@ def krum(byzantine: int = 1, selected: int = 1) -> Aggregator:
     to its ``m - byzantine - 2`` nearest others (m: clients of non-zero weight); the mean of the ``selected``
     lowest-scoring updates is the aggregate (``selected=1``: Krum). Tolerates ``byzantine`` < (m - 2) / 2.
     """
-    _check_count("krum", "byzantine", byzantine, 0)
-    _check_count("krum", "selected", selected, 1)
+    _checks.check_int_at_least("krum", "byzantine", byzantine, 0)
+    _checks.check_int_at_least("krum", "selected", selected, 1)
 
     def aggregate(updates: Update, weights: jax.Array) -> Aggregate:
         x = _flatten(updates)
@@ -196,7 +191,7 @@ def bulyan(byzantine: int = 1) -> Aggregator:
     one at a time (each pick leaves the pool before the next Krum); then each coordinate is the mean of the
     ``theta - 2 * byzantine`` picked values closest to the picked values' median. Meant for m >= 4f + 3;
     with fewer clients both counts stay at least 1."""
-    _check_count("bulyan", "byzantine", byzantine, 0)
+    _checks.check_int_at_least("bulyan", "byzantine", byzantine, 0)
 
     def aggregate(updates: Update, weights: jax.Array) -> Aggregate:
         x = _flatten(updates)
