@@ -1,6 +1,5 @@
 """Plain NumPy (float64) reference implementations the JAX code is checked against."""
 
-import jax
 import numpy as np
 
 from nordfl.algorithms import epoch_orders as client_epoch_orders

@@ -1,6 +1,5 @@
 """The one registry: lookup errors, duplicate names, plugins by module name and entry point."""
 
-import sys
 import textwrap
 
 import numpy as np

@@ -286,8 +286,8 @@ def test_hostile_members_a_frozen_coordinator_and_a_killed_site(tmp_path, topolo
             if p.poll() is None:
                 p.kill()
     assert all(codes[n] == 0 for n in SITES), codes  # the killed site too, once restarted
-    closed = _check(tmp_path, f"hostile members, coordinator frozen {FREEZE_S:.0f} s, {victim} killed and restarted",
-                    federation, logs, codes, peak)
+    _check(tmp_path, f"hostile members, coordinator frozen {FREEZE_S:.0f} s, {victim} killed and restarted",
+           federation, logs, codes, peak)
     reasons = " | ".join(e.get("reason", "") for e in _events(logs["coordinator"]))
     assert "runtime.upload_timeout=10" in reasons  # the slow-loris upload was cut at the deadline
     joined = [e for e in _events(logs[victim]) if e["event"] == "joined"]
