@@ -622,6 +622,8 @@ def dry_run(name: str, data: Union[Sequence[Path], StudyRecords], job: Job, *, p
         metrics |= {f"test_{k}": v for k, v in metrics_row(scores).items()}
     if uses_dp(job):
         metrics = {"num_steps": float(steps)}
+        if not job.secure_aggregation and math.isfinite(spent.epsilon):  # as a plain DP update reports its spend
+            metrics["epsilon"] = float(spent.epsilon)
     elif job.secure_aggregation:
         metrics = {"train_loss (inside the masked vector)": metrics["train_loss"]}
     preview = EgressPreview(name, tensors, float(out.weight), metrics, len(payload), wire.sha256_hex(payload),
