@@ -312,7 +312,7 @@ def test_tuning_trains_an_algorithms_grid_as_one_program_with_the_results_of_sep
     """mode=tune: FedProx's grid points (client lr, with mu from the algorithm's own grid) train as one GridBatch
     program, and every (point, seed) gets the validation scores it gets trained as its own cell (tune_grid=false),
     so the same values are chosen. (tests/sim/test_grid.py varies client lr, mu and server lr at once.)"""
-    common = "suite.common=['task=heart','partition=natural','sim.rounds=3','algorithm.num_epochs=1','algorithm.batch_size=16']"
+    common = "suite.common=['task=heart','partition=natural','sim.rounds=2','algorithm.num_epochs=1','algorithm.batch_size=16']"
     base = ("suite=quick", "mode=tune", "only=[fedprox]", "seeds=[0,1]", common)
     for folder, switch in (("grid", "tune_grid=true"), ("cells", "tune_grid=false")):
         bench = bench_config(*base, switch)
