@@ -106,7 +106,7 @@ def cmd_admin_approve(args) -> int:
     what = "renewed (its previous certificate is refused from now on)" if approval.renewed else (
         "added to the federation" if approval.role == "site" else "added as an admin: it may sign jobs")
     print(f"{approval.site}: {what}; certificate valid until {approval.not_after:%Y-%m-%d}. Send "
-          f"{approval.folder / 'cert.pem'} and {approval.folder / 'ca.pem'} back to the site. No other site changes.")
+          f"{approval.folder / 'cert.pem'} and {approval.folder / 'ca.pem'} back to the {approval.role}. No other site changes.")
     return 0
 
 
@@ -118,8 +118,7 @@ def cmd_site_install(args) -> int:
                                    Path(args.ca).read_bytes() if args.ca else None)
     except (ValueError, FileNotFoundError) as e:
         return _err(str(e))
-    print(f"installed the certificate in {args.certs}, valid until {cert.not_valid_after_utc:%Y-%m-%d}; this site "
-          "can connect now")
+    print(f"installed the certificate in {args.certs}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
     return 0
 
 
