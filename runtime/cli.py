@@ -673,14 +673,21 @@ def _check_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _key_request_parser(prog: str, holder: str, name_help: str) -> argparse.ArgumentParser:
+    """``nordfl site init`` and ``nordfl admin init``: the same key and request, for a site or a study lead."""
+    p = argparse.ArgumentParser(prog=prog, description=f"make {holder} private key (it stays here) and a certificate request")
+    p.add_argument("--name", required=True, help=name_help)
+    p.add_argument("--certs", required=True, help="the certificate folder (key.pem is created here)")
+    p.add_argument("--renew", action="store_true", help="a new key and request under renew/ for a renewal")
+    p.set_defaults(func=cmd_site_init)
+    return p
+
+
 def _enrol_parsers() -> dict[tuple[str, str], argparse.ArgumentParser]:
-    """``nordfl site init``, ``nordfl admin approve``, ``nordfl site install``: certificates issued at the site."""
-    init = argparse.ArgumentParser(prog="nordfl site init",
-                                   description="make this site's private key (it stays here) and a certificate request")
-    init.add_argument("--name", required=True, help="the site name the federation knows this hospital by")
-    init.add_argument("--certs", required=True, help="this site's certificate folder (key.pem is created here)")
-    init.add_argument("--renew", action="store_true", help="a new key and request under renew/ for a renewal")
-    init.set_defaults(func=cmd_site_init)
+    """``nordfl site init``, ``nordfl admin init``, ``nordfl admin approve``, ``nordfl site install``: certificates
+    issued where their keys stay."""
+    init = _key_request_parser("nordfl site init", "this site's", "the site name the federation knows this hospital by")
+    admin = _key_request_parser("nordfl admin init", "a study lead's", "the admin's name (not a site's)")
     approve = argparse.ArgumentParser(prog="nordfl admin approve",
                                       description="sign a site's certificate request with the federation CA")
     approve.add_argument("dir", help="the federation folder (with ca/ca.key and federation.json)")
@@ -690,12 +697,6 @@ def _enrol_parsers() -> dict[tuple[str, str], argparse.ArgumentParser]:
     approve.add_argument("--role", choices=("site", "admin"), default="site",
                          help="site (default), or admin: a study lead who may sign jobs for the coordinator service")
     approve.set_defaults(func=cmd_admin_approve)
-    admin = argparse.ArgumentParser(prog="nordfl admin init",
-                                    description="make a study lead's private key (it stays here) and a certificate request")
-    admin.add_argument("--name", required=True, help="the admin's name (not a site's)")
-    admin.add_argument("--certs", required=True, help="the admin's certificate folder (key.pem is created here)")
-    admin.add_argument("--renew", action="store_true", help="a new key and request under renew/ for a renewal")
-    admin.set_defaults(func=cmd_site_init)
     install = argparse.ArgumentParser(prog="nordfl site install",
                                       description="install the certificate the federation admin sent back")
     install.add_argument("--certs", required=True, help="this site's certificate folder")
