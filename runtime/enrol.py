@@ -82,14 +82,11 @@ def install_certificate(certs_dir: str | os.PathLike, cert_pem: bytes, ca_pem: O
     elif installed_ca.exists() and installed_ca.read_bytes() != ca_pem:
         raise ValueError(f"the CA certificate given differs from {installed_ca}: this certificate is from another "
                          "federation; refusing to replace the federation this site trusts")
-    ca = x509.load_pem_x509_certificate(ca_pem)
-    try:
-        cert.verify_directly_issued_by(ca)
-    except Exception:  # cryptography raises ValueError, TypeError or InvalidSignature here
-        raise ValueError("certificate: not signed by the federation CA (ca.pem); refusing it") from None
+    if not tls.issued_by(cert, x509.load_pem_x509_certificate(ca_pem)):
+        raise ValueError("certificate: not signed by the federation CA (ca.pem); refusing it")
     pending = folder / RENEW_DIR / "key.pem"
     for key_path in (pending, folder / "key.pem"):
-        if key_path.exists() and _public(key_path) == _public_of(cert):
+        if key_path.exists() and tls.public_key_der(_private_key(key_path)) == tls.public_key_der(cert.public_key()):
             break
     else:
         raise ValueError(f"certificate: issued for another key than this site's ({folder / 'key.pem'}"
@@ -104,17 +101,8 @@ def install_certificate(certs_dir: str | os.PathLike, cert_pem: bytes, ca_pem: O
     return cert
 
 
-def _public(key_path: Path) -> bytes:
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    return _spki(key.public_key())
-
-
-def _public_of(cert: x509.Certificate) -> bytes:
-    return _spki(cert.public_key())
-
-
-def _spki(public_key) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+def _private_key(path: Path):
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
 
 
 def expiry_warning(cert_path: str | os.PathLike, *, now: Optional[datetime.datetime] = None,

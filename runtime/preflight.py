@@ -63,6 +63,7 @@ def _certificates(name: str, folder: Path) -> list[Check]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import NameOID
 
+    from nordfl.runtime import tls
     from nordfl.runtime.enrol import WARN_DAYS
 
     try:
@@ -77,14 +78,8 @@ def _certificates(name: str, folder: Path) -> list[Check]:
     checks = []
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = cn[0].value if cn else None
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    same_key = (cert.public_key().public_bytes(serialization.Encoding.DER, spki)
-                == key.public_key().public_bytes(serialization.Encoding.DER, spki))
-    try:
-        cert.verify_directly_issued_by(ca)
-        signed = True
-    except Exception:  # ValueError, TypeError or InvalidSignature: not this CA's
-        signed = False
+    same_key = tls.public_key_der(cert.public_key()) == tls.public_key_der(key)
+    signed = tls.issued_by(cert, ca)
     if cn != name:
         checks.append(Check(FAIL, "certificates", f"the certificate is for {cn!r}, not {name!r}: the coordinator would "
                                                   "refuse this site's requests"))

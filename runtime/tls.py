@@ -265,11 +265,25 @@ def certificate_sha256(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+def public_key_der(key) -> bytes:
+    """A public key (or a private key's public half) as DER SubjectPublicKeyInfo: what "the same key" compares."""
+    public = key.public_key() if hasattr(key, "public_key") else key
+    return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` signed ``cert`` (issuer name and signature)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception:  # cryptography raises ValueError, TypeError or InvalidSignature: not this CA's either way
+        return False
+    return True
+
+
 def key_fingerprint(public_key) -> str:
     """A public key's SHA-256 (of its DER SubjectPublicKeyInfo), in groups of four hex digits, to read out
     over the phone: the site and the admin compare it before a request is approved."""
-    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    digest = hashlib.sha256(der).hexdigest().upper()
+    digest = hashlib.sha256(public_key_der(public_key)).hexdigest().upper()
     return " ".join(digest[i:i + 4] for i in range(0, len(digest), 4))
 
 
