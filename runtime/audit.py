@@ -301,7 +301,8 @@ def verify(path, certificate=None) -> VerifyReport:
     return _verify(path, certificate)[0]
 
 
-def _entries(path) -> list[dict]:
+def read_entries(path) -> list[dict]:
+    """A log's entries as written (no checks: ``verify`` is for that)."""
     with open(path, "rb") as f:
         return [json.loads(raw) for raw in f if raw.strip()]
 
@@ -312,7 +313,7 @@ def cross_check(site_log, coordinator_log) -> list[str]:
     Every site head the coordinator recorded (``update_accepted.site_audit_head``) must be an entry
     in the site's log, and every coordinator head the site recorded (``update_result.coordinator_audit_head``)
     one in the coordinator's: a log cut after an exchange, or rewritten before it, loses that entry."""
-    site, coordinator = _entries(site_log), _entries(coordinator_log)
+    site, coordinator = read_entries(site_log), read_entries(coordinator_log)
     name = site[0]["actor"].removeprefix("site:") if site else None
     site_hashes = {e["hash"] for e in site}
     coordinator_hashes = {e["hash"] for e in coordinator}
@@ -337,7 +338,7 @@ def verify_main(path, certificate=None, peer=None) -> int:
     cross-checked with ``cross_check``."""
     report, last_hash = _verify(path, certificate)
     if report.ok and peer is not None:
-        first = _entries(path)[0]
+        first = read_entries(path)[0]
         pair = (path, peer) if first["actor"].startswith("site:") else (peer, path)
         problems = cross_check(*pair)
         if problems:

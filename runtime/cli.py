@@ -477,9 +477,8 @@ def cmd_demo_study(args, root: Path) -> int:
 
 def cmd_demo(args) -> int:
     """Provisions 4 hospitals, writes each its data, runs coordinator and sites as separate processes."""
-    import json
-
     from nordfl.runtime import tls
+    from nordfl.runtime.audit import read_entries
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="nordfl-demo-"))
     if args.study:
@@ -509,7 +508,7 @@ def cmd_demo(args) -> int:
     if args.private:  # each site's epsilon ledger: the last privacy_spent entry of its audit log
         for name in sorted(files):
             log = root / "sites" / name / "audit.jsonl"
-            spent = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            spent = read_entries(log) if log.exists() else []
             final = [e["metrics"] for e in spent if e["event"] == "finished"]
             spent = [e for e in spent if e["event"] == "privacy_spent"]
             if spent:

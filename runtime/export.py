@@ -73,9 +73,10 @@ def export_model(state_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 
 def _read_log(path: Path) -> list[dict]:
+    from nordfl.runtime.audit import read_entries
+
     try:
-        with open(path, "rb") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_entries(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"no audit log at {path}: give the coordinator's --state folder") from None
 
