@@ -269,7 +269,7 @@ def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Task, exp
            for f in finals]
     results = []
     for k in range(len(cells)):
-        mine = [i for i, (run_cell_index, _) in enumerate(runs) if run_cell_index == k]
+        mine = range(k * len(seeds), (k + 1) * len(seeds))  # the runs are point-major
         results.append(CellResult(wall_s / len(cells), first_round_s, [finals[i].get("test_accuracy", float("nan")) for i in mine],
                                   [float(own[i]) for i in mine]))
     return results
@@ -433,8 +433,9 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
                 record["grid_program"] = len(members)  # trained with the other points of its grid in one program
             manifest["cells"][str(member.folder)] = record
             manifest["wall_s"] = manifest.get("wall_s", 0.0) + result.wall_s
-            _write_manifest(suite_dir, manifest)
-            reporter("done", cell=member, runs=len(seeds), result=result)
+        _write_manifest(suite_dir, manifest)  # once per program: its cells finished together
+        for j, result in zip(members, results):
+            reporter("done", cell=built[j][0], runs=len(seeds), result=result)
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest["last_invocation_s"] = time.perf_counter() - start
     _write_manifest(suite_dir, manifest)
