@@ -226,11 +226,9 @@ def cmd_coordinator(args) -> int:
         _warn_expiry(federation / "coordinator" / "cert.pem")
     server, port = serve(coordinator, args.address, credentials)
     if args.admin_address:
-        from nordfl.runtime.status import StatusBoard, serve_admin
+        from nordfl.runtime.status import StatusBoard
 
-        _, admin_port = serve_admin(StatusBoard(coordinator, federation), args.admin_address)
-        log(f"coordinator: status page, /status.json and /metrics on {args.admin_address.rpartition(':')[0]}:{admin_port} "
-            "(read-only)")
+        _serve_board(StatusBoard(coordinator, federation), args.admin_address, log, "coordinator")
     job = coordinator.job
     what = (f"the Table 1 job of study {job.study_spec.name}" if job.kind == "describe"
             else f"{job.algorithm_config['name']} on {job.task_config['name']}")
@@ -251,6 +249,16 @@ def cmd_coordinator(args) -> int:
     return 0
 
 
+def _serve_board(board, address: str, log, who: str):
+    """Serves a status board (the coordinator's or a site's) read-only on ``address`` and says where; returns it."""
+    from nordfl.runtime.status import serve_admin
+
+    server, _ = serve_admin(board, address)
+    host, port = server.server_address[:2]
+    log(f"{who}: status page, /status.json and Prometheus /metrics on {host}:{port} (read-only)")
+    return board
+
+
 def _serve_jobs(args, federation: Path, log) -> int:
     """``nordfl coordinator --jobs DIR``: the coordinator as a service, one job after another."""
     from nordfl.runtime.jobs import JobQueue, serve_jobs
@@ -259,11 +267,9 @@ def _serve_jobs(args, federation: Path, log) -> int:
         return _err("coordinator --jobs: the jobs come from `nordfl job submit`, not from OVERRIDES")
     on_job = lambda coordinator: None  # noqa: E731
     if args.admin_address:
-        from nordfl.runtime.status import StatusBoard, serve_admin
+        from nordfl.runtime.status import StatusBoard
 
-        board = StatusBoard(None, federation)
-        _, admin_port = serve_admin(board, args.admin_address)
-        log(f"coordinator: status page, /status.json and /metrics on {args.admin_address.rpartition(':')[0]}:{admin_port}")
+        board = _serve_board(StatusBoard(None, federation), args.admin_address, log, "coordinator")
         on_job = lambda coordinator: setattr(board, "coordinator", coordinator)  # noqa: E731
     if not args.insecure:
         _warn_expiry(federation / "coordinator" / "cert.pem")
@@ -327,10 +333,9 @@ def cmd_site(args) -> int:
                           log=log, policy=policy, stay_after_describe=not isinstance(data, list), stay=args.stay,
                           signing_key=None if args.insecure else Path(args.certs) / "key.pem")
         if args.metrics_address:
-            from nordfl.runtime.status import SiteBoard, serve_admin
+            from nordfl.runtime.status import SiteBoard
 
-            _, metrics_port = serve_admin(SiteBoard(agent), args.metrics_address)
-            log(f"{args.name}: Prometheus /metrics and /status.json on {args.metrics_address.rpartition(':')[0]}:{metrics_port}")
+            _serve_board(SiteBoard(agent), args.metrics_address, log, args.name)
         metrics = agent.run()
     except (SiteDataError, SiteRefused, AuditError, FileNotFoundError, PolicyError, StudyError, MappingError) as e:
         return _err(str(e))
