@@ -230,9 +230,7 @@ def cmd_coordinator(args) -> int:
 
         _serve_board(StatusBoard(coordinator, federation), args.admin_address, log, "coordinator")
     job = coordinator.job
-    what = (f"the Table 1 job of study {job.study_spec.name}" if job.kind == "describe"
-            else f"{job.algorithm_config['name']} on {job.task_config['name']}")
-    log(f"coordinator: run {coordinator.run_id}, {what}, sites {', '.join(job.sites)}; listening on port {port}, "
+    log(f"coordinator: run {coordinator.run_id}, {job.what()}, sites {', '.join(job.sites)}; listening on port {port}, "
         f"round {coordinator.round}/{job.rounds}")
     run_until_done(coordinator, server)
     if coordinator.stopped:

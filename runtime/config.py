@@ -170,6 +170,11 @@ class Job(NamedTuple):
                                        noise_seed=0)
         return algorithm.local
 
+    def what(self) -> str:
+        """The job in a few words, for the operator's console and status page."""
+        return (f"the Table 1 job of study {self.study_spec.name}" if self.kind == "describe"
+                else f"{self.algorithm_config['name']} on {self.task_config['name']}")
+
     def privacy(self) -> dict:
         return {"min_cohort": self.min_cohort, "cohort_size": self.cohort_size, "secure_aggregation": self.secure_aggregation,
                 "secagg_threshold": self.secagg_threshold, "secagg_clip_range": self.secagg_clip_range,

@@ -40,22 +40,20 @@ class StatusBoard:
 
     def snapshot(self) -> dict:
         c, now = self.coordinator, time.time()
-        if c is None:  # a coordinator service before its first job
-            return {"time": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "job": {"run_id": "", "what": "no job yet", "round": 0, "rounds": 0, "finished": False, "stopped": None},
-                    "sites_online": 0, "sites": [], "coordinator_certificate_days_left": self._certificate_days().get(None)}
-        job = c.job
-        seen = dict(c.last_seen)
-        epsilon = dict(getattr(c, "site_epsilon", {}))
+        stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds")
         expiry = self._certificate_days()
+        if c is None:  # a coordinator service before its first job
+            return {"time": stamp,
+                    "job": {"run_id": "", "what": "no job yet", "round": 0, "rounds": 0, "finished": False, "stopped": None},
+                    "sites_online": 0, "sites": [], "coordinator_certificate_days_left": expiry.get(None)}
+        job = c.job
+        seen, epsilon = dict(c.last_seen), dict(c.site_epsilon)
         sites = [{"name": site, "online": site in seen and now - seen[site] <= ONLINE_SECONDS,
                   "last_seen_seconds_ago": None if site not in seen else round(now - seen[site], 1),
                   "epsilon": epsilon.get(site), "certificate_days_left": expiry.get(site)} for site in job.sites]
-        what = (f"Table 1 of study {job.study_spec.name}" if job.kind == "describe"
-                else f"{job.algorithm_config['name']} on {job.task_config['name']}")
         return {
-            "time": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
-            "job": {"run_id": c.run_id, "what": what, "round": getattr(c, "round", 0), "rounds": job.rounds,
+            "time": stamp,
+            "job": {"run_id": c.run_id, "what": job.what(), "round": getattr(c, "round", 0), "rounds": job.rounds,
                     "finished": bool(c.finished), "stopped": c.stopped},
             "sites_online": sum(s["online"] for s in sites),
             "sites": sites,
