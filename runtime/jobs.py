@@ -30,9 +30,6 @@ from nordfl.runtime.store import atomic_write_text
 
 __all__ = ["JobQueue", "format_jobs", "serve_jobs", "sign", "signature_problem"]
 
-STATES = ("queued", "running", "finished", "stopped", "aborted", "failed")
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -118,9 +115,7 @@ class JobQueue:
         with the admin key in ``certs``). Returns its state."""
         queued = self.queue / f"{job_id}.json"
         if queued.exists():
-            entry = json.loads(queued.read_text()) | {"state": "aborted", "ended": _now()}
-            (self.runs / job_id).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.runs / job_id / "job.json", json.dumps(entry, indent=2))
+            self.record(json.loads(queued.read_text()) | {"state": "aborted", "ended": _now()})
             queued.unlink()
             return "aborted"
         record = self.runs / job_id / "job.json"
@@ -140,13 +135,13 @@ class JobQueue:
         if not waiting:
             return None
         entry = json.loads(waiting[0].read_text()) | {"state": "running", "started": _now()}
-        folder = self.runs / entry["id"]
-        folder.mkdir(parents=True, exist_ok=True)
         self.record(entry)
         waiting[0].unlink()
         return entry
 
     def record(self, entry: dict) -> None:
+        """Writes what became of a job to its run folder (made if new)."""
+        (self.runs / entry["id"]).mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.runs / entry["id"] / "job.json", json.dumps(entry, indent=2))
 
     def abort_requested(self, job_id: str, federation: Optional[Path] = None) -> Optional[str]:
