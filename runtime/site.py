@@ -121,6 +121,12 @@ def round_key(job: Job, round_index: int, site_index: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(job.seed), round_index), site_index)
 
 
+def dp_update_metrics(num_steps: float, epsilon: float) -> dict:
+    """What a DP site's plain update reports: its local steps and, when finite, the epsilon it has spent so far
+    (for the coordinator's status board). Losses and scores are not noised, so they stay at the site."""
+    return {"num_steps": num_steps} | ({"epsilon": float(epsilon)} if math.isfinite(epsilon) else {})
+
+
 def site_records(data, task: str):
     """A site's local data: its ``StudyRecords`` as given, or its files for ``task`` read and checked (``TaskFiles``)."""
     if isinstance(data, StudyRecords):
@@ -443,10 +449,8 @@ class SiteAgent:
         manifest = wire.manifest_to_proto(specs, payload)  # hashes the payload once, for the header and the log
         metrics = {"train_loss": float(out.metrics.train_loss), "num_steps": float(out.metrics.num_steps)}
         metrics |= {f"test_{k}": v for k, v in metrics_row(test_metrics).items()}
-        if uses_dp(self.job):  # losses and scores are not noised: outside the DP guarantee, so they stay here
-            metrics = {"num_steps": metrics["num_steps"]}
-            if math.isfinite(self.spent_epsilon):  # what this site has spent so far, for the coordinator's status board
-                metrics["epsilon"] = self.spent_epsilon
+        if uses_dp(self.job):
+            metrics = dp_update_metrics(metrics["num_steps"], self.spent_epsilon)
         # Durable before the bytes leave: what left the site is on its disk first; its hash travels in the header.
         sent = self.audit.record("update_sent", round=r, sha256=manifest.sha256, weight=float(out.weight),
                                  tensors=[[s.name, s.dtype, list(s.shape)] for s in specs], bytes=len(payload), metrics=metrics)
@@ -621,9 +625,7 @@ def dry_run(name: str, data: Union[Sequence[Path], StudyRecords], job: Job, *, p
         scores = setup.fns.evaluate(message.params, setup.test, jnp.ones(len(setup.test.y), bool))
         metrics |= {f"test_{k}": v for k, v in metrics_row(scores).items()}
     if uses_dp(job):
-        metrics = {"num_steps": float(steps)}
-        if not job.secure_aggregation and math.isfinite(spent.epsilon):  # as a plain DP update reports its spend
-            metrics["epsilon"] = float(spent.epsilon)
+        metrics = {"num_steps": float(steps)} if job.secure_aggregation else dp_update_metrics(float(steps), spent.epsilon)
     elif job.secure_aggregation:
         metrics = {"train_loss (inside the masked vector)": metrics["train_loss"]}
     preview = EgressPreview(name, tensors, float(out.weight), metrics, len(payload), wire.sha256_hex(payload),
