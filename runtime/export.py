@@ -13,6 +13,7 @@ settings and each site's epsilon where its audit log is given, and the audit log
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 from importlib import metadata
@@ -49,6 +50,8 @@ def export_model(state_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     """Writes the coordinator's current global model and its model card to ``out_dir`` (a new folder);
     returns the card. ``site_logs``: site name -> that site's audit log, for its epsilon spent."""
     state_dir, out = Path(state_dir), Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: export into a new folder (an export is never overwritten)")
     entries = _read_log(state_dir / "audit.jsonl")
     start = next((e for e in entries if e["event"] == "start"), None)
     if start is None or "job" not in start or start["job"].get("kind", "train") != "train":
@@ -62,8 +65,6 @@ def export_model(state_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise ValueError(f"{state_dir}: the state and the audit log's job differ (job sha256 {meta.get('job_sha256')} "
                          f"against {job_sha256}); was the folder mixed from two runs?")
     params = built.algorithm.broadcast(server).params
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty: export into a new folder (an export is never overwritten)")
     out.mkdir(parents=True, exist_ok=True)
     files = _write_model(out, params)
     card = _card(job, job_sha256, meta, entries, state_dir, files, {k: Path(v) for k, v in site_logs.items()})
@@ -190,7 +191,7 @@ def load_exported(directory: str | os.PathLike) -> Exported:
     job = Job.from_json(json.dumps(card["job"]))
     template = build_job(job).model.init_params
     names, leaves = wire.leaf_names(template), jax.tree.leaves(template)
-    with np.load(directory / MODEL_NPZ) as arrays:
+    with np.load(io.BytesIO(npz)) as arrays:  # the bytes whose hash was just checked
         loaded = []
         for name, leaf in zip(names, leaves):
             array = arrays[name]
