@@ -155,7 +155,8 @@ class FaultProxy:
         self._loss_delay = 0.2
         self._bandwidth: Optional[float] = None
         self._partitioned = False
-        self._conns: set[socket.socket] = set()
+        self._conns: set[socket.socket] = set()  # every open socket, both ends, for partition and reset
+        self._clients: set[socket.socket] = set()  # the accepted ends: one per connection, for the cap
         self._random = random.Random(seed)
         self._closed = threading.Event()
         self.stats = {"accepted": 0, "refused": 0, "bytes": 0, "stalls": 0}
@@ -207,8 +208,7 @@ class FaultProxy:
     def reset_all(self) -> None:
         with self._lock:
             conns = list(self._conns)
-        for c in conns:
-            _close(c)
+        self._drop(*conns)
 
     def close(self) -> None:
         self._closed.set()
@@ -232,9 +232,10 @@ class FaultProxy:
             except OSError:
                 return
             with self._lock:
-                refuse = self._partitioned or len(self._conns) >= self.max_connections
+                refuse = self._partitioned or len(self._clients) >= self.max_connections
                 if not refuse:
                     self._conns.add(client)
+                    self._clients.add(client)
             if refuse:
                 self.stats["refused"] += 1
                 _close(client)
@@ -296,6 +297,7 @@ class FaultProxy:
         with self._lock:
             for s in socks:
                 self._conns.discard(s)
+                self._clients.discard(s)
         for s in socks:
             _close(s)
 
