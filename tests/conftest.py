@@ -62,3 +62,10 @@ def clean_registry():
         registry._ENTRIES[kind].update(found)
     for name in [m for m in sys.modules if m.split(".")[0] in added]:
         del sys.modules[name]
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """Consoles (rich) in a test and in the processes it starts print each line whole: tests read paths in their
+    output, and a narrow console folds a long path mid-word. (Per test, so pytest's own report keeps its width.)"""
+    monkeypatch.setenv("COLUMNS", "1000")
