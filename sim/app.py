@@ -29,10 +29,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from nordfl.algorithms import accounting
-from nordfl.sim import checkpoint
+from nordfl.sim import checkpoint, distributed
 from nordfl.sim.config import ConfigError, build, fingerprint_config, register
 from nordfl.conf.plugins import cli_main
-from nordfl.sim.devices import use_cpu_cores
+from nordfl.sim.devices import cpu_devices_from_env, use_cpu_cores
 from nordfl.sim.engine import Evaluation, Simulator
 from nordfl.sim.metrics_log import MetricsLog, evaluation_row, site_rows, write_summary
 from nordfl.sim.personal import PersonalEvaluator
@@ -101,12 +101,16 @@ def write_table_one(study_file: str, sites_folder: str, run_dir: Path) -> tuple[
     return markdown, csv
 
 
-def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> RunResult:
+def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None,
+        processes: distributed.Processes = distributed.Processes(0, 1)) -> RunResult:
     """Runs (or resumes) the experiment ``cfg`` in ``run_dir``; raises ConfigError before training on bad values.
-    A study task's Table 1 is written first (``write_table_one``)."""
+    A study task's Table 1 is written first (``write_table_one``). In a multi-process run (``processes``) every
+    process trains and only process 0 prints and writes files."""
     console = console or Console()
+    if not processes.writes:
+        console = Console(quiet=True)
     experiment = build(cfg)
-    if cfg.task.name == "study":
+    if cfg.task.name == "study" and processes.writes:
         markdown, csv = write_table_one(cfg.task.study, cfg.task.sites, run_dir)
         console.print(f"Table 1 of study {experiment.task.data.name}: {markdown} and {csv}", highlight=False)
     task = experiment.task
@@ -126,13 +130,14 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
     log = MetricsLog(
         run_dir, config=OmegaConf.to_container(cfg, resolve=True), use_wandb=cfg.logger.wandb,
         project=cfg.logger.project, mode=cfg.logger.mode, run_name=run_dir.name, resume_round=state.round,
-    )
+    ) if processes.writes else None
     rounds, start_round = cfg.sim.rounds, state.round
     overheads = [sim.padding_overhead(sim.plan(r)) for r in range(rounds)]
     console.print(
         f"[bold]NordFL[/bold] {cfg.algorithm.name} on {task.data.name}: {len(site_names)} clients, "
         f"cohort {sim.cohort_size}, {rounds} rounds, {len(sim.buckets)} size bucket(s), "
-        f"padding {100 * float(np.mean(overheads)):.0f}% of rows, {len(sim.devices)} device(s) -> {run_dir}"
+        f"padding {100 * float(np.mean(overheads)):.0f}% of rows, {len(sim.devices)} device(s)"
+        f"{f' in {processes.count} processes' if processes.count > 1 else ''} -> {run_dir}"
     )
     if experiment.adversary is not None:
         bad = [name for name, flag in zip(site_names, experiment.adversary.malicious) if flag]
@@ -153,7 +158,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
         while state.round < rounds:
             if privacy is not None and privacy.exceeds_budget(state.round + 1):
                 stopped = True  # the next round would take a site past its budget: keep what is done
-                checkpoint.save(checkpoint_dir, state, fingerprint)
+                if processes.writes:
+                    checkpoint.save(checkpoint_dir, state, fingerprint)
                 console.print(
                     f"privacy: stopping before round {state.round + 1}: a site would exceed epsilon "
                     f"{cfg.algorithm.dp.epsilon_budget} (now {privacy.epsilon(state.round):.3f}); checkpoint in {checkpoint_dir}"
@@ -176,7 +182,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
                 if "accuracy" in own_site._fields:
                     row["own_site_accuracy"] = float(np.nanmean(own_site.accuracy))
             row["elapsed_s"] = time.perf_counter() - start
-            log.log(row)
+            if log is not None:
+                log.log(row)
             done = state.round - start_round
             status = f"loss {row['client_loss']:.4f}"
             if "test_accuracy" in row:
@@ -186,7 +193,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
             progress.update(bar, completed=state.round, status=f"{status}  {done / row['elapsed_s']:.1f} rounds/s")
             if evaluation is not None and not console.is_terminal:  # no live bar in logs: one line per evaluation
                 console.print(f"round {state.round}/{rounds}  {status}")
-            if cfg.sim.checkpoint_every and (state.round % cfg.sim.checkpoint_every == 0 or state.round == rounds):
+            if processes.writes and cfg.sim.checkpoint_every and (state.round % cfg.sim.checkpoint_every == 0
+                                                                  or state.round == rounds):
                 checkpoint.save(checkpoint_dir, state, fingerprint)
     train_s = time.perf_counter() - start
     evaluation = evaluation or sim.evaluate(state.server.params)  # a resumed, already finished run
@@ -205,6 +213,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Optional[Console] = None) -> Ru
     }
     if privacy is not None:
         summary["privacy"] = _privacy_summary(cfg, privacy, state.round, site_names, stopped)
+    if log is None:
+        return result
     log.close(summary)
     summary_path = run_dir / "summary.json"
     if state.round > start_round or not summary_path.exists():  # resuming a finished run keeps its real timings
@@ -256,14 +266,17 @@ def final_table(result: RunResult, max_sites: int = 20) -> Table:
 @hydra.main(version_base=None, config_path="pkg://nordfl.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # not "no TPU found" on every run
-    use_cpu_cores(cfg.sim.get("cpu_devices"))  # before any JAX operation
+    use_cpu_cores(cfg.sim.get("cpu_devices") or cpu_devices_from_env())  # before any JAX operation
     console = Console()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        result = run(cfg, run_dir, console)
-    except (ConfigError, checkpoint.CheckpointMismatch) as e:
+        processes = distributed.initialize()  # before any JAX operation too
+        result = run(cfg, run_dir, console, processes)
+    except (ConfigError, checkpoint.CheckpointMismatch, distributed.LaunchError) as e:
         Console(stderr=True).print(f"[red]nordfl-sim: config error:[/red] {e}", highlight=False)
         sys.exit(2)
+    if not processes.writes:
+        return float(result.evaluation.pooled.loss)
     console.print(final_table(result))
     console.print(
         f"first round (with compile) {result.first_round_s:.1f}s, {result.rounds} rounds in {result.train_s:.1f}s; "

@@ -174,7 +174,7 @@ class Simulator:
         self.devices = list(devices or jax.devices())
         self.mesh = Mesh(np.asarray(self.devices), ("clients",))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._base_key = jax.device_put(jax.random.key(seed), self._replicated)  # each round's key is folded in the program
+        self._base_key = self.replicate(jax.random.key(seed))  # each round's key is folded in the program
 
         train_sizes = [len(c.train.y) for c in clients]
         plan = plan_buckets(
@@ -188,7 +188,7 @@ class Simulator:
         self._host_pool = pool_clients([c.train for c in clients])
         self._chunks = [self._chunking(min(cohort, len(spec.client_ids)), spec.n_max) for spec in self.buckets]
 
-        self._train_pool = None if options.data_on_host else jax.device_put(self._host_pool, self._replicated)
+        self._train_pool = None if options.data_on_host else self.replicate(self._host_pool)
         test_sizes = [len(c.test.y) for c in clients]
         self._test_pool = pool_clients([c.test for c in clients])
         self._test_buckets = bucket_specs(test_sizes, plan_buckets(test_sizes, batch_size=1, max_buckets=options.max_buckets))
@@ -216,7 +216,18 @@ class Simulator:
         """Round-0 state: the server's and every client's initial state."""
         server = self.algorithm.server_init(params)
         clients = stack_clients(self.algorithm.client_init(params), self.num_clients)
-        return SimState(jax.device_put(server, self._replicated), jax.device_put(clients, self._replicated), 0)
+        return SimState(self.replicate(server), self.replicate(clients), 0)
+
+    def replicate(self, tree):
+        """``tree`` on every device of the mesh, from host copies of its leaves: a process can place a host
+        array on devices of other processes (a multi-process run, ``nordfl.sim.distributed``), not one of its
+        own device arrays. PRNG keys travel as their key data."""
+        def put(leaf):
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+            return jax.device_put(np.asarray(leaf), self._replicated)
+
+        return jax.tree_util.tree_map(put, tree)
 
     # ----------------------------------------------------------------- one round
     def plan(self, round_index: int, seed: Optional[int] = None) -> RoundPlan:

@@ -77,7 +77,7 @@ class GridBatch:
             jax.vmap(program, in_axes=(0, 0, None, 0, 0, None, 0)), donate_argnums=(1,),
             compiler_options=ROUND_COMPILER_OPTIONS.get(self.sim.devices[0].platform),
         )
-        self._base_keys = jax.device_put(jnp.stack([jax.random.key(seed) for _, seed in self.runs]), self.sim._replicated)
+        self._base_keys = self.sim.replicate(jnp.stack([jax.random.key(seed) for _, seed in self.runs]))
 
     def init(self, params_per_seed: Sequence) -> SimState:
         """Round-0 state of every run, from each seed's initial params, stacked in ``runs`` order."""
@@ -90,7 +90,7 @@ class GridBatch:
             for seed in self.seeds:
                 params = by_seed[seed]
                 states.append((algorithm.server_init(params), stack_clients(algorithm.client_init(params), self.sim.num_clients)))
-        stacked = jax.device_put(stack_runs(states), self.sim._replicated)
+        stacked = self.sim.replicate(stack_runs(states))
         return SimState(stacked[0], stacked[1], 0)
 
     def run_round(self, state: SimState) -> tuple[SimState, RoundMetrics]:

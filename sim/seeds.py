@@ -78,14 +78,14 @@ class SeedBatch:
             jax.vmap(program, in_axes=(0, 0, None, 0, 0, None)), donate_argnums=(1,),
             compiler_options=ROUND_COMPILER_OPTIONS.get(self.sim.devices[0].platform),
         )
-        self._base_keys = jax.device_put(jax.numpy.stack([jax.random.key(seed) for seed in self.seeds]), self.sim._replicated)
+        self._base_keys = self.sim.replicate(jax.numpy.stack([jax.random.key(seed) for seed in self.seeds]))
 
     def init(self, params_per_seed: Sequence) -> SimState:
         """Round-0 state of every seed, each from its own initial params, stacked on axis 0."""
         if len(params_per_seed) != len(self.seeds):
             raise ValueError(f"params_per_seed: expected one pytree per seed ({len(self.seeds)}), got {len(params_per_seed)}")
         states = [self.sim.init(params) for params in params_per_seed]
-        stacked = jax.device_put(stack_runs([(s.server, s.clients) for s in states]), self.sim._replicated)
+        stacked = self.sim.replicate(stack_runs([(s.server, s.clients) for s in states]))
         return SimState(stacked[0], stacked[1], 0)
 
     def run_round(self, state: SimState) -> tuple[SimState, RoundMetrics]:
