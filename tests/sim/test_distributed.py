@@ -131,3 +131,12 @@ def test_an_incomplete_or_wrong_environment_is_named(monkeypatch, env, names):
         monkeypatch.setenv(name, value)
     with pytest.raises(distributed.LaunchError, match=names):
         distributed.requested()
+
+
+@pytest.mark.parametrize("count, cores, expected", [
+    (2, [0, 1], [{0}, {1}]),
+    (2, [4, 5, 6, 7, 8], [{4, 5}, {6, 7}]),
+    (4, [0, 1], [None] * 4),
+])
+def test_each_process_gets_its_own_share_of_the_cores(count, cores, expected):
+    assert launch.core_shares(count, cores) == expected
