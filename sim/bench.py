@@ -5,6 +5,10 @@ into ``bench/heart/<time>/`` and writes ``leaderboard.md``, ``leaderboard.csv`` 
 there; ``nordfl-bench suite=heart mode=tune`` runs the tuning protocol instead and prints the
 hyperparameters it chose, as the ``tuned:`` section to paste into the suite config. Rerun
 with ``hydra.run.dir=<folder>`` to continue an interrupted suite: finished cells are skipped.
+
+On a cluster, ``nordfl-bench -m part=0/4,1/4,2/4,3/4 hydra/launcher=submitit_slurm`` runs the
+suite as 4 jobs through Hydra's launcher plugin, each training its share of the programs into
+the sweep folder; when they are all in, ``AssembleParts`` writes the leaderboard there.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from pathlib import Path
 import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -25,7 +31,7 @@ from nordfl.conf.schema import ConfigError
 from nordfl.conf.plugins import cli_main
 from nordfl.sim.devices import use_cpu_cores
 from nordfl.sim.leaderboard import write_leaderboard
-from nordfl.sim.suite import choose_hyperparameters, run_suite
+from nordfl.sim.suite import choose_hyperparameters, parse_part, part_manifest, run_suite
 
 
 class ProgressReporter:
@@ -85,15 +91,29 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     use_cpu_cores(cfg.get("cpu_devices"))
     console = Console()
-    suite_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_config = HydraConfig.get()
+    # The parts of a multirun share the sweep folder; one job alone writes into its run folder.
+    multirun = hydra_config.mode == RunMode.MULTIRUN and cfg.get("part") is not None
+    suite_dir = Path(hydra_config.sweep.dir if multirun else hydra_config.runtime.output_dir)
     reporter = ProgressReporter(console, cfg.logger.progress)
     try:
+        part = parse_part(cfg.get("part"))
         manifest = run_suite(cfg, suite_dir, reporter)
     except ConfigError as e:
         reporter.close()
         Console(stderr=True).print(f"[red]nordfl-bench: config error:[/red] {e}", highlight=False)
         sys.exit(2)
     reporter.close()
+    if part is not None:
+        console.print(f"part {part[0]}/{part[1]} of {manifest['suite']['name']} done ({suite_dir / part_manifest(part)}); "
+                      f"the leaderboard is written when every part is in (at the end of a multirun, or by "
+                      f"nordfl-bench without part= into {suite_dir})", highlight=False)
+        return
+    finish(suite_dir, manifest, console)
+
+
+def finish(suite_dir: Path, manifest: dict, console: Console) -> None:
+    """A whole suite's leaderboard, and in tune mode the chosen hyperparameters (``tuned.yaml``)."""
     paths = write_leaderboard(suite_dir)
     console.print(f"{manifest['suite']['name']}: {len(manifest['cell_order'])} cells × {len(manifest['seeds'])} seeds, "
                   f"{manifest['wall_s']:.0f}s of training; leaderboard: {paths[0]}")
@@ -102,6 +122,20 @@ def main(cfg: DictConfig) -> None:
         (suite_dir / "tuned.yaml").write_text(yaml.safe_dump({"tuned": chosen}, sort_keys=False))
         console.print("chosen hyperparameters (the suite config's tuned: section), also in "
                       f"{suite_dir / 'tuned.yaml'}:\n" + yaml.safe_dump({"tuned": chosen}, sort_keys=False))
+
+
+class AssembleParts(Callback):
+    """After a multirun whose jobs were parts of one suite (``part=i/n``), the suite run once more without
+    ``part`` in the sweep folder: every cell is found finished, and the leaderboard is written."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        suite_dir = Path(config.hydra.sweep.dir)
+        if not any(suite_dir.glob("suite.part-*-of-*.json")):
+            return  # a sweep over something else
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+        with open_dict(config):
+            config.part = None
+        finish(suite_dir, run_suite(config, suite_dir), Console())
 
 
 def cli() -> None:

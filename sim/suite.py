@@ -21,6 +21,12 @@ compiled program (``SeedBatch``). Every seed writes an ordinary run folder (``me
 top records the command, the suite, package versions, the machine and wall times, and the
 leaderboard (``sim.leaderboard``) is written from these files. A cell whose runs all finished
 with the same config is skipped on a rerun, so an interrupted suite continues where it stopped.
+
+``part=i/n`` trains only every n-th of the suite's programs, starting at the i-th, into the same
+folder, so n jobs (Hydra launcher jobs on a cluster, ``nordfl-bench -m part=0/4,1/4,2/4,3/4``)
+share a suite; each part records its cells in its own ``suite.part-i-of-n.json``, and a run
+without ``part`` (after the parts, or by itself) finds their cells finished, takes their
+records into ``suite.json`` and writes the leaderboard.
 """
 
 from __future__ import annotations
@@ -365,11 +371,38 @@ def _command() -> Optional[str]:
     """The command line that ran the suite, without where its output went (a local path)."""
     if Path(sys.argv[0]).name != "nordfl-bench":
         return None
-    return " ".join(["nordfl-bench", *(a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.searchpath=", "logger.progress=")))])
+    return " ".join(["nordfl-bench", *(a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir=", "hydra.searchpath=", "logger.progress=")))])
 
 
-def _write_manifest(suite_dir: Path, manifest: dict) -> None:
-    path = suite_dir / MANIFEST
+def parse_part(value) -> Optional[tuple[int, int]]:
+    """``part=i/n`` as (i, n); None when not set."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        fail("part", value, "must be i/n with 0 <= i < n (this job's share of the suite's programs), e.g. part=0/4")
+    return int(index), int(count)
+
+
+def part_manifest(part: tuple[int, int]) -> str:
+    return f"suite.part-{part[0]}-of-{part[1]}.json"
+
+
+def _with_parts(suite_dir: Path, previous: dict) -> dict:
+    """``previous`` (the suite's manifest so far) with the cells, training time and start of the parts run into
+    ``suite_dir`` (``part=i/n``) that it does not hold yet."""
+    parts = [json.loads(path.read_text()) for path in sorted(suite_dir.glob("suite.part-*-of-*.json"))]
+    if not parts:
+        return previous
+    cells = previous.get("cells", {})
+    new = {k: v for part in parts for k, v in part.get("cells", {}).items() if k not in cells}
+    return previous | {"cells": cells | new, "wall_s": previous.get("wall_s", 0.0) + sum(v["wall_s"] for v in new.values()),
+                       "started": previous.get("started", min(part["started"] for part in parts))}
+
+
+def _write_manifest(suite_dir: Path, manifest: dict, name: str = MANIFEST) -> None:
+    path = suite_dir / name
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(path)
@@ -381,12 +414,16 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
     All cells are built and checked first, so a bad override fails before any training.
     """
     run = prepare(bench)
+    part = parse_part(bench.get("part"))
+    manifest_name = MANIFEST if part is None else part_manifest(part)
     suite_dir.mkdir(parents=True, exist_ok=True)
     tasks: dict[str, Task] = {}
     built = [(cell, seeds, *build_cell(cell, run, tasks, seeds[0], extra)) for cell in run.cells for seeds, extra in seed_groups(run)]
-    previous = json.loads((suite_dir / MANIFEST).read_text()) if (suite_dir / MANIFEST).exists() else {}
+    previous = json.loads((suite_dir / manifest_name).read_text()) if (suite_dir / manifest_name).exists() else {}
     if previous and previous.get("suite", {}).get("name") != run.suite.name:
         fail("suite", run.suite.name, f"must match the suite already in {suite_dir} ({previous['suite'].get('name')}); use a new folder")
+    if part is None:
+        previous = _with_parts(suite_dir, previous)
     manifest = {
         "suite": run.suite._asdict(), "mode": run.mode, "seeds": list(run.seeds),
         "command": _command(),
@@ -397,17 +434,21 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
     manifest["cell_order"] = [str(c.folder) for c in run.cells]
     manifest["kinds"] = {c.algorithm: c.kind for c in run.cells}
     manifest["grid_points"] = {c.algorithm: list(c.point) for c in run.cells if c.point}
-    _write_manifest(suite_dir, manifest)
+    _write_manifest(suite_dir, manifest, manifest_name)
     start = time.perf_counter()
-    total_runs = len(run.cells) * len(run.seeds)
     reporter = reporter or (lambda event, **fields: None)
     fingerprints = [_fingerprint(cell, cfg, run.mode, run.suite.validation_fraction) for cell, _, cfg, _, _ in built]
     finished = [cell_done(suite_dir, cell, seeds, f) for (cell, seeds, *_), f in zip(built, fingerprints)]
-    reporter("start", total=total_runs, cells=len(run.cells), finished=sum(len(b[1]) for b, done in zip(built, finished) if done))
+    tune_grid = bench.get("tune_grid", True)
+    mine = range(len(built)) if part is None else part_members(run, built, part, tune_grid)
+    reporter("start", total=sum(len(built[j][1]) for j in mine), cells=len(mine),
+             finished=sum(len(built[j][1]) for j in mine if finished[j]))
     evaluators: dict[str, Simulator] = {}  # one per evaluation data set: its programs compile once
-    grids = tuning_grids(run, built, finished) if bench.get("tune_grid", True) else {}
+    grids = tuning_grids(run, built, finished) if tune_grid else {}
     in_a_grid = {j for members in grids.values() for j in members[1:]}
     for index, ((cell, seeds, cfg, task, experiment), fingerprint, done) in enumerate(zip(built, fingerprints, finished)):
+        if index not in mine:
+            continue  # another part's
         if done:
             reporter("skip", cell=cell, runs=len(seeds))
             continue
@@ -433,13 +474,24 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
                 record["grid_program"] = len(members)  # trained with the other points of its grid in one program
             manifest["cells"][str(member.folder)] = record
             manifest["wall_s"] = manifest.get("wall_s", 0.0) + result.wall_s
-        _write_manifest(suite_dir, manifest)  # once per program: its cells finished together
+        _write_manifest(suite_dir, manifest, manifest_name)  # once per program: its cells finished together
         for j, result in zip(members, results):
             reporter("done", cell=built[j][0], runs=len(seeds), result=result)
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest["last_invocation_s"] = time.perf_counter() - start
-    _write_manifest(suite_dir, manifest)
+    _write_manifest(suite_dir, manifest, manifest_name)
     return manifest
+
+
+def part_members(run: SuiteRun, built: list, part: tuple[int, int], tune_grid: bool) -> set[int]:
+    """The indices into ``built`` that part (i, n) trains: every n-th program from the i-th, a tuning grid's
+    points one program. Programs are counted as if nothing had finished, so every part agrees on the split
+    whatever the others have done."""
+    grids = tuning_grids(run, built, [False] * len(built)) if tune_grid else {}
+    leader = {j: first for first, members in grids.items() for j in members}
+    programs = list(dict.fromkeys(leader.get(j, j) for j in range(len(built))))
+    ours = {first for k, first in enumerate(programs) if k % part[1] == part[0]}
+    return {j for j in range(len(built)) if leader.get(j, j) in ours}
 
 
 def tuning_grids(run: SuiteRun, built: list, finished: list[bool]) -> dict[int, list[int]]:

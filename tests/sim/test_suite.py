@@ -4,6 +4,8 @@ numbers, and the suite config, tuning choice and ranking logic on small hand-mad
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -84,6 +86,32 @@ def test_a_suite_run_twice_with_the_same_seeds_gives_identical_numbers(quick, tm
     events = []
     run_suite(bench_config("suite=quick", "only=[scaffold,pooled]"), again, reporter=lambda event, **_: events.append(event))
     assert events.count("skip") == 2 and "cell" not in events
+
+
+@pytest.mark.slow
+def test_a_suite_run_as_parts_in_separate_jobs_writes_the_in_process_leaderboard(quick, tmp_path):
+    """``nordfl-bench -m part=0/2,1/2 hydra/launcher=submitit_local``: two submitit jobs (processes of their own)
+    train their shares of the cells into the sweep folder, then the leaderboard is assembled there, equal to
+    the in-process run's."""
+    folder, _ = quick
+    sweep = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "-m", "nordfl.sim.bench", "-m", "suite=quick", f"only=[{','.join(QUICK)},pooled,local]",
+                           "part=0/2,1/2", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "logger.progress=false"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    jobs = [p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
+    assert len(jobs) == 2, jobs  # one job (process) per part
+    parts = [set(json.loads((sweep / f"suite.part-{i}-of-2.json").read_text())["cells"]) for i in range(2)]
+    assert parts[0] and parts[1] and not parts[0] & parts[1]
+    manifest = json.loads((sweep / "suite.json").read_text())
+    assert parts[0] | parts[1] == set(manifest["cells"]) == set(manifest["cell_order"])
+    assert read_csv(sweep / LEADERBOARD_CSV) == read_csv(folder / LEADERBOARD_CSV)
+
+
+def test_a_part_must_be_i_of_n():
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(ConfigError, match="part"):
+            run_suite(bench_config("suite=quick", f"part='{bad}'"), None)
 
 
 @pytest.mark.slow
