@@ -93,10 +93,14 @@ def test_a_suite_run_as_parts_in_separate_jobs_writes_the_in_process_leaderboard
     """``nordfl-bench -m part=0/2,1/2 hydra/launcher=submitit_local``: two submitit jobs (processes of their own)
     train their shares of the cells into the sweep folder, then the leaderboard is assembled there, equal to
     the in-process run's."""
+    import jax
+
     folder, _ = quick
     sweep = tmp_path / "sweep"
+    # As many devices as this process trained on: the sum over devices is done in another order with another count.
     done = subprocess.run([sys.executable, "-m", "nordfl.sim.bench", "-m", "suite=quick", f"only=[{','.join(QUICK)},pooled,local]",
-                           "part=0/2,1/2", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "logger.progress=false"],
+                           "part=0/2,1/2", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "logger.progress=false",
+                           f"cpu_devices={jax.device_count()}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     jobs = [p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
