@@ -561,14 +561,86 @@ def _read(directory: Path, name: str, role: str) -> bytes:
         ) from None
 
 
+def member_certificates(directory: str | os.PathLike) -> Optional[bytes]:
+    """The PEM certificates of every member the coordinator admits now: each site not revoked and each admin,
+    with exactly its pinned certificate, from the federation folder (``sites/<name>/cert.pem``,
+    ``admins/<name>/cert.pem``), each issued by the federation CA.
+
+    None when a member has no such certificate here (a folder that holds only federation.json and the CA,
+    a member without a pin, or a pin the file does not match): its key could not be trusted by name.
+    """
+    directory = Path(directory)
+    federation = load_federation(directory)
+    ca = x509.load_pem_x509_certificate(_read(directory / "coordinator", "ca.pem", "coordinator"))
+    members = [("sites", name, federation.certificates.get(name)) for name in sorted(federation.sites - federation.revoked)]
+    members += [("admins", name, pin) for name, pin in sorted(federation.admins.items())]
+    pems = []
+    for folder, name, pin in members:
+        try:
+            pem = (directory / folder / name / "cert.pem").read_bytes()
+            cert = x509.load_pem_x509_certificate(pem)
+        except (OSError, ValueError):
+            return None
+        if pin is None or certificate_sha256(cert) != pin or not issued_by(cert, ca):
+            return None
+        pems.append(pem)
+    return b"".join(pems) or None
+
+
+class MemberTrust:
+    """The coordinator's TLS trust anchors: the members' own pinned certificates (``member_certificates``), so a
+    revoked member's or a superseded key fails the handshake itself and never holds a connection. Rebuilt when
+    federation.json changes (a revocation, a renewal, a new site), without a restart. Where the members'
+    certificates are not all here, the CA is the anchor and the per-call ``admit`` alone refuses them."""
+
+    def __init__(self, coordinator_dir: Path):
+        self.coordinator_dir = coordinator_dir
+        self.federation_dir = coordinator_dir.parent
+        self._lock = threading.Lock()
+        self._stamp: Optional[tuple] = None
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        d = self.coordinator_dir
+        members = member_certificates(self.federation_dir)
+        return grpc.ssl_server_certificate_configuration(
+            [(_read(d, "key.pem", "coordinator"), _read(d, "cert.pem", "coordinator"))],
+            root_certificates=members if members is not None else _read(d, "ca.pem", "coordinator"))
+
+    def _current_stamp(self) -> tuple:
+        stat = os.stat(self.federation_dir / FEDERATION_FILE)
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        with self._lock:
+            self._stamp = self._current_stamp()
+            return self._configuration()
+
+    def fetch(self) -> Optional[grpc.ServerCertificateConfiguration]:
+        """gRPC calls this before each handshake: a new configuration when federation.json changed, else None."""
+        with self._lock:
+            try:
+                stamp = self._current_stamp()
+                if stamp == self._stamp:
+                    return None
+                configuration = self._configuration()
+            except (OSError, ValueError):
+                return None  # a missing or half-written file: keep the last good trust list; admit() still checks
+            self._stamp = stamp
+            return configuration
+
+
 def server_credentials(coordinator_dir: str | os.PathLike) -> grpc.ServerCredentials:
-    """TLS for the coordinator: present its certificate and require a client certificate from the federation CA."""
+    """TLS for the coordinator: present its certificate and require a client certificate of a current member
+    (``MemberTrust``; where the folder does not hold the members' certificates, any from the federation CA)."""
     d = Path(coordinator_dir)
-    return grpc.ssl_server_credentials(
-        [(_read(d, "key.pem", "coordinator"), _read(d, "cert.pem", "coordinator"))],
-        root_certificates=_read(d, "ca.pem", "coordinator"),
-        require_client_auth=True,
-    )
+    if not (d.parent / FEDERATION_FILE).exists():  # a coordinator folder on its own: the CA is the anchor
+        return grpc.ssl_server_credentials(
+            [(_read(d, "key.pem", "coordinator"), _read(d, "cert.pem", "coordinator"))],
+            root_certificates=_read(d, "ca.pem", "coordinator"),
+            require_client_auth=True,
+        )
+    trust = MemberTrust(d)
+    return grpc.dynamic_ssl_server_credentials(trust.initial(), trust.fetch, require_client_authentication=True)
 
 
 def channel_credentials(site_dir: str | os.PathLike) -> grpc.ChannelCredentials:

@@ -119,9 +119,12 @@ def test_revoked_site_and_foreign_ca_are_refused(tmp_path):
                                                  timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails: wrong CA
 
-    revoked = site_agent(tmp_path, federation, files, "Switzerland", port)
-    with pytest.raises(SiteRefused, match="revoked"):
-        revoked.run()
+    # A revoked key fails the handshake too: the coordinator trusts only its current members' certificates.
+    with grpc.secure_channel(f"localhost:{port}", tls.channel_credentials(federation / "sites" / "Switzerland")) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.FederationStub(channel).Join(pb.JoinRequest(site="Switzerland", protocol_version=wire.PROTOCOL_VERSION),
+                                                 timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     results, errors = run_sites([site_agent(tmp_path, federation, files, n, port) for n in SITES if n != "Switzerland"])
     assert not errors and coordinator.round == 2
     closed = [e for e in _audit(tmp_path / "coordinator") if e["event"] == "round_closed"]

@@ -338,16 +338,34 @@ def test_certificates_only_work_in_their_own_role(tmp_path):
         server.stop(grace=None)
 
 
-def test_revoke_takes_effect_without_restart(tmp_path):
+def test_revoke_takes_effect_without_restart_at_the_handshake_and_on_an_open_connection(tmp_path):
+    """Two layers: a revoked key fails the TLS handshake itself (the coordinator trusts the members' own pinned
+    certificates, rebuilt when federation.json changes), and a connection it opened before the revocation is
+    refused at its next call (``admit``)."""
     root = tls.provision(tmp_path / "f", ["a", "b"])
     with _coordinator(root) as target:
-        assert _call(target, tls.channel_credentials(root / "sites/a"), "Admit") == b"welcome"
-        tls.revoke(root, "a")
+        with grpc.secure_channel(target, tls.channel_credentials(root / "sites/a")) as open_before:
+            admit = open_before.unary_unary("/test.Echo/Admit")
+            assert admit(b"", timeout=5) == b"welcome"
+            tls.revoke(root, "a")
+            with pytest.raises(grpc.RpcError) as err:
+                admit(b"", timeout=5)  # the same connection: its handshake happened before
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:
-            _call(target, tls.channel_credentials(root / "sites/a"), "Admit")
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "revoked" in err.value.details()
+            _call(target, tls.channel_credentials(root / "sites/a"), "Who")  # a new connection: no handshake
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert _call(target, tls.channel_credentials(root / "sites/b"), "Admit") == b"welcome"
+
+
+def test_the_trust_list_is_the_members_pinned_certificates(tmp_path):
+    root = tls.provision(tmp_path / "f", ["a", "b", "c"])
+    pems = tls.member_certificates(root)
+    assert pems == b"".join((root / "sites" / s / "cert.pem").read_bytes() for s in ("a", "b", "c"))
+    tls.revoke(root, "b")
+    assert tls.member_certificates(root) == b"".join((root / "sites" / s / "cert.pem").read_bytes() for s in ("a", "c"))
+    # A member whose pinned certificate is not here cannot be named: the CA stays the anchor (admit still checks).
+    (root / "sites" / "c" / "cert.pem").write_bytes((root / "sites" / "a" / "cert.pem").read_bytes())
+    assert tls.member_certificates(root) is None
 
 
 def test_missing_credential_file_names_the_path(tmp_path):
@@ -397,8 +415,8 @@ def test_sites_enrol_with_their_own_keys_renew_and_join_without_touching_the_oth
         _enrol(main, capsys, federation, tmp_path / "Tartu", "Tartu", "--renew")  # renewal: a new key
         _enrol(main, capsys, federation, tmp_path / "Helsinki", "Helsinki")  # a sixth site joins
         with pytest.raises(grpc.RpcError) as err:
-            _call(target, old_tartu, "Admit")  # the certificate the renewal replaced
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "no longer its current" in err.value.details()
+            _call(target, old_tartu, "Admit")  # the certificate the renewal replaced fails the handshake
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         for name in first + ["Helsinki"]:
             assert _call(target, tls.channel_credentials(tmp_path / name), "Admit") == b"welcome"
     assert {name: _files(tmp_path / name) for name in before} == before  # nobody else re-provisioned
