@@ -7,9 +7,9 @@ no inbound firewall opening at the hospital are needed.
 - ``provision`` creates the CA, the coordinator's certificate and one certificate per site.
   Ship ``sites/<site>/`` to that hospital and ``coordinator/`` to the coordinator; keep
   ``ca/ca.key`` offline, since whoever holds it can mint new site identities.
-- The coordinator accepts only clients whose certificate the federation CA signed
-  (``server_credentials``); sites accept only a coordinator the same CA signed
-  (``channel_credentials``).
+- The coordinator accepts only clients presenting a current member's own pinned certificate (each one
+  the federation CA signed; ``server_credentials``, ``MemberTrust``), so a revoked or superseded key
+  fails the handshake; sites accept only a coordinator the same CA signed (``channel_credentials``).
 - A site's identity is its certificate's common name (CN). ``admit`` checks it against
   ``federation.json``, so ``revoke`` shuts a site out from its next call, without reissuing
   certificates or restarting the coordinator (``FederationWatcher``). ``federation.json`` also pins
@@ -379,8 +379,8 @@ def _name_list(path: Path, data: dict, field: str) -> list[str]:
 def revoke(directory: str | os.PathLike, site: str) -> None:
     """Shut ``site`` out: the coordinator refuses it from its next call. Revoking twice is harmless.
 
-    Revocation is enforced by the coordinator via ``admit``, not by TLS: the site's certificate
-    stays valid for the handshake, so the coordinator must check ``admit`` on every call.
+    Enforced twice: a coordinator's TLS (``MemberTrust``) stops trusting the site's certificate for new
+    handshakes, and ``admit``, checked on every call, refuses a connection the site opened before.
     """
     path = Path(directory) / FEDERATION_FILE
     data, federation = _read_federation(Path(directory))
