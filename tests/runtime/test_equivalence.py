@@ -35,10 +35,15 @@ def _simulate_with_own_site(overrides, rounds=ROUNDS):
 
 @pytest.mark.slow
 # FedProx is FedAvg with another local objective, pure algorithm code the two share; Ditto's personal
-# models train on that same proximal objective, and CI time is short.
-@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold", "ditto"])
+# models train on that same proximal objective, and CI time is short. Multi-Krum stands for the robust
+# aggregators (whole updates held, not a weighted sum): the runtime aggregates with the same function.
+@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold", "ditto", "fedavg+krum"])
 def test_runtime_equals_simulator(tmp_path, algorithm):
+    algorithm, _, aggregator = algorithm.partition("+")
     overrides = [f"algorithm={algorithm}", "seed=3"]
+    if aggregator:  # 4 sites: each scored against its 2 nearest others, the mean of the best 2 kept
+        overrides += [f"algorithm.aggregator.name={aggregator}", "algorithm.aggregator.byzantine=0",
+                      "algorithm.aggregator.selected=2"]
     if algorithm == "ditto":  # personalised, then fine-tuned: both hooks on the same path as the simulator's
         overrides.append("algorithm.fine_tune.epochs=1")
     federation, files = provisioned(tmp_path)

@@ -6,7 +6,8 @@ which injects the faults. Scenarios: (a) 80 ms one-way latency and "1% loss" (1%
 on every link; (b) one site's link capped at 10 Mbit/s by the kernel's tbf; (c) one site partitioned for
 PARTITION_S seconds, then healed; (d) hostile members, a frozen coordinator and a killed site. Each checks that every round closed exactly once, that no rejected update
 was accepted, and that every audit log verifies (signatures, and each site's log against the coordinator's);
-a results row (rounds, rejected updates, time per round, coordinator peak RSS) goes to results.md.
+and that the coordinator's peak memory stayed under PEAK_RSS_LIMIT_MIB; a results row (rounds, rejected updates,
+time per round, coordinator peak RSS) goes to results.md.
 """
 
 import json
@@ -33,6 +34,7 @@ PARTITION_S = 60.0
 # it may wait up to its 30 s backoff before it calls again: the run must still be going when it does.
 PARTITION_ROUNDS = 16
 FREEZE_S = 5.0
+PEAK_RSS_LIMIT_MIB = 1024  # the coordinator's peak resident set (about 400 MiB here; a 1 GB announcement buffered would pass it)
 SLOW_LINK = 200  # bytes a second: the killed site's link, so that its upload is in flight for seconds
 ROOT = Path(__file__).resolve().parents[2]  # so the hostile member runs as ``python -m tests.runtime.hostile``
 COORDINATOR_PORT = 50051  # inside the hub namespace, which is fresh: nothing else listens there
@@ -203,6 +205,7 @@ def _check(tmp, scenario, federation, logs, codes, peak_kib, rounds=ROUNDS):
             args += ["--peer", str(logs["coordinator"])]
         r = subprocess.run(args, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"{name}: {r.stdout}{r.stderr}"
+    assert peak_kib < PEAK_RSS_LIMIT_MIB * 1024, peak_kib  # memory bounded: nothing buffered what a sender announced
     times = [_time(events[0])] + [_time(e) for e in sorted(closed, key=lambda e: e["round"])]
     first, later = times[1] - times[0], [b - a for a, b in zip(times[1:], times[2:])]
     per_round = sum(later) / len(later)  # round 0 also holds the sites' start-up (JAX import, Join), shown apart
