@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from benchmarks import workloads
 from benchmarks.peers import common
-from benchmarks.peers.nordfl import build
+from benchmarks.peers.nordfl import build, timed_rounds
 from benchmarks.run import DEFAULT_CACHE, RESULTS
 
 FLOWER_W1_S_PER_ROUND = 1.06  # the measurement on the 2-core CPU machine, 100 clients per round
@@ -63,14 +63,8 @@ def run_case(spec: workloads.Spec, cache: Path) -> dict:
     w = spec.workload(data_path)
     data = common.Data(data_path)
     sim, params, _ = build(w, data)
-    state = sim.init(params)
-    times = []
-    for r in range(w.rounds):
-        start = time.perf_counter()
-        state, _ = sim.run_round(state)
-        jax.block_until_ready(state.server)
-        times.append(time.perf_counter() - start)
-        print(f"[{spec.name}] round {r + 1}/{w.rounds}: {times[-1]:.4f} s", flush=True)
+    _, times = timed_rounds(sim, sim.init(params), w.rounds,
+                            lambda r, seconds: print(f"[{spec.name}] round {r + 1}/{w.rounds}: {seconds:.4f} s", flush=True))
     steady = statistics.median(times[1:])
     return {"workload": spec.name, "model": spec.model, "clients_per_round": spec.cohort_size,
             "first_round_s": times[0], "s_per_round": steady, "updates_per_s": spec.cohort_size / steady,

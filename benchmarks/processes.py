@@ -24,20 +24,14 @@ RESULTS = Path(__file__).parent / "results"
 WORKLOADS = [W1, Spec("W3", model="mlp", rounds=5)]
 
 CHILD = """
-import json, statistics, sys, time
+import json, statistics, sys
 from nordfl.sim import distributed
 from benchmarks.peers import common, nordfl as peer
 processes = distributed.initialize()  # before any JAX computation
-import jax, numpy as np
+import numpy as np
 w = common.Workload(**json.loads(sys.argv[1]))
 sim, params, names = peer.build(w, common.Data(w.data))
-state = sim.init(params)
-times = []
-for r in range(w.rounds):
-    start = time.perf_counter()
-    state, _ = sim.run_round(state)
-    jax.block_until_ready(state.server)
-    times.append(time.perf_counter() - start)
+state, times = peer.timed_rounds(sim, sim.init(params), w.rounds)
 if processes.writes:
     final = peer.workload_params(state.server.params, names)
     np.savez(sys.argv[2], **final)

@@ -64,6 +64,20 @@ def build(w: common.Workload, data: common.Data):
     return sim, params, names
 
 
+def timed_rounds(sim, state, rounds: int, on_round=lambda r, seconds: None):
+    """Runs ``rounds`` rounds, each timed to the end of its computation; returns the state and each round's seconds."""
+    import time
+
+    times = []
+    for r in range(rounds):
+        start = time.perf_counter()
+        state, _ = sim.run_round(state)
+        jax.block_until_ready(state.server)
+        times.append(time.perf_counter() - start)
+        on_round(r, times[-1])
+    return state, times
+
+
 def main() -> None:
     use_cpu_cores()  # as nordfl-sim does: one JAX CPU device per core (no effect on a GPU)
     w, out = common.parse_args(__doc__.splitlines()[0])
