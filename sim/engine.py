@@ -149,6 +149,7 @@ class Simulator:
         aggregate: Aggregator = weighted_mean,
         devices: Optional[Sequence[jax.Device]] = None,
         adversary: Optional[Adversary] = None,
+        clients_per_run: Optional[int] = None,
     ):
         if adversary is not None:
             if np.shape(adversary.malicious) != (len(task.data.clients),):
@@ -166,7 +167,12 @@ class Simulator:
                              "build the Algorithm with local=local_schedule(...)")
         self.local = algorithm.local
         clients = task.data.clients
-        self.num_clients = len(clients)
+        # Several runs' clients back to back (``SeedBatch`` with a data split per seed): states, cohorts and PRNG
+        # keys count one run's clients, ``client_offset`` in the round program says which run's rows to train on.
+        self.num_clients = len(clients) if clients_per_run is None else clients_per_run
+        if len(clients) % self.num_clients:
+            raise ValueError(f"clients_per_run: must divide the task's {len(clients)} clients, got {clients_per_run}")
+        self.runs = len(clients) // self.num_clients
         cohort = self.num_clients if options.cohort_size is None else options.cohort_size
         if not 1 <= cohort <= self.num_clients:
             raise ValueError(f"sim.cohort_size: must be in [1, {self.num_clients}] (the number of clients), got {cohort}")
@@ -182,11 +188,13 @@ class Simulator:
             cohort_size=cohort, max_buckets=options.max_buckets,
         )
         self.buckets: list[BucketSpec] = bucket_specs(train_sizes, plan)
-        self._bucket_of = np.empty(self.num_clients, np.int32)
+        self._bucket_of = np.empty(len(clients), np.int32)
         for b, spec in enumerate(self.buckets):
             self._bucket_of[spec.client_ids] = b
         self._host_pool = pool_clients([c.train for c in clients])
-        self._chunks = [self._chunking(min(cohort, len(spec.client_ids)), spec.n_max) for spec in self.buckets]
+        per_run = self._bucket_of.reshape(self.runs, self.num_clients)  # a bucket holds the most of any one run's cohort
+        self._chunks = [self._chunking(max(min(cohort, int(np.sum(run == b))) for run in per_run), spec.n_max)
+                        for b, spec in enumerate(self.buckets)]
 
         self._train_pool = None if options.data_on_host else self.replicate(self._host_pool)
         test_sizes = [len(c.test.y) for c in clients]
@@ -240,16 +248,18 @@ class Simulator:
             keep_stragglers=o.keep_stragglers, dropout_fraction=o.dropout_fraction,
         )
 
-    def _slots(self, plan: RoundPlan) -> list[Slots]:
-        """Splits the cohort by bucket, each padded to the bucket's fixed capacity."""
+    def _slots(self, plan: RoundPlan, run: int = 0) -> list[Slots]:
+        """Splits the cohort by bucket, each padded to the bucket's fixed capacity; ``client_ids`` index the
+        task's clients, those of run ``run`` when it holds several runs' clients (``clients_per_run``)."""
         slots = []
-        member_bucket = self._bucket_of[plan.cohort]
+        cohort = plan.cohort + run * self.num_clients
+        member_bucket = self._bucket_of[cohort]
         for b, (num_chunks, chunk) in enumerate(self._chunks):
             mine = np.flatnonzero(member_bucket == b)
             capacity = num_chunks * chunk
             pad = capacity - len(mine)
             slots.append(Slots(
-                client_ids=np.concatenate([plan.cohort[mine], np.zeros(pad, np.int32)]).astype(np.int32),
+                client_ids=np.concatenate([cohort[mine], np.full(pad, run * self.num_clients, np.int32)]).astype(np.int32),
                 valid=np.concatenate([np.ones(len(mine), bool), np.zeros(pad, bool)]),
                 epochs=np.concatenate([plan.epochs[mine], np.ones(pad, np.int32)]).astype(np.int32),
                 contributes=np.concatenate([plan.contributes[mine], np.zeros(pad, bool)]),
@@ -321,21 +331,23 @@ class Simulator:
         return jax.tree_util.tree_map(from_chunks, outputs), update_sum
 
     def _round_program(self, server, clients, source, slots: tuple[Slots, ...], base_key, round_index, *, gather_on_device: bool,
-                       algorithm: Optional[Algorithm] = None):
+                       algorithm: Optional[Algorithm] = None, client_offset=0):
         """One round as a traceable function; ``algorithm`` (default: the simulator's) may be one built
-        from traced hyperparameters (``sim.grid``), with the same local schedule shape."""
+        from traced hyperparameters (``sim.grid``), with the same local schedule shape. ``client_offset``: the
+        first task client of this run (``clients_per_run``); states and keys use ids within the run."""
         algorithm = self.algorithm if algorithm is None else algorithm
         message = algorithm.broadcast(server)
         key = jax.random.fold_in(base_key, round_index)
         updates, update_sums, weights, losses, sizes, malicious = [], [], [], [], [], []
         for b, (spec, s, (num_chunks, chunk)) in enumerate(zip(self.buckets, slots, self._chunks)):
             data = gather_clients(source, s.client_ids, s.valid, spec.n_max) if gather_on_device else source[b]
-            states = jax.tree_util.tree_map(lambda a: a[s.client_ids], clients)
-            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(s.client_ids)
+            ids = s.client_ids - client_offset
+            states = jax.tree_util.tree_map(lambda a: a[ids], clients)
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
             counts = s.valid & s.contributes
             out, update_sum = self._run_clients(algorithm, message, states, data, keys, s.epochs, counts, num_chunks, chunk)
             new_states = jax.vmap(otu.tree_where)(counts, out.client_state, states)
-            scatter_to = jnp.where(s.valid, s.client_ids, self.num_clients)  # invalid slots fall off the end
+            scatter_to = jnp.where(s.valid, ids, self.num_clients)  # invalid slots fall off the end
             clients = jax.tree_util.tree_map(lambda a, new: a.at[scatter_to].set(new, mode="drop"), clients, new_states)
             if update_sum is None:
                 updates.append(out.update)
@@ -370,7 +382,7 @@ class Simulator:
     def _per_client(self, params, pool: ClientPool, buckets: list[BucketSpec]) -> EvalMetrics:
         """Metrics of ``params`` on every client's rows of ``pool``, in client order."""
         fields = self.metrics_type._fields
-        out = [np.full(self.num_clients, np.nan, np.float32) for _ in fields]
+        out = [np.full(len(pool.sizes), np.nan, np.float32) for _ in fields]
         for spec in buckets:
             data = gather_clients(pool, spec.client_ids, np.ones(len(spec.client_ids), bool), spec.n_max)
             metrics = self._evaluate_bucket(params, data, n_max=spec.n_max)

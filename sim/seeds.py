@@ -6,12 +6,18 @@ buckets and shapes are the same. So ``jax.vmap`` over the simulator's round prog
 server and client state stacked on a leading seed axis, compiles once per cell instead of
 once per seed, and runs the seeds side by side. Each seed computes exactly what
 ``Simulator(seed=s)`` computes (a test checks it).
+
+With a data split per seed (a suite's ``vary_split``), each seed's task has the same clients
+with other rows. The seeds' clients then sit back to back in one training pool, bucketed
+together, and each seed's lane of the program trains on its own block (``client_offset``):
+still one compilation per cell, not one per seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -42,11 +48,14 @@ class SeedBatch:
     """Runs ``algorithm`` on ``task`` for every seed in ``seeds`` at once.
 
     Args:
-      algorithm, task, options, aggregate, adversary: as for ``Simulator`` (one adversary for every seed).
+      algorithm, options, aggregate, adversary: as for ``Simulator`` (one adversary for every seed: the
+        same clients are malicious in each).
+      task: the task, or one task per seed: the same clients (names, order) with each seed's own rows.
       seeds: the seeds, one run each.
-      evaluator: a simulator to score with, on its task's clients (default: ``task``'s). The pooled
-        and local baselines train on other data than they are scored on; cells of a suite share
-        one, so its evaluation programs compile once per data set rather than once per cell.
+      evaluator: a simulator to score with, on its task's clients (default: ``task``'s), or one per seed
+        with a task per seed. The pooled and local baselines train on other data than they are scored
+        on; cells of a suite share one, so its evaluation programs compile once per data set rather
+        than once per cell.
 
     Example:
       >>> batch = SeedBatch(alg, task, options, seeds=(0, 1, 2))
@@ -58,12 +67,12 @@ class SeedBatch:
     def __init__(
         self,
         algorithm: Algorithm,
-        task: Task,
+        task: Union[Task, Sequence[Task]],
         options: SimulatorOptions,
         seeds: Sequence[int],
         *,
         aggregate: Aggregator = weighted_mean,
-        evaluator: Optional[Simulator] = None,
+        evaluator: Union[Simulator, Sequence[Simulator], None] = None,
         adversary: Optional[Adversary] = None,
     ):
         if not seeds:
@@ -71,14 +80,41 @@ class SeedBatch:
         if options.data_on_host:
             raise ValueError("sim.data_on_host: must be false when several seeds share one program (the data is shared)")
         self.seeds = tuple(int(s) for s in seeds)
-        self.sim = Simulator(algorithm, task, options, seed=self.seeds[0], aggregate=aggregate, adversary=adversary)
-        self.evaluator = evaluator or self.sim
+        tasks = None if isinstance(task, Task) else list(task)
+        if tasks is None:
+            self.sim = Simulator(algorithm, task, options, seed=self.seeds[0], aggregate=aggregate, adversary=adversary)
+            self._offsets = np.zeros(len(self.seeds), np.int32)
+            self.evaluators = [evaluator or self.sim] * len(self.seeds)
+        else:
+            self.sim = self._split_simulator(algorithm, tasks, options, aggregate, adversary)
+            self._offsets = np.arange(len(self.seeds), dtype=np.int32) * self.sim.num_clients
+            if evaluator is None:
+                evaluator = [Simulator(algorithm, t, options, seed=seed, aggregate=aggregate) for t, seed in zip(tasks, self.seeds)]
+            if not isinstance(evaluator, (list, tuple)) or len(evaluator) != len(self.seeds):
+                raise ValueError(f"evaluator: expected one simulator per seed ({len(self.seeds)}) with a task per seed, got {evaluator!r}")
+            self.evaluators = list(evaluator)
         program = functools.partial(self.sim._round_program, gather_on_device=True)
         self._round = jax.jit(
-            jax.vmap(program, in_axes=(0, 0, None, 0, 0, None)), donate_argnums=(1,),
-            compiler_options=ROUND_COMPILER_OPTIONS.get(self.sim.devices[0].platform),
+            jax.vmap(lambda *args: program(*args[:-1], client_offset=args[-1]), in_axes=(0, 0, None, 0, 0, None, 0)),
+            donate_argnums=(1,), compiler_options=ROUND_COMPILER_OPTIONS.get(self.sim.devices[0].platform),
         )
         self._base_keys = self.sim.replicate(jax.numpy.stack([jax.random.key(seed) for seed in self.seeds]))
+
+    def _split_simulator(self, algorithm, tasks: list[Task], options, aggregate, adversary) -> Simulator:
+        """One simulator over every seed's clients back to back (``clients_per_run``)."""
+        if len(tasks) != len(self.seeds):
+            raise ValueError(f"task: expected one task per seed ({len(self.seeds)}), got {len(tasks)}")
+        names = [c.name for c in tasks[0].data.clients]
+        for seed, t in zip(self.seeds, tasks):
+            if [c.name for c in t.data.clients] != names:
+                raise ValueError(f"task (seed {seed}): expected the clients {names} of the first seed's task, "
+                                 f"got {[c.name for c in t.data.clients]}")
+        clients = tuple(c for t in tasks for c in t.data.clients)
+        union = tasks[0]._replace(data=dataclasses.replace(tasks[0].data, clients=clients))
+        if adversary is not None:
+            adversary = adversary._replace(malicious=np.tile(np.asarray(adversary.malicious), len(tasks)))
+        return Simulator(algorithm, union, options, seed=self.seeds[0], aggregate=aggregate, adversary=adversary,
+                         clients_per_run=len(names))
 
     def init(self, params_per_seed: Sequence) -> SimState:
         """Round-0 state of every seed, each from its own initial params, stacked on axis 0."""
@@ -90,13 +126,15 @@ class SeedBatch:
 
     def run_round(self, state: SimState) -> tuple[SimState, RoundMetrics]:
         """Runs round ``state.round`` for every seed; metrics have a leading seed axis."""
-        slots = [self.sim._slots(self.sim.plan(state.round, seed)) for seed in self.seeds]
+        runs = self._offsets // self.sim.num_clients  # each seed's block of the training pool (all 0 with one task)
+        slots = [self.sim._slots(self.sim.plan(state.round, seed), int(run)) for run, seed in zip(runs, self.seeds)]
         stacked_slots = stack_slots(slots)
         server, clients, metrics = self._round(
-            state.server, state.clients, self.sim._train_pool, stacked_slots, self._base_keys, np.int32(state.round)
+            state.server, state.clients, self.sim._train_pool, stacked_slots, self._base_keys, np.int32(state.round),
+            self._offsets,
         )
         return SimState(server, clients, state.round + 1), metrics
 
     def evaluate(self, params) -> list[Evaluation]:
         """Each seed's global model scored on the evaluation task (one compiled program for all seeds)."""
-        return [self.evaluator.evaluate(seed_slice(params, i)) for i in range(len(self.seeds))]
+        return [evaluator.evaluate(seed_slice(params, i)) for i, evaluator in enumerate(self.evaluators)]

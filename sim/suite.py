@@ -40,7 +40,7 @@ import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -100,8 +100,9 @@ class CellResult(NamedTuple):
     own_site_accuracy: list[float]  # per seed: mean over sites of each site's own-model accuracy
 
 
-def _fingerprint(cell: Cell, cfg: DictConfig, mode: str, fraction: float) -> str:
-    text = json.dumps([cell.kind, mode, fraction if mode == "tune" else None, fingerprint_config(cfg)], sort_keys=True)
+def _fingerprint(cell: Cell, cfg: DictConfig, mode: str, fraction: float, split_per_seed: bool = False) -> str:
+    text = json.dumps([cell.kind, mode, fraction if mode == "tune" else None, fingerprint_config(cfg)]
+                      + (["a data split per seed"] if split_per_seed else []), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -140,7 +141,7 @@ def _combine_local(rows: list[dict], site_names) -> dict:
     return {k: mean([r[k] for r in rows]) for k in ("train_loss", "test_loss", "test_accuracy", "test_auc")} | {"sites": sites}
 
 
-def _own_site(cell: Cell, evaluations, states, personal: Optional[PersonalEvaluator], i: int, seed: int, site_names) -> dict:
+def _own_site(cell: Cell, evaluations, states, personal: Optional[Sequence[PersonalEvaluator]], i: int, seed: int, site_names) -> dict:
     """What each site gets, scored on its own test rows: the model it would use. The global model
     (pooled, and algorithms without personalisation), its personal model, or, for the local
     baseline, the model it trained alone."""
@@ -148,7 +149,7 @@ def _own_site(cell: Cell, evaluations, states, personal: Optional[PersonalEvalua
         return {n: site_rows(evaluations[j][i].sites, site_names)[n] for j, n in enumerate(site_names)}
     if personal is None:
         return site_rows(evaluations[0][i].sites, site_names)
-    return site_rows(personal.evaluate(seed_slice(states[0].server, i), seed_slice(states[0].clients, i), seed), site_names)
+    return site_rows(personal[i].evaluate(seed_slice(states[0].server, i), seed_slice(states[0].clients, i), seed), site_names)
 
 
 GRID_KEYS = frozenset({"algorithm.client_lr", "algorithm.mu", "algorithm.lam", "algorithm.server.learning_rate",
@@ -172,8 +173,8 @@ def grid_values(cell: Cell) -> Optional[dict[str, float]]:
     return values or None
 
 
-def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequence[int], suite_dir: Path, fingerprint: str,
-             logger: DictConfig, evaluator: Optional[Simulator] = None,
+def run_cell(cell: Cell, cfg: DictConfig, task: Union[Task, list[Task]], experiment, seeds: Sequence[int], suite_dir: Path,
+             fingerprint: str, logger: DictConfig, evaluator: Union[Simulator, list[Simulator], None] = None,
              on_round: Callable[[int], None] = lambda r: None) -> CellResult:
     """Trains every seed of one cell together and writes one run folder per seed.
 
@@ -182,21 +183,30 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Task, experiment, seeds: Sequenc
     return run_cells([cell], [cfg], task, experiment, seeds, suite_dir, [fingerprint], logger, evaluator, on_round)[0]
 
 
-def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Task, experiment, seeds: Sequence[int], suite_dir: Path,
-              fingerprints: Sequence[str], logger: DictConfig, evaluator: Optional[Simulator] = None,
+def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Union[Task, list[Task]], experiment, seeds: Sequence[int],
+              suite_dir: Path, fingerprints: Sequence[str], logger: DictConfig, evaluator: Union[Simulator, list[Simulator], None] = None,
               on_round: Callable[[int], None] = lambda r: None, points: Optional[Sequence[dict]] = None) -> list[CellResult]:
     """Trains one cell's seeds (a ``SeedBatch``), or with ``points`` the grid points of one algorithm (``cells[k]``
     at ``points[k]``) times the seeds as one ``GridBatch`` program; writes one run folder per cell and seed.
-    The cells of a grid share the wall time: each is given its share."""
+    The cells of a grid share the wall time: each is given its share. ``task`` (and ``evaluator``) may be a
+    list, one per seed: each seed's own data split (``task.data_seed`` = the seed), still one program."""
     options = experiment.options
-    site_names = [c.name for c in task.data.clients]
+    split = isinstance(task, list)
+    per_seed = task if split else [task] * len(seeds)
+    if split and points is not None:
+        raise ValueError("points: a tuning grid runs on one data split, got a task per seed")
+    site_names = [c.name for c in per_seed[0].data.clients]
     alone = _every_client_fully(options)
-    evaluator = evaluator or evaluator_for(task, experiment)
+    if evaluator is None:
+        evaluator = [evaluator_for(t, experiment) for t in task] if split else evaluator_for(task, experiment)
+    evaluators = evaluator if split else [evaluator] * len(seeds)
     cell = cells[0]
     runs = [(k, seed) for k in range(len(cells)) for seed in seeds]  # GridBatch's order: point-major
 
-    def batch(train_task: Task, batch_options, adversary=None) -> SeedBatch:
-        return SeedBatch(experiment.algorithm, train_task, batch_options, seeds, aggregate=experiment.aggregate, evaluator=evaluator,
+    def batch(make_task: Callable[[Task], Task], batch_options, adversary=None) -> SeedBatch:
+        """A batch of the seeds on ``make_task`` of their data (one program even with a split per seed)."""
+        train = [make_task(t) for t in task] if split else make_task(task)
+        return SeedBatch(experiment.algorithm, train, batch_options, seeds, aggregate=experiment.aggregate, evaluator=evaluator,
                          adversary=adversary)
 
     if points is not None:
@@ -205,11 +215,11 @@ def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Task, exp
 
         batches = [GridBatch(build, task, options, points, seeds, aggregate=experiment.aggregate)]
     elif cell.kind == "federated":  # only federated cells are attacked: the baselines are the attack-free references
-        batches = [batch(task, options, experiment.adversary)]
+        batches = [batch(lambda t: t, options, experiment.adversary)]
     elif cell.kind == "pooled":
-        batches = [batch(classification_task(task.name, pooled_dataset(task.data), task.model), alone)]
+        batches = [batch(lambda t: classification_task(t.name, pooled_dataset(t.data), t.model), alone)]
     else:  # local: one model per site, each trained on its own rows only
-        batches = [batch(classification_task(task.name, single_client(task.data, i), task.model), alone)
+        batches = [batch(lambda t, i=i: classification_task(t.name, single_client(t.data, i), t.model), alone)
                    for i in range(len(site_names))]
     inits = [_init_params(cfgs[0], s) for s in seeds]
     states = [batch.init(inits) for batch in batches]
@@ -217,6 +227,8 @@ def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Task, exp
     for k, seed in runs:
         run_cfg = cfgs[k].copy()
         run_cfg.seed = seed
+        if split:
+            run_cfg.task.data_seed = seed
         configs.append(OmegaConf.to_container(run_cfg, resolve=True))
         folder = _seed_folder(suite_dir, cells[k], seed)
         folder.mkdir(parents=True, exist_ok=True)
@@ -224,9 +236,10 @@ def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Task, exp
         logs.append(MetricsLog(folder, config={}, use_wandb=False, project=logger.project, mode=None, run_name=folder.name))
     personal = None
     if cell.kind == "federated" and experiment.algorithm.personalise is not None and points is None:
-        personal = PersonalEvaluator(evaluator, experiment.algorithm)
+        scorers = {id(e): PersonalEvaluator(e, experiment.algorithm) for e in evaluators}  # one per data set: compiled once
+        personal = [scorers[id(e)] for e in evaluators]
     rounds, eval_every = cfgs[0].sim.rounds, cfgs[0].sim.eval_every
-    train_sizes = np.array(task.data.train_sizes(), np.float64)
+    train_sizes = [np.array(t.data.train_sizes(), np.float64) for t in per_seed]
     start = time.perf_counter()
     first_round_s = 0.0
     finals: list[dict] = [{} for _ in runs]
@@ -241,7 +254,8 @@ def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Task, exp
             evaluations = [batch.evaluate(state.server.params) for batch, state in zip(batches, states)]
         for i, (k, seed) in enumerate(runs):
             if cell.kind == "local":
-                client_loss = float(np.sum([m.client_loss[i] for m in metrics] * train_sizes) / max(train_sizes.sum(), 1))
+                sizes = train_sizes[i]  # a local cell runs no grid: run i is seed i
+                client_loss = float(np.sum([m.client_loss[i] for m in metrics] * sizes) / max(sizes.sum(), 1))
                 row = {"round": r, "client_loss": client_loss, "num_clients": len(site_names), "update_norm": None}
             else:
                 m = metrics[0]
@@ -261,7 +275,7 @@ def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Task, exp
     wall_s = time.perf_counter() - start
     for i, (k, seed) in enumerate(runs):
         summary = {
-            "algorithm": cells[k].algorithm, "kind": cells[k].kind, "setting": cells[k].setting, "task": task.data.name,
+            "algorithm": cells[k].algorithm, "kind": cells[k].kind, "setting": cells[k].setting, "task": per_seed[0].data.name,
             "seed": seed, "rounds": rounds, "final": finals[i], "first_round_s": first_round_s, "train_s": wall_s / len(cells),
             "num_clients": len(site_names), "fingerprint": fingerprints[k],
         }
@@ -328,14 +342,20 @@ def _data_key(cfg: DictConfig) -> str:
     return json.dumps([OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "partition")], sort_keys=True)
 
 
-def seed_groups(run: SuiteRun) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
-    """The seeds that train together, each group with its extra overrides: all seeds in one
-    vmapped program, or, with the suite's ``vary_split``, each seed alone on its own data split
-    (``task.data_seed`` = the seed: the train/test split and the partition follow the seed). Tuning
-    keeps the suite's one split: it chooses on validation rows carved from its training rows."""
-    if run.suite.vary_split and run.mode == "run":
-        return [((seed,), (f"task.data_seed={seed}",)) for seed in run.seeds]
-    return [(run.seeds, ())]
+def splits_per_seed(run: SuiteRun) -> bool:
+    """With the suite's ``vary_split`` each seed trains on its own data split (``task.data_seed`` = the seed: the
+    train/test split and the partition follow it), all seeds still in one program. Tuning keeps the suite's one
+    split: it chooses on validation rows carved from its training rows."""
+    return run.suite.vary_split and run.mode == "run"
+
+
+def build_group(cell: Cell, run: SuiteRun, tasks: dict[str, Task]):
+    """The cell's config (its first seed's), data and experiment for all its seeds: one task, or with
+    ``splits_per_seed`` a list of one task per seed (each built once in ``tasks`` and shared by the cells)."""
+    if not splits_per_seed(run):
+        return build_cell(cell, run, tasks)
+    per_seed = [build_cell(cell, run, tasks, seed, (f"task.data_seed={seed}",)) for seed in run.seeds]
+    return per_seed[0][0], [task for _, task, _ in per_seed], per_seed[0][2]
 
 
 def build_cell(cell: Cell, run: SuiteRun, tasks: dict[str, Task], seed: Optional[int] = None, extra: Sequence[str] = ()):
@@ -418,7 +438,7 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
     manifest_name = MANIFEST if part is None else part_manifest(part)
     suite_dir.mkdir(parents=True, exist_ok=True)
     tasks: dict[str, Task] = {}
-    built = [(cell, seeds, *build_cell(cell, run, tasks, seeds[0], extra)) for cell in run.cells for seeds, extra in seed_groups(run)]
+    built = [(cell, run.seeds, *build_group(cell, run, tasks)) for cell in run.cells]
     previous = json.loads((suite_dir / manifest_name).read_text()) if (suite_dir / manifest_name).exists() else {}
     if previous and previous.get("suite", {}).get("name") != run.suite.name:
         fail("suite", run.suite.name, f"must match the suite already in {suite_dir} ({previous['suite'].get('name')}); use a new folder")
@@ -437,13 +457,13 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
     _write_manifest(suite_dir, manifest, manifest_name)
     start = time.perf_counter()
     reporter = reporter or (lambda event, **fields: None)
-    fingerprints = [_fingerprint(cell, cfg, run.mode, run.suite.validation_fraction) for cell, _, cfg, _, _ in built]
+    fingerprints = [_fingerprint(cell, cfg, run.mode, run.suite.validation_fraction, splits_per_seed(run)) for cell, _, cfg, _, _ in built]
     finished = [cell_done(suite_dir, cell, seeds, f) for (cell, seeds, *_), f in zip(built, fingerprints)]
     tune_grid = bench.get("tune_grid", True)
     mine = range(len(built)) if part is None else part_members(run, built, part, tune_grid)
     reporter("start", total=sum(len(built[j][1]) for j in mine), cells=len(mine),
              finished=sum(len(built[j][1]) for j in mine if finished[j]))
-    evaluators: dict[str, Simulator] = {}  # one per evaluation data set: its programs compile once
+    evaluators: dict[int, Simulator] = {}  # one per evaluation data set (a shared Task): its programs compile once
     grids = tuning_grids(run, built, finished) if tune_grid else {}
     in_a_grid = {j for members in grids.values() for j in members[1:]}
     for index, ((cell, seeds, cfg, task, experiment), fingerprint, done) in enumerate(zip(built, fingerprints, finished)):
@@ -456,11 +476,9 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
             continue  # trained with the first cell of its grid
         members = grids.get(index, [index])
         reporter("cell", cell=cell, rounds=cfg.sim.rounds)
-        data_key = _data_key(cfg)
-        if data_key not in evaluators:
-            evaluators[data_key] = evaluator_for(task, experiment)
+        scored = [evaluators.setdefault(id(t), evaluator_for(t, experiment)) for t in (task if isinstance(task, list) else [task])]
         results = run_cells([built[j][0] for j in members], [built[j][2] for j in members], task, experiment, seeds, suite_dir,
-                            [fingerprints[j] for j in members], bench.logger, evaluators[data_key],
+                            [fingerprints[j] for j in members], bench.logger, scored if isinstance(task, list) else scored[0],
                             on_round=lambda r, cell=cell: reporter("round", cell=cell, round=r, rounds=cfg.sim.rounds),
                             points=[grid_values(built[j][0]) for j in members] if len(members) > 1 else None)
         for j, result in zip(members, results):

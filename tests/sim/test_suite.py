@@ -319,19 +319,26 @@ def test_personalisation_leaderboard_ranks_by_what_each_site_gets_with_intervals
 
 @pytest.mark.slow
 def test_vary_split_gives_each_seed_its_own_data_split(tmp_path):
-    """With ``vary_split`` seed s runs exactly as a run with ``task.data_seed=s`` and seed s, and the split matters."""
+    """With ``vary_split`` seed s runs as a run with ``task.data_seed=s`` and seed s (the seeds' splits side by side in
+    one program), for a federated cell and both baselines, and the split matters."""
     common = "suite.common=['task=heart','partition=natural','sim.rounds=2','algorithm.batch_size=16'{}]"
-    base = ("suite=quick", "only=[pooled]")
+    base = ("suite=quick", "only=[fedavg,pooled,local]")
 
-    def final(folder, seed):
-        return json.loads((folder / "split=natural" / "pooled" / f"seed_{seed}" / "summary.json").read_text())["final"]
+    def final(folder, algorithm, seed):
+        return json.loads((folder / "split=natural" / algorithm / f"seed_{seed}" / "summary.json").read_text())["final"]
 
     run_suite(bench_config(*base, "seeds=[0,1]", common.format(""), "+suite.vary_split=true"), tmp_path / "varied")
     run_suite(bench_config(*base, "seeds=[1]", common.format(",'task.data_seed=1'")), tmp_path / "split_1")
-    for seed in (0, 1):
-        config = OmegaConf.load(tmp_path / "varied" / "split=natural" / "pooled" / f"seed_{seed}" / "config.yaml")
-        assert config.task.data_seed == seed and config.seed == seed
-    assert final(tmp_path / "varied", 1) == final(tmp_path / "split_1", 1)
+    for algorithm in ("fedavg", "pooled", "local"):
+        for seed in (0, 1):
+            config = OmegaConf.load(tmp_path / "varied" / "split=natural" / algorithm / f"seed_{seed}" / "config.yaml")
+            assert config.task.data_seed == seed and config.seed == seed
+        varied, alone = final(tmp_path / "varied", algorithm, 1), final(tmp_path / "split_1", algorithm, 1)
+        for key in ("test_loss", "test_accuracy", "train_loss"):
+            assert varied[key] == pytest.approx(alone[key], rel=1e-5), (algorithm, key)
+        for site, scores in alone["own_site"].items():
+            assert varied["own_site"][site]["accuracy"] == pytest.approx(scores["accuracy"], rel=1e-5), (algorithm, site)
+        assert final(tmp_path / "varied", algorithm, 0)["test_loss"] != pytest.approx(varied["test_loss"], rel=1e-3)
     # The data seed moves patients between each hospital's train and test rows.
     first, second = (make_task("heart", seed=s).data.clients[0].test.x for s in (0, 1))
     assert first.shape == second.shape and not np.array_equal(first, second)
