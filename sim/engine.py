@@ -185,7 +185,7 @@ class Simulator:
         train_sizes = [len(c.train.y) for c in clients]
         plan = plan_buckets(
             train_sizes, batch_size=self.local.batch_size, drop_remainder=self.local.drop_remainder,
-            cohort_size=cohort, max_buckets=options.max_buckets,
+            cohort_size=cohort, max_buckets=options.max_buckets, clients_per_run=self.num_clients,
         )
         self.buckets: list[BucketSpec] = bucket_specs(train_sizes, plan)
         self._bucket_of = np.empty(len(clients), np.int32)

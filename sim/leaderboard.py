@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from nordfl.sim.paired import Paired, holm, paired_t
 from nordfl.sim.report import ReportError, Stat, read_metrics, stat, stat_text
-from nordfl.sim.suite_config import grid_edges
+from nordfl.sim.suite_config import grid_edges, split_key
 
 MANIFEST = "suite.json"
 LEADERBOARD_MD = "leaderboard.md"
@@ -81,7 +81,7 @@ def _entry(suite_dir: Path, folder: str, kind: str, seeds: list[int], target: fl
         if not (run / "summary.json").exists():
             continue
         finals.append(_read_json(run / "summary.json")["final"])
-        own = _own_site_accuracy(finals[-1], kind)
+        own = own_site_accuracy(finals[-1], kind)
         if own:
             own_site.append(own)
         if score == "own_site":
@@ -109,7 +109,7 @@ def _entry(suite_dir: Path, folder: str, kind: str, seeds: list[int], target: fl
                  own_site=tuple(own_site) if len(own_site) == len(finals) else ())
 
 
-def _own_site_accuracy(final: dict, kind: str) -> dict[str, float]:
+def own_site_accuracy(final: dict, kind: str) -> dict[str, float]:
     """Site -> accuracy of the model the site would use, from a run's final row (``own_site``, written since
     personalisation; before it, a non-local run's per-site scores of its global model are the same thing)."""
     sites = final.get("own_site") or (final.get("sites") if kind != "local" else None) or {}
@@ -275,7 +275,7 @@ def _provenance(manifest: dict) -> list[str]:
     return [
         f"- command: `{command}`",
         f"- mode: {manifest['mode']}; seeds: {', '.join(map(str, manifest['seeds']))}"
-        + ("; each seed also draws the data split (task.data_seed = seed)" if suite.get("vary_split") and manifest["mode"] == "run" else
+        + (f"; each seed also draws the data split ({split_key(suite)} = seed)" if split_key(suite) and manifest["mode"] == "run" else
            "; one data split for every seed (task.data_seed)") + f"; target accuracy: {suite['target_accuracy']:.0%}",
         f"- common overrides: `{' '.join(suite['common'])}`",
         f"- training wall time (all cells): {wall:.0f} s ({wall / 60:.1f} min); started {manifest.get('started')}, "

@@ -89,24 +89,31 @@ class BucketSpec(NamedTuple):
     n_max: int
 
 
-def _bucket_cost(sizes: np.ndarray, cohort_size: int, batch_size: int, drop_remainder: bool) -> int:
-    steps = max(steps_per_epoch(int(sizes.max(initial=0)), batch_size, drop_remainder), 1)
-    return min(cohort_size, len(sizes)) * steps
+def _bucket_cost(ids: np.ndarray, sizes: np.ndarray, cohort_size: int, batch_size: int, drop_remainder: bool,
+                 clients_per_run: int) -> int:
+    """Padded local steps of one bucket per round: its slots (the most of any one run's cohort it may hold) times
+    the steps of its largest client."""
+    steps = max(steps_per_epoch(int(sizes[ids].max(initial=0)), batch_size, drop_remainder), 1)
+    slots = np.bincount(ids // clients_per_run).max(initial=0)
+    return min(cohort_size, int(slots)) * steps
 
 
 def plan_buckets(
-    sizes: Sequence[int], *, batch_size: int, drop_remainder: bool = False, cohort_size: Optional[int] = None, max_buckets: int = 4
+    sizes: Sequence[int], *, batch_size: int, drop_remainder: bool = False, cohort_size: Optional[int] = None, max_buckets: int = 4,
+    clients_per_run: Optional[int] = None,
 ) -> list[np.ndarray]:
     """Groups client ids into at most ``max_buckets`` buckets of contiguous sizes, at least padded cost.
 
     Candidate boundaries are the powers of two of the clients' step counts; an exact
-    dynamic programme picks the best contiguous grouping of those levels.
+    dynamic programme picks the best contiguous grouping of those levels. With ``clients_per_run``,
+    ``sizes`` are several runs' clients back to back, and a bucket holds the most of one run's cohort.
 
     Returns:
       One sorted int32 array of client ids per bucket, smallest clients first.
     """
     sizes = np.asarray(sizes, np.int64)
-    cohort_size = len(sizes) if cohort_size is None else cohort_size
+    clients_per_run = len(sizes) if clients_per_run is None else clients_per_run
+    cohort_size = clients_per_run if cohort_size is None else cohort_size
     if len(sizes) == 0:
         return []
     steps = np.asarray([steps_per_epoch(int(n), batch_size, drop_remainder) for n in sizes])
@@ -114,7 +121,8 @@ def plan_buckets(
     levels = np.unique(level)
     groups = [np.flatnonzero(level == lv) for lv in levels]
     num_levels = len(levels)
-    cost = lambda i, j: _bucket_cost(sizes[np.concatenate(groups[i:j])], cohort_size, batch_size, drop_remainder)  # noqa: E731
+    cost = lambda i, j: _bucket_cost(np.concatenate(groups[i:j]), sizes, cohort_size, batch_size, drop_remainder,  # noqa: E731
+                                     clients_per_run)
     # best[k][j]: least cost of levels[:j] in k buckets.
     inf = float("inf")
     best = [[inf] * (num_levels + 1) for _ in range(max_buckets + 1)]
@@ -132,6 +140,15 @@ def plan_buckets(
         bounds.append((i, j))
         j, k = i, k - 1
     return [np.sort(np.concatenate(groups[i:j])).astype(np.int32) for i, j in reversed(bounds)]
+
+
+def padded_steps(sizes: Sequence[int], plan: Sequence[np.ndarray], *, batch_size: int, drop_remainder: bool = False,
+                 cohort_size: Optional[int] = None, clients_per_run: Optional[int] = None) -> int:
+    """Local steps a round of ``plan`` runs per run, padding included (before rounding slots to devices)."""
+    sizes = np.asarray(sizes, np.int64)
+    clients_per_run = len(sizes) if clients_per_run is None else clients_per_run
+    cohort_size = clients_per_run if cohort_size is None else cohort_size
+    return sum(_bucket_cost(ids, sizes, cohort_size, batch_size, drop_remainder, clients_per_run) for ids in plan)
 
 
 def bucket_specs(sizes: Sequence[int], plan: Sequence[np.ndarray]) -> list[BucketSpec]:

@@ -26,6 +26,7 @@ from nordfl.algorithms import Algorithm, weighted_mean
 from nordfl.algorithms.aggregators import Aggregator
 from nordfl.algorithms.attacks import Adversary
 from nordfl.sim.engine import ROUND_COMPILER_OPTIONS, Evaluation, RoundMetrics, Simulator, SimulatorOptions, SimState, Slots
+from nordfl.sim.packing import padded_steps, plan_buckets
 from nordfl.tasks import Task
 
 
@@ -42,6 +43,33 @@ def stack_slots(slots_per_run) -> tuple[Slots, ...]:
 def seed_slice(tree, index: int):
     """One seed's part of a seed-stacked pytree."""
     return jax.tree_util.tree_map(lambda a: a[index], tree)
+
+
+SHARED_PADDING_LIMIT = 2.0
+"""How much more padded work one program for every seed's data split may do than a program per seed: each
+program compiles for seconds, and a suite's small models train a few seconds a program (label_skew's Dirichlet
+splits need 1.3-1.6 times the work together, Synthetic(1, 1)'s heavy-tailed device sizes 3.5 times)."""
+
+
+def split_lanes(tasks: Sequence[Task], options: SimulatorOptions, local) -> list[list[int]]:
+    """Which seeds (indices into ``tasks``, one data split each) share one program: all of them, or each alone.
+
+    Every lane of a shared program computes every bucket, sized for the largest client any seed put there:
+    with heavy-tailed client sizes (Synthetic(1, 1)) one seed's 30,000-row device would make all five lanes
+    train it each round. Sharing pays when its padded local steps stay within ``SHARED_PADDING_LIMIT`` of
+    the seeds' own programs together; else each seed compiles its own."""
+    per_run = len(tasks[0].data.clients)
+    cohort = per_run if options.cohort_size is None else options.cohort_size
+    schedule = {"batch_size": local.batch_size, "drop_remainder": local.drop_remainder, "cohort_size": cohort}
+
+    def steps(sizes, clients_per_run):
+        plan = plan_buckets(sizes, max_buckets=options.max_buckets, clients_per_run=clients_per_run, **schedule)
+        return padded_steps(sizes, plan, clients_per_run=clients_per_run, **schedule)
+
+    sizes = [t.data.train_sizes() for t in tasks]
+    apart = sum(steps(s, per_run) for s in sizes)
+    together = len(tasks) * steps([n for s in sizes for n in s], per_run)
+    return [list(range(len(tasks)))] if together <= SHARED_PADDING_LIMIT * apart else [[i] for i in range(len(tasks))]
 
 
 class SeedBatch:

@@ -53,10 +53,11 @@ from nordfl.conf.plugins import prepare as load_plugins
 from nordfl.sim.config import Experiment, build_adversary, build_options, fingerprint_config, register
 from nordfl.sim.engine import Simulator
 from nordfl.sim.grid import GridBatch
+from nordfl.sim.leaderboard import own_site_accuracy
 from nordfl.sim.metrics_log import MetricsLog, evaluation_row, site_rows, upload_to_wandb, write_summary
 from nordfl.sim.personal import PersonalEvaluator
-from nordfl.sim.seeds import SeedBatch, seed_slice
-from nordfl.sim.suite_config import MODES, Cell, Suite, setting_pairs, load_suite, plan_cells
+from nordfl.sim.seeds import SeedBatch, seed_slice, split_lanes
+from nordfl.sim.suite_config import MODES, Cell, Suite, setting_pairs, load_suite, plan_cells, split_key
 from nordfl.tasks import Task, classification_task, make_model, metrics_type
 from nordfl.tasks.data import pooled_dataset, single_client, validation_split
 
@@ -100,9 +101,9 @@ class CellResult(NamedTuple):
     own_site_accuracy: list[float]  # per seed: mean over sites of each site's own-model accuracy
 
 
-def _fingerprint(cell: Cell, cfg: DictConfig, mode: str, fraction: float, split_per_seed: bool = False) -> str:
+def _fingerprint(cell: Cell, cfg: DictConfig, mode: str, fraction: float, split_key: Optional[str] = None) -> str:
     text = json.dumps([cell.kind, mode, fraction if mode == "tune" else None, fingerprint_config(cfg)]
-                      + (["a data split per seed"] if split_per_seed else []), sort_keys=True)
+                      + ([f"a data split per seed: {split_key}"] if split_key else []), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -185,11 +186,12 @@ def run_cell(cell: Cell, cfg: DictConfig, task: Union[Task, list[Task]], experim
 
 def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Union[Task, list[Task]], experiment, seeds: Sequence[int],
               suite_dir: Path, fingerprints: Sequence[str], logger: DictConfig, evaluator: Union[Simulator, list[Simulator], None] = None,
-              on_round: Callable[[int], None] = lambda r: None, points: Optional[Sequence[dict]] = None) -> list[CellResult]:
+              on_round: Callable[[int], None] = lambda r: None, points: Optional[Sequence[dict]] = None,
+              split_key: str = "task.data_seed") -> list[CellResult]:
     """Trains one cell's seeds (a ``SeedBatch``), or with ``points`` the grid points of one algorithm (``cells[k]``
     at ``points[k]``) times the seeds as one ``GridBatch`` program; writes one run folder per cell and seed.
     The cells of a grid share the wall time: each is given its share. ``task`` (and ``evaluator``) may be a
-    list, one per seed: each seed's own data split (``task.data_seed`` = the seed), still one program."""
+    list, one per seed: each seed's own data split (``split_key`` = the seed), still one program."""
     options = experiment.options
     split = isinstance(task, list)
     per_seed = task if split else [task] * len(seeds)
@@ -228,16 +230,20 @@ def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Union[Tas
         run_cfg = cfgs[k].copy()
         run_cfg.seed = seed
         if split:
-            run_cfg.task.data_seed = seed
+            OmegaConf.update(run_cfg, split_key, seed)
         configs.append(OmegaConf.to_container(run_cfg, resolve=True))
         folder = _seed_folder(suite_dir, cells[k], seed)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg))
         logs.append(MetricsLog(folder, config={}, use_wandb=False, project=logger.project, mode=None, run_name=folder.name))
     personal = None
-    if cell.kind == "federated" and experiment.algorithm.personalise is not None and points is None:
-        scorers = {id(e): PersonalEvaluator(e, experiment.algorithm) for e in evaluators}  # one per data set: compiled once
-        personal = [scorers[id(e)] for e in evaluators]
+    if cell.kind == "federated" and experiment.algorithm.personalise is not None:
+        if points is None:
+            scorers = {id(e): PersonalEvaluator(e, experiment.algorithm) for e in evaluators}  # one per data set: compiled once
+            personal = [scorers[id(e)] for e in evaluators]
+        else:  # each grid point personalises with its own hyperparameters (Ditto's lam, the fine-tuning lr)
+            scorers = [PersonalEvaluator(evaluator, algorithm) for algorithm in batches[0].algorithms]
+            personal = [scorers[k] for k, _ in runs]
     rounds, eval_every = cfgs[0].sim.rounds, cfgs[0].sim.eval_every
     train_sizes = [np.array(t.data.train_sizes(), np.float64) for t in per_seed]
     start = time.perf_counter()
@@ -342,11 +348,11 @@ def _data_key(cfg: DictConfig) -> str:
     return json.dumps([OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "partition")], sort_keys=True)
 
 
-def splits_per_seed(run: SuiteRun) -> bool:
-    """With the suite's ``vary_split`` each seed trains on its own data split (``task.data_seed`` = the seed: the
-    train/test split and the partition follow it), all seeds still in one program. Tuning keeps the suite's one
-    split: it chooses on validation rows carved from its training rows."""
-    return run.suite.vary_split and run.mode == "run"
+def splits_per_seed(run: SuiteRun) -> Optional[str]:
+    """With the suite's ``vary_split`` each seed trains on its own data split: the option this returns
+    (``task.data_seed`` by default: the train/test split and the partition follow it) is set to the seed.
+    Tuning keeps the suite's one split: it chooses on validation rows carved from its training rows."""
+    return split_key(run.suite) if run.mode == "run" else None
 
 
 def build_group(cell: Cell, run: SuiteRun, tasks: dict[str, Task]):
@@ -354,7 +360,7 @@ def build_group(cell: Cell, run: SuiteRun, tasks: dict[str, Task]):
     ``splits_per_seed`` a list of one task per seed (each built once in ``tasks`` and shared by the cells)."""
     if not splits_per_seed(run):
         return build_cell(cell, run, tasks)
-    per_seed = [build_cell(cell, run, tasks, seed, (f"task.data_seed={seed}",)) for seed in run.seeds]
+    per_seed = [build_cell(cell, run, tasks, seed, (f"{splits_per_seed(run)}={seed}",)) for seed in run.seeds]
     return per_seed[0][0], [task for _, task, _ in per_seed], per_seed[0][2]
 
 
@@ -476,29 +482,41 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
             continue  # trained with the first cell of its grid
         members = grids.get(index, [index])
         reporter("cell", cell=cell, rounds=cfg.sim.rounds)
-        scored = [evaluators.setdefault(id(t), evaluator_for(t, experiment)) for t in (task if isinstance(task, list) else [task])]
-        results = run_cells([built[j][0] for j in members], [built[j][2] for j in members], task, experiment, seeds, suite_dir,
-                            [fingerprints[j] for j in members], bench.logger, scored if isinstance(task, list) else scored[0],
-                            on_round=lambda r, cell=cell: reporter("round", cell=cell, round=r, rounds=cfg.sim.rounds),
-                            points=[grid_values(built[j][0]) for j in members] if len(members) > 1 else None)
-        for j, result in zip(members, results):
-            member = built[j][0]
-            record = manifest["cells"].get(str(member.folder))
-            if record is None or set(seeds) & set(record.get("seeds", [])):  # a new cell, or one being run again
-                record = {"wall_s": 0.0, "first_round_s": result.first_round_s, "seeds": [], "fingerprint": fingerprints[j]}
-            record["wall_s"] += result.wall_s
-            record["seeds"] += list(seeds)
-            if len(members) > 1:
-                record["grid_program"] = len(members)  # trained with the other points of its grid in one program
-            manifest["cells"][str(member.folder)] = record
-            manifest["wall_s"] = manifest.get("wall_s", 0.0) + result.wall_s
-        _write_manifest(suite_dir, manifest, manifest_name)  # once per program: its cells finished together
-        for j, result in zip(members, results):
-            reporter("done", cell=built[j][0], runs=len(seeds), result=result)
+        if isinstance(task, list):  # a data split per seed: one program for the seeds, or one each (``split_lanes``)
+            scored = [evaluators.setdefault(id(t), evaluator_for(t, experiment)) for t in task]
+            lanes = [([seeds[i] for i in lane], [task[i] for i in lane], [scored[i] for i in lane])
+                     for lane in split_lanes(task, experiment.options, experiment.algorithm.local)]
+        else:
+            data_key = id(task)
+            lanes = [(seeds, task, evaluators.setdefault(data_key, evaluator_for(task, experiment)))]
+        for lane_seeds, lane_task, lane_evaluator in lanes:
+            results = run_cells([built[j][0] for j in members], [built[j][2] for j in members], lane_task, experiment, lane_seeds,
+                                suite_dir, [fingerprints[j] for j in members], bench.logger, lane_evaluator,
+                                on_round=lambda r, cell=cell: reporter("round", cell=cell, round=r, rounds=cfg.sim.rounds),
+                                points=[grid_values(built[j][0]) for j in members] if len(members) > 1 else None,
+                                split_key=splits_per_seed(run) or "task.data_seed")
+            _record(manifest, [built[j][0] for j in members], lane_seeds, [fingerprints[j] for j in members], results)
+            _write_manifest(suite_dir, manifest, manifest_name)  # once per program: its cells finished together
+            for j, result in zip(members, results):
+                reporter("done", cell=built[j][0], runs=len(lane_seeds), result=result)
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest["last_invocation_s"] = time.perf_counter() - start
     _write_manifest(suite_dir, manifest, manifest_name)
     return manifest
+
+
+def _record(manifest: dict, cells: Sequence[Cell], seeds: Sequence[int], fingerprints: Sequence[str], results: Sequence[CellResult]):
+    """Adds a program's cells (a grid's points, or one cell) trained with ``seeds`` to the manifest."""
+    for cell, fingerprint, result in zip(cells, fingerprints, results):
+        record = manifest["cells"].get(str(cell.folder))
+        if record is None or set(seeds) & set(record.get("seeds", [])):  # a new cell, or one being run again
+            record = {"wall_s": 0.0, "first_round_s": result.first_round_s, "seeds": [], "fingerprint": fingerprint}
+        record["wall_s"] += result.wall_s
+        record["seeds"] += list(seeds)
+        if len(cells) > 1:
+            record["grid_program"] = len(cells)  # trained with the other points of its grid in one program
+        manifest["cells"][str(cell.folder)] = record
+        manifest["wall_s"] = manifest.get("wall_s", 0.0) + result.wall_s
 
 
 def part_members(run: SuiteRun, built: list, part: tuple[int, int], tune_grid: bool) -> set[int]:
@@ -515,14 +533,15 @@ def part_members(run: SuiteRun, built: list, part: tuple[int, int], tune_grid: b
 def tuning_grids(run: SuiteRun, built: list, finished: list[bool]) -> dict[int, list[int]]:
     """In tune mode, the unfinished grid points of one algorithm in one setting that can share one program:
     ``{index of the first: indices of all}`` into ``built``. A point joins only if its grid keys may be traced
-    (``GRID_KEYS``) and the cell is plain federated training (no attack, no personal model, data on device)."""
+    (``GRID_KEYS``) and the cell is plain federated training (no attack, data on device); a personal model is
+    made after training, by each point's own algorithm."""
     if run.mode != "tune":
         return {}
     groups: dict[tuple, list[int]] = {}
     for index, ((cell, seeds, cfg, task, experiment), done) in enumerate(zip(built, finished)):
         values = grid_values(cell)
         if (done or values is None or cell.kind != "federated" or experiment.adversary is not None
-                or experiment.algorithm.personalise is not None or experiment.options.data_on_host):
+                or experiment.options.data_on_host):
             continue
         key = (cell.setting, cell.algorithm.split("@", 1)[0], tuple(seeds), tuple(sorted(values)))
         groups.setdefault(key, []).append(index)
@@ -531,7 +550,8 @@ def tuning_grids(run: SuiteRun, built: list, finished: list[bool]) -> dict[int, 
 
 def choose_hyperparameters(suite_dir: Path) -> dict[str, dict[str, list[str]]]:
     """The tuning protocol's choice: per setting and algorithm, the grid point with the best mean
-    final validation accuracy over the tuning seeds (ties: the lower validation loss).
+    final validation accuracy over the tuning seeds (ties: the lower validation loss). With the suite's
+    ``score: own_site`` the accuracy is each site's, of the model it would use, averaged over sites.
 
     Returns ``{setting: {algorithm: [overrides]}}``, the ``tuned`` section of a suite config.
     """
@@ -548,9 +568,12 @@ def choose_hyperparameters(suite_dir: Path) -> dict[str, dict[str, list[str]]]:
                 finals.append(json.loads(path.read_text())["final"])
         if len(finals) < len(manifest["seeds"]):
             continue  # an unfinished grid point is not chosen
-        accuracy = float(np.mean([f["test_accuracy"] for f in finals]))
-        loss = float(np.mean([f["test_loss"] for f in finals]))
         name = algorithm.split("@", 1)[0]
+        if manifest["suite"].get("score") == "own_site":
+            accuracy = float(np.mean([np.mean(list(own_site_accuracy(f, manifest["kinds"].get(algorithm, "federated")).values())) for f in finals]))
+        else:
+            accuracy = float(np.mean([f["test_accuracy"] for f in finals]))
+        loss = float(np.mean([f["test_loss"] for f in finals]))
         fixed = manifest["suite"].get("tuning_fix", {})
         setting = ",".join(f"{a}={v}" for a, v in setting_pairs(setting).items() if a not in fixed)
         score = (accuracy, -loss)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,7 +39,7 @@ class Suite(NamedTuple):
     grid: dict[str, dict[str, tuple]]  # algorithm or "all" -> override key -> values
     tuning_fix: dict[str, str]  # axis -> value: tune only there; the choice holds for every value of that axis
     score: str = "global"  # one of SCORES
-    vary_split: bool = False  # each seed also draws the data split (task.data_seed = seed), trained alone
+    vary_split: Union[bool, str] = False  # each seed also draws the data split: true sets task.data_seed = seed, a key sets that key
 
 
 class Cell(NamedTuple):
@@ -129,8 +129,8 @@ def load_suite(node: DictConfig) -> Suite:
     if score not in SCORES:
         fail("suite.score", score, f"must be one of {', '.join(SCORES)}")
     vary_split = raw.get("vary_split", False)
-    if not isinstance(vary_split, bool):
-        fail("suite.vary_split", vary_split, "must be true or false")
+    if not (isinstance(vary_split, bool) or (isinstance(vary_split, str) and vary_split.startswith(("task.", "partition.")))):
+        fail("suite.vary_split", vary_split, "must be true, false or the task or partition option the seed sets (e.g. task.split_seed)")
     suite = Suite(name, str(raw.get("description", "")), tuple(seeds), float(target), _strings("suite.common", raw.get("common")),
                   axes, algorithms, baselines, tuned, tuple(tuning_seeds), fraction, grid, fix, score, vary_split)
     for key, per_algorithm in tuned.items():
@@ -141,6 +141,13 @@ def load_suite(node: DictConfig) -> Suite:
             if name not in algorithms and name not in baselines:
                 fail(f"suite.tuned.{key}", name, f"must be one of the suite's algorithms/baselines ({', '.join([*algorithms, *baselines])})")
     return suite
+
+
+def split_key(suite) -> Optional[str]:
+    """The option each seed sets to itself under ``vary_split`` (``task.data_seed`` for ``true``), or None.
+    ``suite`` is a ``Suite`` or a manifest's dict of one."""
+    value = suite.vary_split if isinstance(suite, Suite) else suite.get("vary_split", False)
+    return "task.data_seed" if value is True else (value or None)
 
 
 def setting_pairs(setting: str) -> dict[str, str]:

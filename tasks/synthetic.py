@@ -40,6 +40,7 @@ def _check(num_devices, alpha, beta) -> None:
 class SyntheticIIDConfig(TaskConfig):
     name: str = "synthetic_iid"
     num_devices: int = 30
+    split_seed: Optional[int] = None  # seeds each device's train/test split alone; null: data_seed (which also draws the data)
 
 
 @dataclass
@@ -59,6 +60,7 @@ def synthetic(
     iid: bool = False,
     test_fraction: float = 0.2,
     seed: int = 0,
+    split_seed: Optional[int] = None,
 ) -> FederatedDataset:
     """Generates Synthetic(alpha, beta) (or Synthetic-IID with ``iid=True``; alpha, beta unused).
 
@@ -71,6 +73,7 @@ def synthetic(
       iid: generate Synthetic-IID instead.
       test_fraction: per-device stratified test share.
       seed: the generator's seed; the same seed gives the same dataset.
+      split_seed: seeds the train/test split alone (default ``seed``): other test rows of the same devices.
     """
     _check(num_devices, alpha, beta)
     if samples_per_device is not None and (not isinstance(samples_per_device, (int, np.integer)) or samples_per_device < 2):
@@ -107,7 +110,7 @@ def synthetic(
         parts,
         num_classes=NUM_CLASSES,
         test_fraction=test_fraction,
-        seed=seed,
+        seed=seed if split_seed is None else split_seed,
         client_names=[f"device_{k}" for k in range(num_devices)],
     )
 

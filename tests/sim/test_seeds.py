@@ -8,7 +8,8 @@ from nordfl.algorithms import make_algorithm
 from nordfl.algorithms.aggregators import coordinate_median as median
 from nordfl.algorithms.attacks import Adversary, attack
 from nordfl.sim import Simulator, SimulatorOptions
-from nordfl.sim.seeds import SeedBatch, seed_slice
+from nordfl.sim.packing import padded_steps, plan_buckets
+from nordfl.sim.seeds import SeedBatch, seed_slice, split_lanes
 from nordfl.tasks import logistic_regression
 from tests.sim.helpers import uneven_task
 
@@ -126,3 +127,19 @@ def test_a_data_split_per_seed_refuses_tasks_that_do_not_match():
         SeedBatch(algorithm, [tasks[0], renamed], SimulatorOptions(), SEEDS)
     with pytest.raises(ValueError, match=r"evaluator: expected one simulator per seed \(2\)"):
         SeedBatch(algorithm, tasks, SimulatorOptions(), SEEDS, evaluator=Simulator(algorithm, tasks[0]))
+
+
+def test_seeds_share_one_program_unless_one_split_would_pad_every_lane_far_beyond_its_own():
+    options, local = SimulatorOptions(cohort_size=4), make_algorithm("fedavg", _split_tasks()[0].loss_fn, client_lr=0.1, batch_size=8).local
+    assert split_lanes(_split_tasks(), options, local) == [[0, 1]]  # similar sizes: one program
+    huge = uneven_task(sizes=(3, 40, 7, 0, 12000, 15, 60), seed=4)  # one seed's split holds a 12,000-row client
+    assert split_lanes([*_split_tasks(), huge], options, local) == [[0], [1], [2]]  # 3 lanes would all train it
+
+
+def test_planning_buckets_for_several_runs_counts_the_slots_of_one_runs_cohort():
+    # Two runs of 3 clients: a bucket holding one client of each run needs 1 slot a round, not 2.
+    sizes = [8, 8, 64, 8, 8, 64]
+    plan = plan_buckets(sizes, batch_size=8, cohort_size=3, clients_per_run=3)
+    assert [list(ids) for ids in plan] == [[0, 1, 3, 4], [2, 5]]
+    assert padded_steps(sizes, plan, batch_size=8, cohort_size=3, clients_per_run=3) == 2 * 1 + 1 * 8
+    assert padded_steps(sizes[:3], plan_buckets(sizes[:3], batch_size=8), batch_size=8) == 2 * 1 + 1 * 8

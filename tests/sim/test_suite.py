@@ -318,32 +318,39 @@ def test_personalisation_leaderboard_ranks_by_what_each_site_gets_with_intervals
 
 
 @pytest.mark.slow
-def test_vary_split_gives_each_seed_its_own_data_split(tmp_path):
-    """With ``vary_split`` seed s runs as a run with ``task.data_seed=s`` and seed s (the seeds' splits side by side in
-    one program), for a federated cell and both baselines, and the split matters."""
+def test_vary_split_gives_each_seed_its_own_data_split(tmp_path, monkeypatch):
+    """With ``vary_split`` seed s runs as a run with ``task.data_seed=s`` and seed s, for a federated cell and both
+    baselines, whether the seeds' splits share one program or each has its own (``split_lanes``), and the split matters."""
     common = "suite.common=['task=heart','partition=natural','sim.rounds=2','algorithm.batch_size=16'{}]"
     base = ("suite=quick", "only=[fedavg,pooled,local]")
 
     def final(folder, algorithm, seed):
         return json.loads((folder / "split=natural" / algorithm / f"seed_{seed}" / "summary.json").read_text())["final"]
 
+    def same(a, b, where):
+        for key in ("test_loss", "test_accuracy", "train_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (where, key)
+        for site, scores in b["own_site"].items():
+            assert a["own_site"][site]["accuracy"] == pytest.approx(scores["accuracy"], rel=1e-5), (where, site)
+
     run_suite(bench_config(*base, "seeds=[0,1]", common.format(""), "+suite.vary_split=true"), tmp_path / "varied")
-    run_suite(bench_config(*base, "seeds=[1]", common.format(",'task.data_seed=1'")), tmp_path / "split_1")
+    run_suite(bench_config("suite=quick", "only=[fedavg]", "seeds=[1]", common.format(",'task.data_seed=1'")), tmp_path / "split_1")
+    monkeypatch.setattr("nordfl.sim.seeds.SHARED_PADDING_LIMIT", 0.0)  # every seed its own program
+    run_suite(bench_config(*base, "seeds=[0,1]", common.format(""), "+suite.vary_split=true"), tmp_path / "apart")
+    same(final(tmp_path / "varied", "fedavg", 1), final(tmp_path / "split_1", "fedavg", 1), "fedavg alone")
     for algorithm in ("fedavg", "pooled", "local"):
         for seed in (0, 1):
             config = OmegaConf.load(tmp_path / "varied" / "split=natural" / algorithm / f"seed_{seed}" / "config.yaml")
             assert config.task.data_seed == seed and config.seed == seed
-        varied, alone = final(tmp_path / "varied", algorithm, 1), final(tmp_path / "split_1", algorithm, 1)
-        for key in ("test_loss", "test_accuracy", "train_loss"):
-            assert varied[key] == pytest.approx(alone[key], rel=1e-5), (algorithm, key)
-        for site, scores in alone["own_site"].items():
-            assert varied["own_site"][site]["accuracy"] == pytest.approx(scores["accuracy"], rel=1e-5), (algorithm, site)
-        assert final(tmp_path / "varied", algorithm, 0)["test_loss"] != pytest.approx(varied["test_loss"], rel=1e-3)
+            same(final(tmp_path / "varied", algorithm, seed), final(tmp_path / "apart", algorithm, seed), (algorithm, seed))
+        assert final(tmp_path / "varied", algorithm, 0)["test_loss"] != pytest.approx(final(tmp_path / "varied", algorithm, 1)["test_loss"], rel=1e-3)
+    manifest = json.loads((tmp_path / "apart" / "suite.json").read_text())
+    assert all(record["seeds"] == [0, 1] for record in manifest["cells"].values())
     # The data seed moves patients between each hospital's train and test rows.
     first, second = (make_task("heart", seed=s).data.clients[0].test.x for s in (0, 1))
     assert first.shape == second.shape and not np.array_equal(first, second)
     write_leaderboard(tmp_path / "varied")
-    assert "each seed also draws the data split" in (tmp_path / "varied" / LEADERBOARD_MD).read_text()
+    assert "each seed also draws the data split (task.data_seed = seed)" in (tmp_path / "varied" / LEADERBOARD_MD).read_text()
 
 
 @pytest.mark.slow
@@ -370,3 +377,33 @@ def test_tuning_trains_an_algorithms_grid_as_one_program_with_the_results_of_sep
             assert together["test_loss"] == pytest.approx(alone["test_loss"], abs=1e-5), (folder, seed)
             assert together["test_accuracy"] == pytest.approx(alone["test_accuracy"], abs=1e-6), (folder, seed)
     assert choose_hyperparameters(tmp_path / "grid") == choose_hyperparameters(tmp_path / "cells")
+
+
+@pytest.mark.slow
+def test_tuning_a_personalised_algorithm_trains_its_grid_as_one_program_and_chooses_by_what_the_sites_get(tmp_path):
+    """Ditto's grid (its lam) trains as one GridBatch program, each point personalising with its own lam, with
+    the own-site scores of separate cells; the choice is the point with the best mean own-site validation accuracy."""
+    common = "suite.common=['task.model=mlp','sim.rounds=2','sim.eval_every=1','algorithm.num_epochs=1']"
+    base = ("suite=personalisation", "mode=tune", "only=[ditto]", "seeds=[0,1]", "settings=['study=heart']", common)
+    for folder, switch in (("grid", "tune_grid=true"), ("cells", "tune_grid=false")):
+        bench = bench_config(*base, switch)
+        with open_dict(bench):
+            bench.suite.tuning.grid = {"all": {"algorithm.client_lr": [0.3]}, "ditto": {"algorithm.lam": [0.01, 1.0]}}
+        run_suite(bench, tmp_path / folder)
+    manifest = json.loads((tmp_path / "grid" / "suite.json").read_text())
+    ditto = [c for c in manifest["cell_order"] if "/ditto@" in c]
+    assert len(ditto) == 2 and all(manifest["cells"][c]["grid_program"] == 2 for c in ditto)
+    mean_own = {}
+    for folder in ditto:
+        for seed in (0, 1):
+            together, alone = (json.loads((tmp_path / which / folder / f"seed_{seed}" / "summary.json").read_text())["final"]
+                               for which in ("grid", "cells"))
+            for site, scores in alone["own_site"].items():
+                assert together["own_site"][site]["accuracy"] == pytest.approx(scores["accuracy"], abs=1e-6), (folder, seed, site)
+        mean_own[folder] = np.mean([np.mean([s["accuracy"] for s in json.loads(
+            (tmp_path / "grid" / folder / f"seed_{seed}" / "summary.json").read_text())["final"]["own_site"].values()]) for seed in (0, 1)])
+    assert len({round(v, 6) for v in mean_own.values()}) > 1  # lam matters, so the choice means something
+    best = max(mean_own, key=mean_own.get)
+    chosen = choose_hyperparameters(tmp_path / "grid")
+    assert chosen == choose_hyperparameters(tmp_path / "cells")
+    assert sorted(chosen["study=heart"]["ditto"]) == sorted(manifest["grid_points"][best.split("/", 1)[1]])

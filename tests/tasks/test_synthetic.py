@@ -50,3 +50,20 @@ def test_iid_devices_share_one_labelling():
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         synthetic(**kwargs)
+
+
+def test_split_seed_redraws_only_the_test_rows_of_the_same_devices():
+    base = synthetic(1.0, 1.0, num_devices=5, seed=0)
+    same = synthetic(1.0, 1.0, num_devices=5, seed=0, split_seed=0)
+    resplit = synthetic(1.0, 1.0, num_devices=5, seed=0, split_seed=1)
+    other = synthetic(1.0, 1.0, num_devices=5, seed=1)
+    for a, s, b in zip(base.clients, same.clients, resplit.clients):
+        np.testing.assert_array_equal(a.test.x, s.test.x)  # split_seed defaults to the data seed
+        np.testing.assert_array_equal(np.sort(_all_x_one(a), axis=0), np.sort(_all_x_one(b), axis=0))  # the same device's rows
+        assert len(a.test.y) == len(b.test.y) and not np.array_equal(a.test.x, b.test.x)  # dealt differently
+    # The data seed, by contrast, draws other devices (other sizes too).
+    assert [len(c.train.y) + len(c.test.y) for c in other.clients] != [len(c.train.y) + len(c.test.y) for c in base.clients]
+
+
+def _all_x_one(client):
+    return np.concatenate([client.train.x, client.test.x])
