@@ -177,7 +177,8 @@ def chosen_overrides(tuned: dict, setting: str, algorithm: str) -> tuple[str, ..
 
 def grid_edges(suite: dict, setting: str, algorithm: str) -> list[str]:
     """The tuned values of ``algorithm`` in ``setting`` that sit at the smallest or largest value of their
-    tuning grid (numeric grids of 2+ values): the best may lie beyond the grid. ``suite`` is ``Suite._asdict()``."""
+    tuning grid (numeric grids of 2+ values): the best may lie beyond the grid. A smallest value of 0 is no
+    edge: the grid's options (learning rates, mu, lam, momentum) are never negative. ``suite`` is ``Suite._asdict()``."""
     grid = {**suite.get("grid", {}).get("all", {}), **suite.get("grid", {}).get(algorithm, {})}
     edges = []
     for override in chosen_overrides(suite.get("tuned", {}), setting, algorithm):
@@ -187,7 +188,7 @@ def grid_edges(suite: dict, setting: str, algorithm: str) -> list[str]:
             numbers, chosen = sorted(float(v) for v in values), float(value)
         except (TypeError, ValueError):
             continue
-        if len(numbers) >= 2 and chosen in (numbers[0], numbers[-1]):
+        if len(numbers) >= 2 and chosen in (numbers[0], numbers[-1]) and not chosen == numbers[0] == 0:
             side = "smallest" if chosen == numbers[0] else "largest"
             edges.append(f"{key.split('.')[-1]}={value} ({side} of {', '.join(f'{v:g}' for v in numbers)})")
     return edges

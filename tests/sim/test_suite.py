@@ -16,7 +16,7 @@ from scipy import stats
 from nordfl.conf.schema import ConfigError
 from nordfl.sim.leaderboard import LEADERBOARD_CSV, LEADERBOARD_MD, load_leaderboard, write_leaderboard
 from nordfl.sim.suite import choose_hyperparameters, run_suite
-from nordfl.sim.suite_config import load_suite, plan_cells, settings
+from nordfl.sim.suite_config import grid_edges, load_suite, plan_cells, settings
 from nordfl.tasks import make_task
 
 QUICK = ("fedavg", "scaffold", "fedadam")  # of the quick suite's 7: one per family (plain, control variates, adaptive server)
@@ -407,3 +407,14 @@ def test_tuning_a_personalised_algorithm_trains_its_grid_as_one_program_and_choo
     chosen = choose_hyperparameters(tmp_path / "grid")
     assert chosen == choose_hyperparameters(tmp_path / "cells")
     assert sorted(chosen["study=heart"]["ditto"]) == sorted(manifest["grid_points"][best.split("/", 1)[1]])
+
+
+def test_grid_edges_names_tuned_values_at_either_end_of_their_grid_but_not_a_floor_of_zero():
+    suite = {"grid": {"all": {"algorithm.client_lr": [0.01, 0.1, 1.0]}, "fedprox": {"algorithm.mu": [0.0, 0.01, 0.1]}},
+             "tuned": {"a=1": {"fedavg": ["algorithm.client_lr=1.0"], "fedprox": ["algorithm.client_lr=0.1", "algorithm.mu=0.0"],
+                               "fedadam": ["algorithm.client_lr=0.01"]},
+                       "a=2": {"fedprox": ["algorithm.client_lr=0.1", "algorithm.mu=0.1"]}}}
+    assert grid_edges(suite, "a=1", "fedavg") == ["client_lr=1.0 (largest of 0.01, 0.1, 1)"]
+    assert grid_edges(suite, "a=1", "fedadam") == ["client_lr=0.01 (smallest of 0.01, 0.1, 1)"]
+    assert grid_edges(suite, "a=1", "fedprox") == []  # 0.1 inside; mu 0 cannot go lower
+    assert grid_edges(suite, "a=2", "fedprox") == ["mu=0.1 (largest of 0, 0.01, 0.1)"]
