@@ -21,7 +21,8 @@ from hydra import compose, initialize_config_module
 from benchmarks.grid import _timed
 from nordfl.sim.packing import padded_steps, plan_buckets
 from nordfl.sim.seeds import SeedBatch, split_lanes
-from nordfl.sim.suite import _init_params, build_group, prepare
+from nordfl.conf.schema import initial_params
+from nordfl.sim.suite import build_group, prepare
 
 RESULTS = Path(__file__).parent / "results"
 WORKLOADS = {  # (suite, setting, algorithm): every seed of one cell, with a data split per seed
@@ -54,7 +55,7 @@ def _train(batch, inits, rounds: int, eval_every: int):
 def measure(workload) -> dict:
     seeds, cfg, tasks, experiment = _cell(*workload)
     algorithm, options = experiment.algorithm, experiment.options
-    inits = [_init_params(cfg, s) for s in seeds]
+    inits = [initial_params(cfg, s) for s in seeds]
     rounds, every = cfg.sim.rounds, cfg.sim.eval_every
 
     def batch(lane_tasks, lane_seeds):

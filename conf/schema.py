@@ -21,12 +21,12 @@ from nordfl.algorithms import Algorithm, aggregator, make_algorithm
 from nordfl.algorithms.aggregators import Aggregator, linear_aggregators
 from nordfl.algorithms.config import SHARED_KEYS, AggregatorConfig, AlgorithmConfig, DPConfig, ServerConfig
 from nordfl.algorithms.dp import DP_MODES, NOISE_PLACEMENTS
-from nordfl.tasks import Task, make_task
+from nordfl.tasks import Task, make_model, make_task
 from nordfl.tasks.partition import PartitionConfig, repartition
 from nordfl.tasks.task import TASK_KEYS, TaskConfig
 
 __all__ = ["AggregatorConfig", "AlgorithmConfig", "ConfigError", "DPConfig", "PartitionConfig", "ServerConfig", "TaskConfig",
-           "build_algorithm", "build_task", "check_dp", "fail", "model_kwargs", "present", "schema_of", "store_schemas", "typed"]
+           "build_algorithm", "build_task", "check_dp", "fail", "initial_params", "model_kwargs", "present", "schema_of", "store_schemas", "typed"]
 
 
 class ConfigError(ValueError):
@@ -92,6 +92,14 @@ def model_kwargs(task: Any) -> dict:
     """The model's extra arguments (``task.model_options``) from a task config (a config node or a plain dict)."""
     options = task.get("model_options") or {}
     return dict(OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else options)
+
+
+def initial_params(cfg: DictConfig, seed: int):
+    """The initial parameters of ``cfg.task``'s model for ``seed``, without loading the data (a study's shape
+    comes from its file, named in the task's data options)."""
+    t = typed("task", cfg.task)
+    options = {k: v for k, v in present(t).items() if k not in TASK_KEYS}
+    return make_model(t.name, t.model, seed=seed, model_kwargs=model_kwargs(t), task_options=options).init_params
 
 
 def build_task(cfg: DictConfig) -> Task:

@@ -48,7 +48,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from nordfl.conf.schema import ConfigError, build_algorithm, build_task, fail, model_kwargs
+from nordfl.conf.schema import ConfigError, build_algorithm, build_task, fail, initial_params
 from nordfl.conf.plugins import prepare as load_plugins
 from nordfl.sim.config import Experiment, build_adversary, build_options, fingerprint_config, register
 from nordfl.sim.engine import Simulator
@@ -58,7 +58,7 @@ from nordfl.sim.metrics_log import MetricsLog, evaluation_row, site_rows, upload
 from nordfl.sim.personal import PersonalEvaluator
 from nordfl.sim.seeds import SeedBatch, seed_slice, split_lanes
 from nordfl.sim.suite_config import MODES, Cell, Suite, setting_pairs, load_suite, plan_cells, split_key
-from nordfl.tasks import Task, classification_task, make_model, metrics_type
+from nordfl.tasks import Task, classification_task, metrics_type
 from nordfl.tasks.data import pooled_dataset, single_client, validation_split
 
 register()
@@ -88,10 +88,6 @@ def compose_run(overrides: Sequence[str]) -> DictConfig:
             return compose("config", overrides=[*overrides, "logger.progress=false"])
     except Exception as error:  # Hydra raises several types for a bad override; all are config errors here
         raise ConfigError(f"suite overrides {list(overrides)}: {' '.join(str(error).split())}") from None
-
-
-def _init_params(cfg: DictConfig, seed: int):
-    return make_model(cfg.task.name, cfg.task.model, seed=seed, model_kwargs=model_kwargs(cfg.task)).init_params
 
 
 class CellResult(NamedTuple):
@@ -223,7 +219,7 @@ def run_cells(cells: Sequence[Cell], cfgs: Sequence[DictConfig], task: Union[Tas
     else:  # local: one model per site, each trained on its own rows only
         batches = [batch(lambda t, i=i: classification_task(t.name, single_client(t.data, i), t.model), alone)
                    for i in range(len(site_names))]
-    inits = [_init_params(cfgs[0], s) for s in seeds]
+    inits = [initial_params(cfgs[0], s) for s in seeds]
     states = [batch.init(inits) for batch in batches]
     logs, configs = [], []
     for k, seed in runs:

@@ -418,3 +418,13 @@ def test_grid_edges_names_tuned_values_at_either_end_of_their_grid_but_not_a_flo
     assert grid_edges(suite, "a=1", "fedadam") == ["client_lr=0.01 (smallest of 0.01, 0.1, 1)"]
     assert grid_edges(suite, "a=1", "fedprox") == []  # 0.1 inside; mu 0 cannot go lower
     assert grid_edges(suite, "a=2", "fedprox") == ["mu=0.1 (largest of 0, 0.01, 0.1)"]
+
+
+def test_a_suite_runs_a_study_from_its_site_files_with_a_split_per_seed(tmp_path):
+    """``study=`` in a suite (the personalisation suite's nordic5): the model's shape comes from the study file, and
+    each seed's initial model, split and scores are its own."""
+    common = "suite.common=['study=nordic5','task.model=mlp','++task.model_options={hidden:[4]}','sim.rounds=1','algorithm.num_epochs=1']"
+    run_suite(bench_config("suite=quick", common, "only=[fedavg]", "seeds=[0,1]", "+suite.vary_split=true"), tmp_path)
+    finals = [json.loads((tmp_path / "split=natural" / "fedavg" / f"seed_{s}" / "summary.json").read_text())["final"] for s in (0, 1)]
+    assert [sorted(f["own_site"]) for f in finals] == [["Aarhus", "Oslo", "Tartu", "Turku", "Uppsala"]] * 2
+    assert finals[0]["test_loss"] != pytest.approx(finals[1]["test_loss"], rel=1e-4)
