@@ -25,21 +25,21 @@ from nordfl.conf.schema import initial_params
 from nordfl.sim.suite import build_group, prepare
 
 RESULTS = Path(__file__).parent / "results"
-WORKLOADS = {  # (suite, setting, algorithm): every seed of one cell, with a data split per seed
-    "heart, FedAvg (4 hospitals, test rows drawn per seed; 50 rounds)": ("heart", "split=natural", "fedavg"),
+WORKLOADS = {  # (suite, setting, algorithm, the option each seed sets): every seed of one cell, a data split per seed
+    "heart, FedAvg (4 hospitals, test rows drawn per seed; 50 rounds)": ("heart", "split=natural", "fedavg", "true"),
     "label_skew, FedAvg (digits, Dirichlet(0.5) over 10 clients drawn per seed; 50 rounds)":
-        ("label_skew", "partition=dirichlet_0.5,clients=10", "fedavg"),
-    "synthetic, FedAvg (Synthetic(1,1), test rows drawn per seed; 40 rounds)": ("synthetic", "data=(1,1),stragglers=0", "fedavg"),
+        ("label_skew", "partition=dirichlet_0.5,clients=10", "fedavg", "true"),
+    "synthetic, FedAvg (Synthetic(1,1), test rows drawn per seed; 40 rounds)":
+        ("synthetic", "data=(1,1),stragglers=0", "fedavg", "task.split_seed"),
 }
 
 
-def _cell(suite: str, setting: str, algorithm: str):
+def _cell(suite: str, setting: str, algorithm: str, split: str):
     with initialize_config_module("nordfl.conf", version_base=None):
         bench = compose("bench", overrides=["logger.progress=false", f"suite={suite}", f"settings=['{setting}']",
-                                            f"only=[{algorithm}]"])
+                                            f"only=[{algorithm}]", f"++suite.vary_split={split}"])
     run = prepare(bench)
     cfg, tasks, experiment = build_group(run.cells[0], run, {})
-    assert isinstance(tasks, list), f"suite {suite} does not vary the split"
     return run.seeds, cfg, tasks, experiment
 
 
