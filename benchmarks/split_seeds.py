@@ -19,8 +19,7 @@ import numpy as np
 from hydra import compose, initialize_config_module
 
 from benchmarks.grid import _timed
-from nordfl.sim.packing import padded_steps, plan_buckets
-from nordfl.sim.seeds import SeedBatch, split_lanes
+from nordfl.sim.seeds import SeedBatch, padded_work, split_lanes
 from nordfl.conf.schema import initial_params
 from nordfl.sim.suite import build_group, prepare
 
@@ -65,16 +64,10 @@ def measure(workload) -> dict:
     apart_s, apart = _timed(lambda: [_train(batch([t], (s,)), [p], rounds, every) for t, s, p in zip(tasks, seeds, inits)])
     largest = max(float(np.max(np.abs(np.asarray(a[i]) - np.asarray(b[0]))))
                   for i, alone in enumerate(apart) for a, b in zip(jax.tree_util.tree_leaves(shared), jax.tree_util.tree_leaves(alone)))
-    local, clients = algorithm.local, len(tasks[0].data.clients)
-    schedule = {"batch_size": local.batch_size, "drop_remainder": local.drop_remainder, "cohort_size": options.cohort_size or clients}
-    sizes = [t.data.train_sizes() for t in tasks]
-    union = [n for s in sizes for n in s]
-    together = len(seeds) * padded_steps(union, plan_buckets(union, clients_per_run=clients, max_buckets=options.max_buckets, **schedule),
-                                         clients_per_run=clients, **schedule)
-    alone = sum(padded_steps(s, plan_buckets(s, max_buckets=options.max_buckets, **schedule), **schedule) for s in sizes)
+    together, alone = padded_work(tasks, options, algorithm.local)
     return {"seeds": len(seeds), "rounds": rounds, "shared_s": shared_s, "apart_s": apart_s, "max_param_difference": largest,
             "padded_steps_shared": together, "padded_steps_apart": alone,
-            "split_lanes_shares": len(split_lanes(tasks, options, local)) == 1}
+            "split_lanes_shares": len(split_lanes(tasks, options, algorithm.local)) == 1}
 
 
 def main() -> None:

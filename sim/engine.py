@@ -28,7 +28,7 @@ from nordfl.algorithms import Algorithm, weighted_mean
 from nordfl.algorithms.aggregators import Aggregator, is_linear, mean_of_sum, weighted_sum
 from nordfl.algorithms.attacks import Adversary, poison
 from nordfl.sim.cohort import RoundPlan, plan_round
-from nordfl.sim.packing import BucketSpec, ClientPool, bucket_specs, gather_clients, plan_buckets, pool_clients
+from nordfl.sim.packing import BucketSpec, ClientPool, bucket_slots, bucket_specs, gather_clients, plan_buckets, pool_clients
 from nordfl.tasks import EvalMetrics, Examples, Task, metrics_type
 
 
@@ -172,7 +172,6 @@ class Simulator:
         self.num_clients = len(clients) if clients_per_run is None else clients_per_run
         if len(clients) % self.num_clients:
             raise ValueError(f"clients_per_run: must divide the task's {len(clients)} clients, got {clients_per_run}")
-        self.runs = len(clients) // self.num_clients
         cohort = self.num_clients if options.cohort_size is None else options.cohort_size
         if not 1 <= cohort <= self.num_clients:
             raise ValueError(f"sim.cohort_size: must be in [1, {self.num_clients}] (the number of clients), got {cohort}")
@@ -192,9 +191,7 @@ class Simulator:
         for b, spec in enumerate(self.buckets):
             self._bucket_of[spec.client_ids] = b
         self._host_pool = pool_clients([c.train for c in clients])
-        per_run = self._bucket_of.reshape(self.runs, self.num_clients)  # a bucket holds the most of any one run's cohort
-        self._chunks = [self._chunking(max(min(cohort, int(np.sum(run == b))) for run in per_run), spec.n_max)
-                        for b, spec in enumerate(self.buckets)]
+        self._chunks = [self._chunking(bucket_slots(spec.client_ids, cohort, self.num_clients), spec.n_max) for spec in self.buckets]
 
         self._train_pool = None if options.data_on_host else self.replicate(self._host_pool)
         test_sizes = [len(c.test.y) for c in clients]

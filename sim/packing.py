@@ -94,8 +94,13 @@ def _bucket_cost(ids: np.ndarray, sizes: np.ndarray, cohort_size: int, batch_siz
     """Padded local steps of one bucket per round: its slots (the most of any one run's cohort it may hold) times
     the steps of its largest client."""
     steps = max(steps_per_epoch(int(sizes[ids].max(initial=0)), batch_size, drop_remainder), 1)
-    slots = np.bincount(ids // clients_per_run).max(initial=0)
-    return min(cohort_size, int(slots)) * steps
+    return bucket_slots(ids, cohort_size, clients_per_run) * steps
+
+
+def bucket_slots(ids: np.ndarray, cohort_size: int, clients_per_run: int) -> int:
+    """Slots a bucket of client ``ids`` needs a round: the most clients of any one run it holds (ids are several
+    runs' clients back to back, ``clients_per_run`` each), at most the cohort."""
+    return min(cohort_size, int(np.bincount(np.asarray(ids) // clients_per_run).max(initial=0)))
 
 
 def plan_buckets(

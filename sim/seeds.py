@@ -51,6 +51,21 @@ program compiles for seconds, and a suite's small models train a few seconds a p
 splits need 1.3-1.6 times the work together, Synthetic(1, 1)'s heavy-tailed device sizes 3.5 times)."""
 
 
+def padded_work(tasks: Sequence[Task], options: SimulatorOptions, local) -> tuple[int, int]:
+    """Padded local steps a round of every seed's split (one task each): (in one shared program, in one program
+    per seed together)."""
+    per_run = len(tasks[0].data.clients)
+    cohort = per_run if options.cohort_size is None else options.cohort_size
+    schedule = {"batch_size": local.batch_size, "drop_remainder": local.drop_remainder, "cohort_size": cohort}
+
+    def steps(sizes):
+        plan = plan_buckets(sizes, max_buckets=options.max_buckets, clients_per_run=per_run, **schedule)
+        return padded_steps(sizes, plan, clients_per_run=per_run, **schedule)
+
+    sizes = [t.data.train_sizes() for t in tasks]
+    return len(tasks) * steps([n for s in sizes for n in s]), sum(steps(s) for s in sizes)
+
+
 def split_lanes(tasks: Sequence[Task], options: SimulatorOptions, local) -> list[list[int]]:
     """Which seeds (indices into ``tasks``, one data split each) share one program: all of them, or each alone.
 
@@ -58,17 +73,7 @@ def split_lanes(tasks: Sequence[Task], options: SimulatorOptions, local) -> list
     with heavy-tailed client sizes (Synthetic(1, 1)) one seed's 30,000-row device would make all five lanes
     train it each round. Sharing pays when its padded local steps stay within ``SHARED_PADDING_LIMIT`` of
     the seeds' own programs together; else each seed compiles its own."""
-    per_run = len(tasks[0].data.clients)
-    cohort = per_run if options.cohort_size is None else options.cohort_size
-    schedule = {"batch_size": local.batch_size, "drop_remainder": local.drop_remainder, "cohort_size": cohort}
-
-    def steps(sizes, clients_per_run):
-        plan = plan_buckets(sizes, max_buckets=options.max_buckets, clients_per_run=clients_per_run, **schedule)
-        return padded_steps(sizes, plan, clients_per_run=clients_per_run, **schedule)
-
-    sizes = [t.data.train_sizes() for t in tasks]
-    apart = sum(steps(s, per_run) for s in sizes)
-    together = len(tasks) * steps([n for s in sizes for n in s], per_run)
+    together, apart = padded_work(tasks, options, local)
     return [list(range(len(tasks)))] if together <= SHARED_PADDING_LIMIT * apart else [[i] for i in range(len(tasks))]
 
 

@@ -478,13 +478,14 @@ def run_suite(bench: DictConfig, suite_dir: Path, reporter=None) -> dict:
             continue  # trained with the first cell of its grid
         members = grids.get(index, [index])
         reporter("cell", cell=cell, rounds=cfg.sim.rounds)
+        for t in (task if isinstance(task, list) else [task]):
+            if id(t) not in evaluators:
+                evaluators[id(t)] = evaluator_for(t, experiment)
         if isinstance(task, list):  # a data split per seed: one program for the seeds, or one each (``split_lanes``)
-            scored = [evaluators.setdefault(id(t), evaluator_for(t, experiment)) for t in task]
-            lanes = [([seeds[i] for i in lane], [task[i] for i in lane], [scored[i] for i in lane])
+            lanes = [([seeds[i] for i in lane], [task[i] for i in lane], [evaluators[id(task[i])] for i in lane])
                      for lane in split_lanes(task, experiment.options, experiment.algorithm.local)]
         else:
-            data_key = id(task)
-            lanes = [(seeds, task, evaluators.setdefault(data_key, evaluator_for(task, experiment)))]
+            lanes = [(seeds, task, evaluators[id(task)])]
         for lane_seeds, lane_task, lane_evaluator in lanes:
             results = run_cells([built[j][0] for j in members], [built[j][2] for j in members], lane_task, experiment, lane_seeds,
                                 suite_dir, [fingerprints[j] for j in members], bench.logger, lane_evaluator,
