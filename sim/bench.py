@@ -52,6 +52,7 @@ class ProgressReporter:
     def __call__(self, event: str, **fields) -> None:
         if event == "start":  # runs an earlier invocation finished count as done from the start
             self.total, self.done = fields["total"], fields["finished"]
+            self.start = time.perf_counter()  # the time left extrapolates training, not building the cells before it
             self.progress.start()
             self.bar = self.progress.add_task("suite", total=self.total, completed=self.done, status="")
             if fields["finished"]:

@@ -31,6 +31,7 @@ records into ``suite.json`` and writes the leaderboard.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -354,20 +355,35 @@ def splits_per_seed(run: SuiteRun) -> Optional[str]:
 def build_group(cell: Cell, run: SuiteRun, tasks: dict[str, Task]):
     """The cell's config (its first seed's), data and experiment for all its seeds: one task, or with
     ``splits_per_seed`` a list of one task per seed (each built once in ``tasks`` and shared by the cells)."""
-    if not splits_per_seed(run):
-        return build_cell(cell, run, tasks)
-    per_seed = [build_cell(cell, run, tasks, seed, (f"{splits_per_seed(run)}={seed}",)) for seed in run.seeds]
+    key = splits_per_seed(run)
+    if not key:
+        return build_cell(cell, run, tasks, compose_cell(cell, run))
+    first = compose_cell(cell, run, (f"{key}={run.seeds[0]}",))  # checks that the suite's key exists
+    per_seed = [build_cell(cell, run, tasks, with_values(first, {"seed": seed, key: seed})) for seed in run.seeds]
     return per_seed[0][0], [task for _, task, _ in per_seed], per_seed[0][2]
 
 
-def build_cell(cell: Cell, run: SuiteRun, tasks: dict[str, Task], seed: Optional[int] = None, extra: Sequence[str] = ()):
-    """The cell's config, task and experiment (a ConfigError names a bad value before training), for the
-    seed group starting at ``seed`` (default: the first seed) with its ``extra`` overrides.
+def compose_cell(cell: Cell, run: SuiteRun, extra: Sequence[str] = ()) -> DictConfig:
+    """The cell's run config for the first seed (with ``extra`` overrides)."""
+    plugins = [f"plugins=[{','.join(run.plugins)}]"] if run.plugins else []
+    return compose_run((*cell.overrides, *extra, f"seed={run.seeds[0]}", *plugins))
+
+
+def with_values(cfg: DictConfig, values: dict) -> DictConfig:
+    """A copy of ``cfg`` with the given keys (dotted, already in it) set: the same config composing them as
+    overrides gives, without a second Hydra composition (about a second each; a suite has hundreds)."""
+    cfg = copy.deepcopy(cfg)  # DictConfig.copy is shallow: nested nodes would be shared
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def build_cell(cell: Cell, run: SuiteRun, tasks: dict[str, Task], cfg: DictConfig):
+    """The cell's task and experiment for the run config ``cfg`` (a ConfigError names a bad value before
+    training), returned with ``cfg``.
 
     Cells with the same task and partition share one ``Task`` from ``tasks`` (built once).
     """
-    plugins = [f"plugins=[{','.join(run.plugins)}]"] if run.plugins else []
-    cfg = compose_run((*cell.overrides, *extra, f"seed={run.seeds[0] if seed is None else seed}", *plugins))
     if cfg.algorithm.dp.mode != "none":  # suites neither account nor cap epsilon: a private result needs its ledger
         fail(f"suite {run.suite.name}, {cell.setting}/{cell.algorithm}: algorithm.dp.mode", cfg.algorithm.dp.mode,
              "must be none in a comparison suite (its runs do not account epsilon); compare private runs with nordfl-sim")

@@ -187,6 +187,33 @@ def test_every_shipped_suite_loads_and_plans_in_both_modes(name):
         assert cfg.sim.rounds >= 10
 
 
+@pytest.mark.parametrize("name", ["synthetic", "label_skew"])
+def test_a_split_per_seed_config_is_the_one_its_overrides_compose(name):
+    """build_group composes a cell once and sets each later seed's seed and split option on a copy: the
+    same config, and data, as composing them as overrides (synthetic varies task.split_seed, label_skew
+    task.data_seed)."""
+    from nordfl.conf.schema import build_task
+    from nordfl.sim.suite import build_group, compose_cell, compose_run, prepare, splits_per_seed, with_values
+
+    run = prepare(bench_config(f"suite={name}", "seeds=[3,7]"))
+    cell, key = run.cells[-1], splits_per_seed(run)
+    first = compose_cell(cell, run, (f"{key}=3",))
+    derived = with_values(first, {"seed": 7, key: 7})
+    composed = compose_run((*cell.overrides, f"{key}=7", "seed=7"))
+    assert OmegaConf.to_container(derived, resolve=True) == OmegaConf.to_container(composed, resolve=True)
+    assert OmegaConf.select(first, key) == 3 and first.seed == 3  # the copy left the first seed's config alone
+
+    _, tasks, _ = build_group(cell, run, {})
+    def arrays(data):
+        return [a for c in data.clients for a in (c.train.x, c.train.y, c.test.x, c.test.y)]
+
+    expected, got = build_task(composed).data, tasks[1].data
+    assert [c.name for c in got.clients] == [c.name for c in expected.clients]
+    for a, b in zip(arrays(got), arrays(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(arrays(tasks[0].data), arrays(got)))  # seed 3's differ
+
+
 def test_unknown_algorithm_subset_is_refused():
     suite = load_suite(OmegaConf.create(SUITE))
     with pytest.raises(ConfigError, match=r"only: must be a subset of fedavg, fedprox, pooled, got \['fedsgd'\]"):
@@ -428,3 +455,25 @@ def test_a_suite_runs_a_study_from_its_site_files_with_a_split_per_seed(tmp_path
     finals = [json.loads((tmp_path / "split=natural" / "fedavg" / f"seed_{s}" / "summary.json").read_text())["final"] for s in (0, 1)]
     assert [sorted(f["own_site"]) for f in finals] == [["Aarhus", "Oslo", "Tartu", "Turku", "Uppsala"]] * 2
     assert finals[0]["test_loss"] != pytest.approx(finals[1]["test_loss"], rel=1e-4)
+
+
+def test_the_time_left_counts_training_not_building_the_cells(monkeypatch):
+    """Building a suite's cells (Hydra compositions, data) can take minutes before the first run: the
+    estimate of the time left extrapolates from the runs trained since then."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from nordfl.sim import bench
+
+    clock = iter([0.0, 300.0, 300.0, 310.0])  # made; start after 300 s of building; a cell starts; 5 runs done
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    reporter = bench.ProgressReporter(Console(file=out, force_terminal=False, width=200), enabled=False)
+    cell = SimpleNamespace(setting="split=natural", algorithm="fedavg")
+    reporter("start", total=15, cells=3, finished=0)
+    reporter("cell", cell=cell, rounds=10)
+    reporter("done", cell=cell, runs=5, result=SimpleNamespace(final_accuracy=[0.5] * 5, own_site_accuracy=[0.5] * 5, wall_s=10.0))
+    assert "[5/15 runs] split=natural fedavg" in out.getvalue()
+    assert "about 0.3 min left" in out.getvalue()  # 10 s for 5 runs, 10 to go: 20 s (not 620 s)
