@@ -561,6 +561,12 @@ def tuning_grids(run: SuiteRun, built: list, finished: list[bool]) -> dict[int, 
     return {members[0]: members for members in groups.values() if len(members) > 1}
 
 
+def _mean_or(values: Sequence, worst: float) -> float:
+    """The mean, or ``worst`` when a value is undefined: a diverged run (NaN, written as null) loses."""
+    numbers = [np.nan if v is None else float(v) for v in values]
+    return float(np.mean(numbers)) if numbers and np.all(np.isfinite(numbers)) else worst
+
+
 def choose_hyperparameters(suite_dir: Path) -> dict[str, dict[str, list[str]]]:
     """The tuning protocol's choice: per setting and algorithm, the grid point with the best mean
     final validation accuracy over the tuning seeds (ties: the lower validation loss). With the suite's
@@ -583,10 +589,11 @@ def choose_hyperparameters(suite_dir: Path) -> dict[str, dict[str, list[str]]]:
             continue  # an unfinished grid point is not chosen
         name = algorithm.split("@", 1)[0]
         if manifest["suite"].get("score") == "own_site":
-            accuracy = float(np.mean([np.mean(list(own_site_accuracy(f, manifest["kinds"].get(algorithm, "federated")).values())) for f in finals]))
+            kind = manifest["kinds"].get(algorithm, "federated")
+            accuracy = _mean_or([_mean_or(list(own_site_accuracy(f, kind).values()), -np.inf) for f in finals], -np.inf)
         else:
-            accuracy = float(np.mean([f["test_accuracy"] for f in finals]))
-        loss = float(np.mean([f["test_loss"] for f in finals]))
+            accuracy = _mean_or([f["test_accuracy"] for f in finals], -np.inf)
+        loss = _mean_or([f["test_loss"] for f in finals], np.inf)
         fixed = manifest["suite"].get("tuning_fix", {})
         setting = ",".join(f"{a}={v}" for a, v in setting_pairs(setting).items() if a not in fixed)
         score = (accuracy, -loss)

@@ -234,7 +234,8 @@ def _fake_suite(folder, mode, results, target=0.8, grid_points=None, fix=None):
         for seed, (accuracy, loss, curve) in enumerate(seeds):
             run = folder / setting / algorithm / f"seed_{seed}"
             run.mkdir(parents=True)
-            final = {"test_accuracy": accuracy, "test_loss": loss, "sites": {"a": {"accuracy": accuracy - 0.1}, "b": {"accuracy": accuracy}}}
+            site_a = None if accuracy is None else accuracy - 0.1  # None: undefined (NaN), as summary.json writes it
+            final = {"test_accuracy": accuracy, "test_loss": loss, "sites": {"a": {"accuracy": site_a}, "b": {"accuracy": accuracy}}}
             (run / "summary.json").write_text(json.dumps({"final": final}))
             rows = [{"round": r + 1, "client_loss": 1.0, "test_accuracy": a, "test_loss": loss} for r, a in enumerate(curve)]
             (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -281,6 +282,24 @@ def test_leaderboard_marks_what_the_first_cannot_be_told_apart_from(tmp_path):
     write_leaderboard(tmp_path)
     markdown = (tmp_path / LEADERBOARD_MD).read_text()
     assert "| 2≈ | noisy | 4 |" in markdown and "| 3 | consistent | 4 |" in markdown and "(2≈)" in markdown
+
+
+@pytest.mark.parametrize("score", ["pooled", "own_site"])
+def test_tuning_passes_over_a_grid_point_that_diverged(tmp_path, score):
+    """A client lr too large for the model makes NaN parameters: summary.json has a null loss (and the
+    accuracy of whatever class NaN logits pick). The choice must pass over it, not fail on it."""
+    points = {"fedavg@lr=1": ["algorithm.client_lr=1"], "fedavg@lr=3": ["algorithm.client_lr=3"],
+              "fedavg@lr=10": ["algorithm.client_lr=10"]}
+    _fake_suite(tmp_path, "tune", {
+        ("s=a", "fedavg@lr=1"): [(0.8, 0.5, [0.8]), (0.8, 0.5, [0.8])],
+        ("s=a", "fedavg@lr=3"): [(0.8, None, [0.8]), (0.8, 0.5, [0.8])],  # diverged in one seed, same accuracy
+        ("s=a", "fedavg@lr=10"): [(None, None, [0.1]), (0.9, 0.2, [0.9])],  # no accuracy at all in one seed
+    }, grid_points=points)
+    if score == "own_site":  # chosen by each site's accuracy, averaged over sites
+        manifest = json.loads((tmp_path / "suite.json").read_text())
+        manifest["suite"]["score"] = "own_site"
+        (tmp_path / "suite.json").write_text(json.dumps(manifest))
+    assert choose_hyperparameters(tmp_path) == {"s=a": {"fedavg": ["algorithm.client_lr=1"]}}
 
 
 def test_tuning_picks_the_best_validation_accuracy_and_breaks_ties_by_loss(tmp_path):
