@@ -270,7 +270,11 @@ def _overview(entries: dict[str, list[Entry]]) -> list[str]:
 
 def _provenance(manifest: dict) -> list[str]:
     suite, versions, machine = manifest["suite"], manifest["versions"], manifest["machine"]
-    wall = manifest.get("wall_s", 0.0)
+    # The cells the suite has now: a cell rerun with other hyperparameters replaces its record, while
+    # the manifest's running total ("wall_s") still counts the training it superseded.
+    records = manifest.get("cells", {})
+    current = [records[c]["wall_s"] for c in manifest.get("cell_order", []) if c in records]
+    wall = sum(current) if current else manifest.get("wall_s", 0.0)
     command = manifest.get("command") or f"nordfl-bench suite={suite['name']}" + (" mode=tune" if manifest["mode"] == "tune" else "")
     return [
         f"- command: `{command}`",

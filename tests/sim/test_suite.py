@@ -302,6 +302,17 @@ def test_tuning_passes_over_a_grid_point_that_diverged(tmp_path, score):
     assert choose_hyperparameters(tmp_path) == {"s=a": {"fedavg": ["algorithm.client_lr=1"]}}
 
 
+def test_the_wall_time_counts_the_cells_the_suite_has_now(tmp_path):
+    """A re-tuned cell trains again and replaces its record; the header sums the current cells only."""
+    _fake_suite(tmp_path, "run", {("s=a", "fedavg"): [(0.8, 0.5, [0.8])], ("s=a", "fedprox"): [(0.7, 0.5, [0.7])]})
+    manifest = json.loads((tmp_path / "suite.json").read_text())
+    manifest["cells"] = {"s=a/fedavg": {"wall_s": 10.0}, "s=a/fedprox": {"wall_s": 20.0}, "s=a/fedprox@old": {"wall_s": 900.0}}
+    manifest["wall_s"] = 1234.0  # the running total, superseded training included
+    (tmp_path / "suite.json").write_text(json.dumps(manifest))
+    write_leaderboard(tmp_path)
+    assert "- training wall time (all cells): 30 s (0.5 min)" in (tmp_path / LEADERBOARD_MD).read_text()
+
+
 def test_tuning_picks_the_best_validation_accuracy_and_breaks_ties_by_loss(tmp_path):
     points = {"fedavg@lr=0.1": ["algorithm.client_lr=0.1"], "fedavg@lr=0.3": ["algorithm.client_lr=0.3"],
               "fedprox@mu=0": ["algorithm.mu=0"], "fedprox@mu=1": ["algorithm.mu=1"]}
