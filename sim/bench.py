@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nordfl.conf.schema import ConfigError
 from nordfl.conf.plugins import cli_main
 from nordfl.sim.devices import use_cpu_cores
-from nordfl.sim.leaderboard import write_leaderboard
+from nordfl.sim.leaderboard import training_seconds, write_leaderboard
 from nordfl.sim.suite import choose_hyperparameters, parse_part, part_manifest, run_suite
 
 
@@ -117,7 +117,7 @@ def finish(suite_dir: Path, manifest: dict, console: Console) -> None:
     """A whole suite's leaderboard, and in tune mode the chosen hyperparameters (``tuned.yaml``)."""
     paths = write_leaderboard(suite_dir)
     console.print(f"{manifest['suite']['name']}: {len(manifest['cell_order'])} cells × {len(manifest['seeds'])} seeds, "
-                  f"{manifest['wall_s']:.0f}s of training; leaderboard: {paths[0]}")
+                  f"{training_seconds(manifest):.0f}s of training; leaderboard: {paths[0]}")
     if manifest["mode"] == "tune":
         chosen = choose_hyperparameters(suite_dir)
         (suite_dir / "tuned.yaml").write_text(yaml.safe_dump({"tuned": chosen}, sort_keys=False))

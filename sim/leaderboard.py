@@ -268,13 +268,17 @@ def _overview(entries: dict[str, list[Entry]]) -> list[str]:
     return lines
 
 
-def _provenance(manifest: dict) -> list[str]:
-    suite, versions, machine = manifest["suite"], manifest["versions"], manifest["machine"]
-    # The cells the suite has now: a cell rerun with other hyperparameters replaces its record, while
-    # the manifest's running total ("wall_s") still counts the training it superseded.
+def training_seconds(manifest: dict) -> float:
+    """Training time of the cells the suite has now. A cell rerun with other hyperparameters replaces its
+    record, while the manifest's running total (``wall_s``) still counts the training it superseded."""
     records = manifest.get("cells", {})
     current = [records[c]["wall_s"] for c in manifest.get("cell_order", []) if c in records]
-    wall = sum(current) if current else manifest.get("wall_s", 0.0)
+    return sum(current) if current else manifest.get("wall_s", 0.0)
+
+
+def _provenance(manifest: dict) -> list[str]:
+    suite, versions, machine = manifest["suite"], manifest["versions"], manifest["machine"]
+    wall = training_seconds(manifest)
     command = manifest.get("command") or f"nordfl-bench suite={suite['name']}" + (" mode=tune" if manifest["mode"] == "tune" else "")
     return [
         f"- command: `{command}`",
